@@ -1,0 +1,240 @@
+package hosts
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+)
+
+// Write installs cfg's hosts.toml files under cfg.CertsDir and removes the
+// ones we wrote earlier for registries no longer listed. A user's hosts.toml
+// is backed up before it is first replaced. Files whose content would not
+// change are left alone, so calling Write periodically is cheap. Errors for
+// individual registries are joined; the others are still written.
+func Write(cfg Config) error {
+	if cfg.CertsDir == "" {
+		return fmt.Errorf("certs dir is empty; set it to containerd's registry config_path, e.g. %s", DefaultCertsDir)
+	}
+	p, err := cfg.plan()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	wanted := map[string]bool{}
+	for _, r := range p.registries {
+		wanted[r.Dir] = true
+		if err := writeRegistry(cfg, p.mirrors, r); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	entries, err := os.ReadDir(cfg.CertsDir)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, e := range entries {
+		if e.IsDir() && !wanted[e.Name()] {
+			if err := cleanupDir(filepath.Join(cfg.CertsDir, e.Name())); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Cleanup undoes Write: every backup is restored, and files we wrote without
+// a backup are removed together with directories we created (if empty).
+// A hosts.toml that is not ours is never touched. Running it again, or on a
+// directory Write never used, does nothing.
+func Cleanup(certsDir string) error {
+	entries, err := os.ReadDir(certsDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range entries {
+		if e.IsDir() {
+			if err := cleanupDir(filepath.Join(certsDir, e.Name())); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// readOptional reads a file, treating "does not exist" as absent.
+func readOptional(name string) (b []byte, ok bool, err error) {
+	b, err = os.ReadFile(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	return b, true, nil
+}
+
+func writeRegistry(cfg Config, mirrors []string, r Registry) error {
+	dir := filepath.Join(cfg.CertsDir, r.Dir)
+	file := filepath.Join(dir, FileName)
+	backup := file + BackupSuffix
+
+	cur, curOK, err := readOptional(file)
+	if err != nil {
+		return err
+	}
+	bak, bakOK, err := readOptional(backup)
+	if err != nil {
+		return err
+	}
+
+	// base is the user's configuration that Prepend keeps; baseName says
+	// where it came from for error messages.
+	var (
+		base       []byte
+		baseName   string
+		needBackup bool
+		createdDir bool
+	)
+	switch {
+	case curOK && !isOurs(cur):
+		// A user's file, or one that replaced ours since: it is the
+		// configuration to keep and to restore later.
+		base, baseName = cur, file
+		needBackup = !bakOK || !bytes.Equal(bak, cur)
+	case curOK:
+		createdDir = createdDirFlag(cur)
+		if bakOK {
+			base, baseName = bak, backup
+		}
+	case bakOK:
+		// Our file was deleted but the user's original is still saved.
+		base, baseName = bak, backup
+	default:
+		if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+			createdDir = true
+		} else if err != nil {
+			return err
+		}
+	}
+	if base == nil && strings.Contains(r.Host, ":") && runtime.GOOS != "windows" {
+		// Our "host_port_" directory shadows a user's "host:port" one
+		// (containerd checks it first), so that is the config to keep. We
+		// only read it; removing ours makes it effective again.
+		colon := filepath.Join(cfg.CertsDir, r.Host, FileName)
+		if b, ok, err := readOptional(colon); err != nil {
+			return err
+		} else if ok && !isOurs(b) {
+			base, baseName = b, colon
+		}
+	}
+
+	var ex *existing
+	if cfg.Prepend && len(bytes.TrimSpace(base)) > 0 {
+		if ex, err = parseExisting(base); err != nil {
+			return fmt.Errorf("%s: cannot keep existing configuration (fix or remove the file, or disable prepend): %w", baseName, err)
+		}
+	}
+	content, err := renderFile(mirrors, cfg.DialTimeout, r, ex, createdDir)
+	if err != nil {
+		return fmt.Errorf("%s: %w", file, err)
+	}
+	if curOK && bytes.Equal(cur, content) {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if needBackup {
+		mode := fs.FileMode(0o644)
+		if st, err := os.Stat(file); err == nil {
+			mode = st.Mode().Perm()
+		}
+		if err := writeAtomic(backup, cur, mode); err != nil {
+			return fmt.Errorf("backing up %s: %w", file, err)
+		}
+	}
+	return writeAtomic(file, content, 0o644)
+}
+
+// cleanupDir restores or removes what we did in one registry directory.
+func cleanupDir(dir string) error {
+	file := filepath.Join(dir, FileName)
+	backup := file + BackupSuffix
+	cur, curOK, err := readOptional(file)
+	if err != nil {
+		return err
+	}
+	ours := curOK && isOurs(cur)
+	if _, err := os.Lstat(backup); err == nil {
+		if curOK && !ours {
+			// Someone replaced our file since; their newer config wins
+			// and the old backup stays for them to judge.
+			return nil
+		}
+		// rename is atomic and keeps the original bytes and mode.
+		return os.Rename(backup, file)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if !ours {
+		return nil
+	}
+	if err := os.Remove(file); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if createdDirFlag(cur) {
+		// Fails harmlessly if someone put other files there.
+		if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) && !isNotEmpty(dir) {
+			return err
+		}
+	}
+	return nil
+}
+
+func isNotEmpty(dir string) bool {
+	entries, err := os.ReadDir(dir)
+	return err == nil && len(entries) > 0
+}
+
+// writeAtomic replaces name via a temp file in the same directory and a
+// rename, so containerd, which reads hosts.toml on every pull, never sees a
+// partial file.
+func writeAtomic(name string, data []byte, mode fs.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if _, err := f.Write(data); err != nil {
+		return err
+	}
+	if err := f.Chmod(mode); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, name); err != nil {
+		return err
+	}
+	ok = true
+	return nil
+}

@@ -1,0 +1,115 @@
+// Package state keeps what the router advertises exactly in step with what
+// the node's store holds.
+package state
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/metrics"
+	"github.com/fleetmirror/fleetmirror/agent/oci"
+	"github.com/fleetmirror/fleetmirror/agent/routing"
+	"github.com/fleetmirror/fleetmirror/agent/store"
+)
+
+// Tracker advertises the store's keys and withdraws the ones that go.
+type Tracker struct {
+	Store   store.Store
+	Router  routing.Router
+	Metrics *metrics.Metrics
+	Log     *slog.Logger
+	// Registries limits tag keys to these registry hosts; empty means all.
+	// Digests are always advertised: they name the same bytes everywhere.
+	Registries []string
+	// Retry is how soon keys that failed to advertise are tried again.
+	Retry time.Duration
+}
+
+// Run follows the store until ctx is done.
+func (t *Tracker) Run(ctx context.Context) {
+	log := t.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	retry := t.Retry
+	if retry <= 0 {
+		retry = 10 * time.Second
+	}
+	advertised := map[string]bool{}
+	ticker := time.NewTicker(retry)
+	defer ticker.Stop()
+	for {
+		t.sync(ctx, log, advertised)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.Store.Changed():
+		case <-ticker.C:
+		}
+	}
+}
+
+func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[string]bool) {
+	want := map[string]bool{}
+	for _, k := range t.Store.Keys() {
+		if t.wanted(k) {
+			want[k] = true
+		}
+	}
+	var add, remove []string
+	for k := range want {
+		if !advertised[k] {
+			add = append(add, k)
+		}
+	}
+	for k := range advertised {
+		if !want[k] {
+			remove = append(remove, k)
+		}
+	}
+	if len(remove) > 0 {
+		if err := t.Router.Withdraw(ctx, remove); err != nil {
+			log.WarnContext(ctx, "withdrawing keys", "count", len(remove), "err", err)
+		} else {
+			for _, k := range remove {
+				delete(advertised, k)
+			}
+		}
+	}
+	if len(add) > 0 {
+		if err := t.Router.Advertise(ctx, add); err != nil {
+			log.WarnContext(ctx, "advertising keys; will retry", "count", len(add), "err", err)
+		} else {
+			for _, k := range add {
+				advertised[k] = true
+			}
+		}
+	}
+	if len(add)+len(remove) > 0 {
+		log.InfoContext(ctx, "advertised keys changed", "added", len(add), "withdrawn", len(remove), "total", len(advertised))
+	}
+	if t.Metrics != nil {
+		tags := 0
+		for k := range advertised {
+			if !oci.IsDigestKey(k) {
+				tags++
+			}
+		}
+		t.Metrics.AdvertisedKeys.WithLabelValues("tag").Set(float64(tags))
+		t.Metrics.AdvertisedKeys.WithLabelValues("digest").Set(float64(len(advertised) - tags))
+	}
+}
+
+func (t *Tracker) wanted(key string) bool {
+	if oci.IsDigestKey(key) || len(t.Registries) == 0 {
+		return true
+	}
+	reg := oci.RegistryOfKey(key)
+	for _, r := range t.Registries {
+		if r == reg {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,246 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/fleetmirror/fleetmirror/agent/hosts"
+	"github.com/fleetmirror/fleetmirror/agent/metrics"
+	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/registry"
+	"github.com/fleetmirror/fleetmirror/agent/routing"
+	"github.com/fleetmirror/fleetmirror/agent/state"
+	"github.com/fleetmirror/fleetmirror/agent/store"
+	"github.com/fleetmirror/fleetmirror/agent/version"
+)
+
+type mirrorConfig struct {
+	containerdSocket    string
+	containerdNamespace string
+	contentDir          string
+	registryAddr        string
+	routerAddr          string
+	metricsAddr         string
+	mirrorTargets       listFlag
+	mirroredRegistries  listFlag
+	certsDir            string
+	mirrorAdd           bool
+	prependExisting     bool
+	dialTimeout         time.Duration
+	resolveTimeout      time.Duration
+	resolveRetries      int
+	bootstrapPeers      listFlag
+	bootstrapDNS        string
+	dataDir             string
+	spoolDir            string
+	logLevel            string
+}
+
+func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
+	c := &mirrorConfig{}
+	fs.StringVar(&c.containerdSocket, "containerd-socket", "/run/containerd/containerd.sock", "containerd's gRPC socket")
+	fs.StringVar(&c.containerdNamespace, "containerd-namespace", "k8s.io", "containerd namespace whose images are mirrored")
+	fs.StringVar(&c.contentDir, "containerd-content-dir", "/var/lib/containerd/io.containerd.content.v1.content",
+		"containerd's content directory; blobs are read from it directly when mounted, else through the content API")
+	fs.StringVar(&c.registryAddr, "registry-addr", ":30020", "listen address of the registry peers and containerd use")
+	fs.StringVar(&c.routerAddr, "router-addr", ":30021", "listen address of the libp2p router")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", ":30022", "listen address of /metrics, /readyz and /livez")
+	fs.Var(&c.mirrorTargets, "mirror-target", "URL containerd asks first, written into hosts.toml (default http://127.0.0.1:<registry port>)")
+	fs.Var(&c.mirroredRegistries, "mirrored-registries", "registry URLs to mirror, e.g. https://docker.io,https://ghcr.io; empty mirrors all")
+	fs.StringVar(&c.certsDir, "certs-dir", hosts.DefaultCertsDir, "containerd's registry config_path where hosts.toml files are written")
+	fs.BoolVar(&c.mirrorAdd, "containerd-mirror-add", true, "write hosts.toml files; false when node user data writes them")
+	fs.BoolVar(&c.prependExisting, "prepend-existing", false, "keep existing hosts.toml entries after the mirror")
+	fs.DurationVar(&c.dialTimeout, "mirror-dial-timeout", 200*time.Millisecond, "containerd's dial timeout to the agent (containerd 2.x honours it)")
+	fs.DurationVar(&c.resolveTimeout, "mirror-resolve-timeout", 20*time.Millisecond, "how long to look for a peer before containerd is sent upstream")
+	fs.IntVar(&c.resolveRetries, "mirror-resolve-retries", 3, "how many peers to try for one request")
+	fs.Var(&c.bootstrapPeers, "bootstrap-peers", "peers to join: host:port of their registries, or multiaddrs ending in /p2p/<id>")
+	fs.StringVar(&c.bootstrapDNS, "bootstrap-dns", "", "DNS name listing the agents (the chart's headless Service)")
+	fs.StringVar(&c.dataDir, "data-dir", "/var/lib/fleetmirror", "where the peer identity key is kept, the agent's only state")
+	fs.StringVar(&c.spoolDir, "spool-dir", os.TempDir(), "where blobs from peers are held (unlinked) while verified")
+	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	return func(ctx context.Context) error { return runMirror(ctx, c) }
+}
+
+// validate checks the configuration before anything starts and returns
+// the registry port and the registries to mirror.
+func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
+	var port uint16
+	for _, a := range []struct{ flag, val string }{{"registry-addr", c.registryAddr}, {"router-addr", c.routerAddr}, {"metrics-addr", c.metricsAddr}} {
+		_, p, err := net.SplitHostPort(a.val)
+		n, perr := strconv.ParseUint(p, 10, 16)
+		if err != nil || perr != nil || n == 0 {
+			return 0, nil, fmt.Errorf("--%s %q: want host:port or :port with a port from 1 to 65535", a.flag, a.val)
+		}
+		if a.flag == "registry-addr" {
+			port = uint16(n)
+		}
+	}
+	if c.resolveTimeout <= 0 || c.resolveTimeout > 10*time.Second {
+		return 0, nil, fmt.Errorf("--mirror-resolve-timeout %s: want more than 0 and at most 10s (a miss costs this much)", c.resolveTimeout)
+	}
+	if c.resolveRetries < 1 || c.resolveRetries > 20 {
+		return 0, nil, fmt.Errorf("--mirror-resolve-retries %d: want 1 to 20", c.resolveRetries)
+	}
+	if len(c.bootstrapPeers) > 0 && c.bootstrapDNS != "" {
+		return 0, nil, errors.New("--bootstrap-peers and --bootstrap-dns are both set: choose one")
+	}
+	if len(c.mirrorTargets) == 0 {
+		c.mirrorTargets = listFlag{fmt.Sprintf("http://127.0.0.1:%d", port)}
+	}
+	var regs []hosts.Registry
+	for _, r := range c.mirroredRegistries {
+		reg, err := hosts.ParseRegistry(r)
+		if err != nil {
+			return 0, nil, fmt.Errorf("--mirrored-registries: %w", err)
+		}
+		regs = append(regs, reg)
+	}
+	if err := c.hostsConfig().Validate(); err != nil {
+		return 0, nil, err
+	}
+	return port, regs, nil
+}
+
+func (c *mirrorConfig) hostsConfig() hosts.Config {
+	return hosts.Config{CertsDir: c.certsDir, MirrorTargets: c.mirrorTargets, Registries: c.mirroredRegistries,
+		DialTimeout: c.dialTimeout, Prepend: c.prependExisting}
+}
+
+func runMirror(ctx context.Context, c *mirrorConfig) error {
+	log, err := newLogger(c.logLevel)
+	if err != nil {
+		return err
+	}
+	port, regs, err := c.validate()
+	if err != nil {
+		return err
+	}
+	log.Info("starting mirror", "version", version.Version, "registries", c.mirroredRegistries.String(), "resolveTimeout", c.resolveTimeout.String())
+
+	st, err := store.NewContainerd(ctx, store.WithSocket(c.containerdSocket), store.WithNamespace(c.containerdNamespace),
+		store.WithContentDir(c.contentDir), store.WithLogger(log.With("component", "store")))
+	if err != nil {
+		return err
+	}
+	var boot routing.Bootstrapper
+	switch {
+	case len(c.bootstrapPeers) > 0:
+		boot = routing.StaticBootstrapper{Entries: c.bootstrapPeers}
+	case c.bootstrapDNS != "":
+		boot = routing.DNSBootstrapper{Name: c.bootstrapDNS, Port: port}
+	}
+	ropts := []routing.Option{routing.WithListenAddr(c.routerAddr), routing.WithRegistryPort(port),
+		routing.WithDataDir(c.dataDir), routing.WithLogger(log.With("component", "routing"))}
+	if boot != nil {
+		ropts = append(ropts, routing.WithBootstrapper(boot))
+	}
+	router, err := routing.NewP2P(ctx, ropts...)
+	if err != nil {
+		return err
+	}
+	defer router.Close()
+
+	m := metrics.New(func() int { return len(router.Peers()) })
+	mir, err := mirror.New(router, mirror.WithResolveTimeout(c.resolveTimeout), mirror.WithPeers(c.resolveRetries),
+		mirror.WithSpoolDir(c.spoolDir), mirror.WithMetrics(m), mirror.WithLogger(log.With("component", "mirror")))
+	if err != nil {
+		return err
+	}
+	hostsWritten := !c.mirrorAdd
+	ready := func(ctx context.Context) error {
+		if err := st.Ready(); err != nil {
+			return err
+		}
+		if ok, err := router.Ready(ctx); !ok {
+			return fmt.Errorf("router has not joined its peers yet: %v", err)
+		}
+		if !hostsWritten {
+			return errors.New("hosts.toml not written yet")
+		}
+		return nil
+	}
+	reg, err := registry.New(st, registry.WithMirror(mir), registry.WithMetrics(m),
+		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready))
+	if err != nil {
+		return err
+	}
+	regMux := http.NewServeMux()
+	regMux.Handle("/p2p/id", router.IDHandler())
+	regMux.Handle("/", reg)
+	metricsMux := http.NewServeMux()
+	metricsMux.Handle("/metrics", m.Handler())
+	metricsMux.Handle("/readyz", reg)
+	metricsMux.Handle("/livez", reg)
+
+	regLn, err := net.Listen("tcp", c.registryAddr)
+	if err != nil {
+		return fmt.Errorf("--registry-addr %s: %w", c.registryAddr, err)
+	}
+	metricsLn, err := net.Listen("tcp", c.metricsAddr)
+	if err != nil {
+		regLn.Close()
+		return fmt.Errorf("--metrics-addr %s: %w", c.metricsAddr, err)
+	}
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		if err := st.Run(ctx); ctx.Err() == nil {
+			return fmt.Errorf("following containerd: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		tr := state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs)}
+		tr.Run(ctx)
+		return nil
+	})
+	g.Go(func() error { return serve(ctx, log, regLn, regMux) })
+	g.Go(func() error { return serve(ctx, log, metricsLn, metricsMux) })
+	if c.mirrorAdd {
+		// Written once the registry listens, so containerd never meets a
+		// mirror that is not there yet.
+		if err := hosts.Write(c.hostsConfig()); err != nil {
+			return fmt.Errorf("writing hosts.toml under %s: %w", c.certsDir, err)
+		}
+		hostsWritten = true
+		log.Info("wrote containerd mirror configuration", "certsDir", c.certsDir, "targets", c.mirrorTargets.String())
+	}
+	return g.Wait()
+}
+
+func hostsOf(regs []hosts.Registry) []string {
+	out := make([]string, 0, len(regs))
+	for _, r := range regs {
+		out = append(out, r.Host)
+	}
+	return out
+}
+
+// serve runs an HTTP server until ctx is done, then drains it.
+func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serving on %s: %w", ln.Addr(), err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		srv.Close()
+	}
+	return nil
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need on a fresh Debian machine and
+# prints the folder that holds the built tools. Everything built from the Go
+# module proxy is cached under a folder named for its version, so a second
+# run only checks that the binaries are there.
+set -euo pipefail
+
+CONTAINERD2_VERSION=${CONTAINERD2_VERSION:-v2.4.2}
+TOOLS=${FLEETMIRROR_TOOLS:-/var/cache/fleetmirror/tools}
+
+log() { echo "tools: $*" >&2; }
+
+need_apt=()
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v nsenter >/dev/null || need_apt+=(util-linux)
+[ -x /usr/bin/containerd ] || need_apt+=(containerd)
+command -v dbus-daemon >/dev/null || need_apt+=(dbus)
+command -v helm >/dev/null || true
+if [ ${#need_apt[@]} -gt 0 ]; then
+	log "apt-get install ${need_apt[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq >&2
+	apt-get install -y -qq "${need_apt[@]}" >&2
+fi
+
+# go_tool DIR PKG@VERSION...: builds the packages into DIR/bin once.
+go_tool() {
+	local dir=$1; shift
+	if [ -f "$dir/.done" ]; then return; fi
+	log "building $* into $dir"
+	mkdir -p "$dir/bin"
+	for pkg in "$@"; do
+		GOBIN="$dir/bin" GOFLAGS=-buildvcs=false CGO_ENABLED=0 go install "$pkg" >&2
+	done
+	touch "$dir/.done"
+}
+
+go_tool "$TOOLS/containerd-$CONTAINERD2_VERSION" \
+	"github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD2_VERSION" \
+	"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD2_VERSION"
+
+echo "$TOOLS"

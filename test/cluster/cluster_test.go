@@ -1,0 +1,262 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: network namespaces and containerd")
+	}
+}
+
+// logger sends harness logs to the test log and keeps them for inspection.
+type logger struct {
+	t  *testing.T
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logger) logf(format string, args ...any) {
+	l.t.Helper()
+	l.t.Logf(format, args...)
+	l.mu.Lock()
+	fmt.Fprintf(&l.b, format+"\n", args...)
+	l.mu.Unlock()
+}
+
+// runObjects lists namespaces and links of run id still on the machine.
+func runObjects(t *testing.T, id string) []string {
+	t.Helper()
+	var left []string
+	for _, args := range [][]string{{"netns", "list"}, {"-o", "link", "show"}} {
+		out, err := exec.Command("ip", args...).Output()
+		if err != nil {
+			t.Fatalf("ip %v: %v", args, err)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.Contains(line, namePrefix+id+"-") {
+				left = append(left, strings.TrimSpace(line))
+			}
+		}
+	}
+	return left
+}
+
+func assertGone(t *testing.T, id string, pids []int, paths ...string) {
+	t.Helper()
+	if left := runObjects(t, id); len(left) > 0 {
+		t.Errorf("after Close, still there:\n%s", strings.Join(left, "\n"))
+	}
+	for _, pid := range pids {
+		if pid > 0 && syscall.Kill(pid, 0) == nil {
+			t.Errorf("after Close, pid %d still runs", pid)
+		}
+	}
+	for _, p := range paths {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("after Close, %s still exists", p)
+		}
+	}
+	if _, err := os.Stat(stateFile(id)); err == nil {
+		t.Errorf("after Close, state file %s still exists", stateFile(id))
+	}
+}
+
+func TestImageDeterministic(t *testing.T) {
+	a, err := GenerateImage(7, 1<<20, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := GenerateImage(7, 1<<20, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := GenerateImage(8, 1<<20, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Manifest != b.Manifest || fmt.Sprint(a.Layers) != fmt.Sprint(b.Layers) {
+		t.Errorf("same seed, different image: %v vs %v", a.Blobs(), b.Blobs())
+	}
+	if a.Manifest.Digest == c.Manifest.Digest || a.Layers[0].Digest == c.Layers[0].Digest {
+		t.Errorf("different seeds, same digests")
+	}
+	var total int64
+	for _, l := range a.Layers {
+		if l.MediaType != "application/vnd.oci.image.layer.v1.tar" {
+			t.Errorf("layer media type %s", l.MediaType)
+		}
+		total += l.Size
+	}
+	if total < 1<<20 || total > 1<<20+3*4096 {
+		t.Errorf("layers total %d bytes, want about 1 MiB", total)
+	}
+}
+
+func TestRequestKind(t *testing.T) {
+	for path, want := range map[string]string{
+		"/v2/":                                 "other",
+		"/v2/a/b/manifests/v1":                 "manifest",
+		"/v2/a/blobs/sha256:00":                "blob",
+		"/v2/a/blobs/uploads/":                 "upload",
+		"/v2/a/blobs/uploads/123":              "upload",
+		"/v2/manifests/blobs/sha256:ab":        "blob",
+		"/v2/blobs/x/manifests/sha256:abcdef0": "manifest",
+	} {
+		if got, _ := requestKind(path); got != want {
+			t.Errorf("requestKind(%q) = %q, want %q", path, got, want)
+		}
+	}
+}
+
+// TestPullThroughCRI runs the pull path without agents on both containerd
+// versions at once (which also checks that two runs can overlap).
+func TestPullThroughCRI(t *testing.T) {
+	requireRoot(t)
+	for _, version := range []string{Containerd2, Containerd16} {
+		t.Run("containerd-"+version, func(t *testing.T) {
+			if _, err := ContainerdBinary(version); err != nil {
+				t.Skip(err)
+			}
+			t.Parallel()
+			testPull(t, version)
+		})
+	}
+}
+
+func testPull(t *testing.T, version string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	l := &logger{t: t}
+	c, err := Start(ctx, Options{Nodes: 2, Containerd: version, Logf: l.logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	defer func() {
+		if !closed {
+			c.Close()
+		}
+	}()
+	defer func() {
+		if t.Failed() && !closed {
+			t.Log(c.LogTail(30))
+		}
+	}()
+	n1, n2 := c.Node(1), c.Node(2)
+
+	img, err := GenerateImage(1, 5<<20, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := c.Upstream.Ref("test/img:v1")
+	if err := c.Upstream.Push(ctx, ref, img.Image); err != nil {
+		t.Fatal(err)
+	}
+	c.Upstream.Reset()
+
+	d, err := n1.Pull(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("containerd %s: pulled 5 MiB in %v", version, d)
+	st := c.Upstream.Stats()
+	for _, l := range img.Layers {
+		if got := st.BlobGets[l.Digest.String()]; got != 1 {
+			t.Errorf("upstream served layer %s %d times, want 1", l.Digest, got)
+		}
+	}
+	if got := st.FromClient(n1.IP, "GET", "blob").Bytes; got < 5<<20 {
+		t.Errorf("upstream sent node 1 %d blob bytes, want >= 5 MiB (stats %+v)", got, st)
+	}
+	if got := st.FromClient(n2.IP, "GET", "blob").Requests; got != 0 {
+		t.Errorf("node 2 fetched %d blobs without pulling", got)
+	}
+	if err := n1.VerifyContent(ctx, img.Digests()); err != nil {
+		t.Error(err)
+	}
+	if got, err := n1.ImageDigest(ctx, ref); err != nil || got != img.Manifest.Digest {
+		t.Errorf("CRI image digest %s, %v; want %s", got, err, img.Manifest.Digest)
+	}
+	if n2.HasBlob(img.Layers[0].Digest) {
+		t.Errorf("node 2 has a layer it never pulled")
+	}
+
+	// A mirror that is down (connection refused on the node's loopback)
+	// must not break pulls: containerd falls back to the next host.
+	dead := fmt.Sprintf("server = %q\n\n[host.\"http://127.0.0.1:%d\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+		c.Upstream.URL(), AgentRegistryPort)
+	if err := n2.WriteHostsTOML(c.Upstream.Host(), dead); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n2.Pull(ctx, ref); err != nil {
+		t.Fatalf("pull with a dead mirror configured: %v", err)
+	}
+	if got := c.Upstream.Stats().FromClient(n2.IP, "GET", "blob").Bytes; got < 5<<20 {
+		t.Errorf("upstream sent node 2 %d blob bytes after fallback, want >= 5 MiB", got)
+	}
+	if err := n2.VerifyContent(ctx, img.Digests()); err != nil {
+		t.Error(err)
+	}
+
+	if err := n1.RemoveImage(ctx, ref); err != nil {
+		t.Error(err)
+	}
+	if _, found, err := n1.ImageStatus(ctx, ref); err != nil || found {
+		t.Errorf("after RemoveImage: found %v, %v", found, err)
+	}
+
+	// Restarting containerd keeps the content and CRI answers again.
+	if err := n2.RestartContainerd(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, found, err := n2.ImageStatus(ctx, ref); err != nil || !found {
+		t.Errorf("after restart: found %v, %v", found, err)
+	}
+
+	id := c.ID
+	pids := []int{n1.ContainerdPID(), n2.ContainerdPID()}
+	paths := []string{c.Dir, c.sockDir}
+	closed = true
+	if err := c.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	assertGone(t, id, pids, paths...)
+}
+
+// TestStartFailureCleansUp makes the agent fail at start (it is /bin/false)
+// and checks that Start removes all it had made.
+func TestStartFailureCleansUp(t *testing.T) {
+	requireRoot(t)
+	if _, err := ContainerdBinary(Containerd16); err != nil {
+		t.Skip(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	l := &logger{t: t}
+	c, err := Start(ctx, Options{Nodes: 2, Containerd: Containerd16, AgentBin: "/bin/false", Logf: l.logf})
+	if err == nil {
+		c.Close()
+		t.Fatal("Start with a failing agent succeeded")
+	}
+	t.Logf("Start failed as wanted: %v", err)
+	m := regexp.MustCompile(`cluster ([0-9a-f]{6}): subnet .* dir (\S+)`).FindStringSubmatch(l.b.String())
+	if m == nil {
+		t.Fatalf("Start failed before making anything; want a failure after the network exists")
+	}
+	assertGone(t, m[1], nil, m[2], "/run/fm-"+m[1])
+}

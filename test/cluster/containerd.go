@@ -1,0 +1,175 @@
+package cluster
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/template"
+)
+
+// Supported Options.Containerd values.
+const (
+	Containerd2  = "2"   // containerd v2.4.2 built into the tools dir
+	Containerd16 = "1.6" // Debian's /usr/bin/containerd
+)
+
+const containerd2Version = "v2.4.2"
+
+// DefaultToolsDir is where hack/tools.sh puts what it builds.
+const DefaultToolsDir = "/var/cache/fleetmirror/tools"
+
+// ToolsDir is $FLEETMIRROR_TOOLS or DefaultToolsDir.
+func ToolsDir() string {
+	if d := os.Getenv("FLEETMIRROR_TOOLS"); d != "" {
+		return d
+	}
+	return DefaultToolsDir
+}
+
+// ContainerdBinary returns the containerd binary for version ("2" or "1.6").
+func ContainerdBinary(version string) (string, error) {
+	var p string
+	switch version {
+	case Containerd2, "":
+		p = filepath.Join(ToolsDir(), "containerd-"+containerd2Version, "bin", "containerd")
+	case Containerd16:
+		p = "/usr/bin/containerd"
+	default:
+		return "", fmt.Errorf("containerd version %q: use %q or %q", version, Containerd2, Containerd16)
+	}
+	if fi, err := os.Stat(p); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
+		return "", fmt.Errorf("containerd %s not found at %s: run `make tools` (hack/tools.sh)", version, p)
+	}
+	return p, nil
+}
+
+// containerdPaths are the per-node locations a config refers to.
+type containerdPaths struct {
+	Root, State, Socket, Opt, Certs, CNIConf, CNIBin string
+}
+
+// Both configs: own root/state/sockets/opt so nodes share nothing; debug and
+// metrics listeners off; snapshotters that cannot work here (btrfs, zfs,
+// devmapper, aufs, erofs, blockfile), NRI and tracing disabled so startup is
+// quick and quiet; CRI keeps unpacked layers (discard_unpacked_layers =
+// false) because the agent serves layers from the content store; registry
+// hosts come from the node's certs.d. CNI points at empty per-node dirs: no
+// pods run, and CRI only logs that it has no network config.
+//
+// 2.x uses config version 3 (what clusters upgraded from 1.x carry; 2.4
+// migrates it in memory): CRI image settings live in
+// "io.containerd.cri.v1.images", and the transfer service that `ctr` and
+// newer pull paths use reads certs.d from "io.containerd.transfer.v1.local".
+var containerd2Config = template.Must(template.New("c2").Parse(`version = 3
+root = "{{.Root}}"
+state = "{{.State}}"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.differ.v1.erofs",
+  "io.containerd.mount-handler.v1.erofs",
+  "io.containerd.nri.v1.nri",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{{.Socket}}"
+
+[ttrpc]
+  address = "{{.Socket}}.ttrpc"
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{{.Opt}}"
+
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = "overlayfs"
+    discard_unpacked_layers = false
+    [plugins."io.containerd.cri.v1.images".registry]
+      config_path = "{{.Certs}}"
+
+  [plugins."io.containerd.cri.v1.runtime"]
+    [plugins."io.containerd.cri.v1.runtime".cni]
+      bin_dirs = ["{{.CNIBin}}"]
+      conf_dir = "{{.CNIConf}}"
+
+  [plugins."io.containerd.grpc.v1.cri"]
+    disable_tcp_service = true
+
+  [plugins."io.containerd.transfer.v1.local"]
+    config_path = "{{.Certs}}"
+`))
+
+// 1.6 understands config version 2 only; everything CRI sits under
+// "io.containerd.grpc.v1.cri". It has no NRI, erofs or blockfile plugins.
+var containerd16Config = template.Must(template.New("c16").Parse(`version = 2
+root = "{{.Root}}"
+state = "{{.State}}"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{{.Socket}}"
+
+[ttrpc]
+  address = "{{.Socket}}.ttrpc"
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{{.Opt}}"
+
+  [plugins."io.containerd.grpc.v1.cri"]
+    disable_tcp_service = true
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "overlayfs"
+      discard_unpacked_layers = false
+    [plugins."io.containerd.grpc.v1.cri".registry]
+      config_path = "{{.Certs}}"
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "{{.CNIBin}}"
+      conf_dir = "{{.CNIConf}}"
+`))
+
+func containerdConfig(version string, p containerdPaths) ([]byte, error) {
+	t := containerd2Config
+	if version == Containerd16 {
+		t = containerd16Config
+	}
+	for _, s := range []string{p.Root, p.State, p.Socket, p.Opt, p.Certs, p.CNIConf, p.CNIBin} {
+		if strings.ContainsAny(s, "\"\\\n") {
+			return nil, fmt.Errorf("containerd config: path %q cannot go into TOML unquoted", s)
+		}
+	}
+	var b bytes.Buffer
+	if err := t.Execute(&b, p); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}

@@ -1,0 +1,302 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
+)
+
+// UpstreamPort is where the upstream registry listens on its namespace's IP.
+const UpstreamPort = 5000
+
+// Upstream is a real OCI registry (go-containerregistry's in-memory one)
+// served by this process but listening inside its own network namespace, so
+// it is a separate "host" on the test subnet and every request can be
+// attributed to the node that made it.
+type Upstream struct {
+	NS string
+	IP netip.Addr
+
+	handler http.Handler
+	logf    func(string, ...any)
+	latency time.Duration
+	limiter *rate.Limiter
+
+	mu    sync.Mutex
+	srv   *http.Server
+	stats UpstreamStats
+}
+
+// Counter counts requests and response body bytes.
+type Counter struct {
+	Requests int64
+	Bytes    int64
+}
+
+// UpstreamStats is what the upstream served since start or the last Reset.
+// Keys of ByKind are "<METHOD> <kind>", kind one of manifest, blob, upload,
+// other: "GET blob", "HEAD manifest".
+type UpstreamStats struct {
+	ByKind   map[string]Counter
+	ByClient map[netip.Addr]map[string]Counter
+	// BlobGets counts GET requests per blob digest ("sha256:...").
+	BlobGets map[string]int64
+}
+
+// Get returns the counter for method and kind over all clients.
+func (s UpstreamStats) Get(method, kind string) Counter { return s.ByKind[method+" "+kind] }
+
+// FromClient returns the counter for method and kind of one client IP.
+func (s UpstreamStats) FromClient(ip netip.Addr, method, kind string) Counter {
+	return s.ByClient[ip][method+" "+kind]
+}
+
+// BlobBytes is the number of blob body bytes served to anyone.
+func (s UpstreamStats) BlobBytes() int64 { return s.Get("GET", "blob").Bytes }
+
+func newStats() UpstreamStats {
+	return UpstreamStats{ByKind: map[string]Counter{}, ByClient: map[netip.Addr]map[string]Counter{}, BlobGets: map[string]int64{}}
+}
+
+func newUpstream(ns string, ip netip.Addr, opts Options) *Upstream {
+	u := &Upstream{
+		NS:      ns,
+		IP:      ip,
+		logf:    opts.Logf,
+		latency: opts.UpstreamLatency,
+		stats:   newStats(),
+	}
+	u.handler = registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	if opts.UpstreamRate > 0 {
+		// One bucket for all connections: the registry's uplink is shared.
+		burst := int(min(max(opts.UpstreamRate/20, 16<<10), 1<<20))
+		u.limiter = rate.NewLimiter(rate.Limit(opts.UpstreamRate), burst)
+	}
+	return u
+}
+
+// Host is "IP:5000", the registry host in image references.
+func (u *Upstream) Host() string { return netip.AddrPortFrom(u.IP, UpstreamPort).String() }
+
+// URL is "http://IP:5000".
+func (u *Upstream) URL() string { return "http://" + u.Host() }
+
+// Ref returns Host()+"/"+repoAndTag.
+func (u *Upstream) Ref(repoAndTag string) string { return u.Host() + "/" + repoAndTag }
+
+// Start (re)starts serving; the stored images survive Stop/Start.
+func (u *Upstream) Start() error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.srv != nil {
+		return nil
+	}
+	ln, err := listenInNetns(nsPath(u.NS), "tcp", u.Host())
+	if err != nil {
+		return fmt.Errorf("upstream: listen in %s: %w", u.NS, err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(u.serve), ReadHeaderTimeout: 10 * time.Second}
+	u.srv = srv
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			u.logf("upstream: serve: %v", err)
+		}
+	}()
+	return nil
+}
+
+// Stop closes the listener and every open connection, so pulls in flight
+// fail and new ones get connection refused.
+func (u *Upstream) Stop() error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.srv == nil {
+		return nil
+	}
+	err := u.srv.Close()
+	u.srv = nil
+	return err
+}
+
+// Stats returns a copy of the counters.
+func (u *Upstream) Stats() UpstreamStats {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	s := newStats()
+	for k, v := range u.stats.ByKind {
+		s.ByKind[k] = v
+	}
+	for ip, m := range u.stats.ByClient {
+		c := map[string]Counter{}
+		for k, v := range m {
+			c[k] = v
+		}
+		s.ByClient[ip] = c
+	}
+	for k, v := range u.stats.BlobGets {
+		s.BlobGets[k] = v
+	}
+	return s
+}
+
+// Reset zeroes the counters.
+func (u *Upstream) Reset() {
+	u.mu.Lock()
+	u.stats = newStats()
+	u.mu.Unlock()
+}
+
+// Push uploads img under ref ("IP:5000/repo:tag" or "repo:tag") over plain HTTP.
+func (u *Upstream) Push(ctx context.Context, ref string, img v1.Image) error {
+	if !strings.HasPrefix(ref, u.Host()+"/") {
+		ref = u.Ref(ref)
+	}
+	r, err := name.ParseReference(ref, name.Insecure)
+	if err != nil {
+		return fmt.Errorf("push: %w", err)
+	}
+	if err := remote.Write(r, img, remote.WithContext(ctx)); err != nil {
+		return fmt.Errorf("push %s: %w", ref, err)
+	}
+	return nil
+}
+
+// requestKind classifies /v2/<name>/{manifests,blobs}/<ref> paths.
+func requestKind(path string) (kind, ref string) {
+	if !strings.HasPrefix(path, "/v2/") {
+		return "other", ""
+	}
+	if strings.Contains(path, "/blobs/uploads") {
+		return "upload", ""
+	}
+	// Repository names may contain "manifests" or "blobs": the last one wins.
+	m, b := strings.LastIndex(path, "/manifests/"), strings.LastIndex(path, "/blobs/")
+	switch {
+	case m >= 0 && m > b:
+		return "manifest", path[m+len("/manifests/"):]
+	case b >= 0:
+		return "blob", path[b+len("/blobs/"):]
+	}
+	return "other", ""
+}
+
+func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
+	if u.latency > 0 {
+		select {
+		case <-time.After(u.latency):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	kind, ref := requestKind(r.URL.Path)
+	cw := &countingWriter{ResponseWriter: w, limiter: u.limiter, ctx: r.Context()}
+	u.handler.ServeHTTP(cw, r)
+
+	client := netip.Addr{}
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		client = ap.Addr().Unmap()
+	}
+	key := r.Method + " " + kind
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	add := func(m map[string]Counter) {
+		c := m[key]
+		c.Requests++
+		c.Bytes += cw.n
+		m[key] = c
+	}
+	add(u.stats.ByKind)
+	if u.stats.ByClient[client] == nil {
+		u.stats.ByClient[client] = map[string]Counter{}
+	}
+	add(u.stats.ByClient[client])
+	if kind == "blob" && r.Method == http.MethodGet {
+		u.stats.BlobGets[ref]++
+	}
+}
+
+// countingWriter counts body bytes and, when shaping, takes them from the
+// shared token bucket in chunks no larger than its burst.
+type countingWriter struct {
+	http.ResponseWriter
+	limiter *rate.Limiter
+	ctx     context.Context
+	n       int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	if c.limiter == nil {
+		n, err := c.ResponseWriter.Write(p)
+		c.n += int64(n)
+		return n, err
+	}
+	written := 0
+	for len(p) > 0 {
+		chunk := min(len(p), c.limiter.Burst())
+		if err := c.limiter.WaitN(c.ctx, chunk); err != nil {
+			return written, err
+		}
+		n, err := c.ResponseWriter.Write(p[:chunk])
+		written += n
+		c.n += int64(n)
+		if err != nil {
+			return written, err
+		}
+		p = p[chunk:]
+	}
+	return written, nil
+}
+
+func (c *countingWriter) Flush() {
+	if f, ok := c.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// listenInNetns creates a listening socket inside the network namespace at
+// path. A socket stays in the namespace it was created in, so only creation
+// needs the namespace: it runs on a locked OS thread that is switched into
+// the namespace and never unlocked, so Go discards the thread afterwards
+// instead of reusing it for unrelated goroutines.
+func listenInNetns(path, network, addr string) (net.Listener, error) {
+	type result struct {
+		ln  net.Listener
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		// Deliberately no UnlockOSThread: the thread dies with this goroutine.
+		f, err := os.Open(path)
+		if err != nil {
+			ch <- result{err: err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{err: fmt.Errorf("setns %s: %w", path, err)}
+			return
+		}
+		ln, err := net.Listen(network, addr)
+		ch <- result{ln, err}
+	}()
+	r := <-ch
+	return r.ln, r.err
+}
