@@ -92,13 +92,10 @@ func ParseRegistry(raw string) (Registry, error) {
 	return r, nil
 }
 
-// HostDir returns the directory containerd looks in first for a registry
-// host: "host:port" becomes "host_port_" (valid on every OS, and tried
-// before "host:port"), a host without a port is used as is.
+// HostDir returns the directory of a registry host under certs.d. It is the
+// host as written, "10.1.2.3:5000" included: containerd 1.6 reads only that
+// form, while 1.7 and 2.x also try "host_port_" first.
 func HostDir(host string) string {
-	if i := strings.LastIndex(host, ":"); i > 0 {
-		return host[:i] + "_" + host[i+1:] + "_"
-	}
 	return host
 }
 

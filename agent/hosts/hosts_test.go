@@ -55,7 +55,7 @@ func TestRender(t *testing.T) {
 			name: "registry with port, plain http",
 			cfg:  Config{MirrorTargets: []string{local}, Registries: []string{"http://10.1.2.3:5000"}, DialTimeout: 200 * time.Millisecond},
 			want: map[string]string{
-				"10.1.2.3_5000_/hosts.toml": header + "server = \"http://10.1.2.3:5000\"\n" + mirrorBlock(local),
+				"10.1.2.3:5000/hosts.toml": header + "server = \"http://10.1.2.3:5000\"\n" + mirrorBlock(local),
 			},
 		},
 		{
@@ -151,8 +151,8 @@ func TestParseRegistry(t *testing.T) {
 	}{
 		{"https://docker.io", Registry{Host: "docker.io", Server: "https://registry-1.docker.io", Dir: "docker.io"}},
 		{"https://ghcr.io/", Registry{Host: "ghcr.io", Server: "https://ghcr.io", Dir: "ghcr.io"}},
-		{"http://10.1.2.3:5000", Registry{Host: "10.1.2.3:5000", Server: "http://10.1.2.3:5000", Dir: "10.1.2.3_5000_"}},
-		{"https://[fd00::1]:5000", Registry{Host: "[fd00::1]:5000", Server: "https://[fd00::1]:5000", Dir: "[fd00::1]_5000_"}},
+		{"http://10.1.2.3:5000", Registry{Host: "10.1.2.3:5000", Server: "http://10.1.2.3:5000", Dir: "10.1.2.3:5000"}},
+		{"https://[fd00::1]:5000", Registry{Host: "[fd00::1]:5000", Server: "https://[fd00::1]:5000", Dir: "[fd00::1]:5000"}},
 	}
 	for _, tt := range tests {
 		got, err := ParseRegistry(tt.in)
@@ -230,16 +230,9 @@ func TestPrepend(t *testing.T) {
 		{
 			name:     "http registry gets explicit server",
 			registry: "http://10.1.2.3:5000",
-			dir:      "10.1.2.3_5000_",
+			dir:      "10.1.2.3:5000",
 			existing: "[host.\"https://z.example\"]\n",
 			want:     header + "server = \"http://10.1.2.3:5000\"\n" + mirrorBlock(local) + "\n[host.'https://z.example']\n",
-		},
-		{
-			name:     "user's host:port directory is read, not modified",
-			registry: "http://10.1.2.3:5000",
-			dir:      "10.1.2.3:5000",
-			existing: "server = \"http://10.1.2.3:5000\"\n[host.\"https://z.example\"]\n",
-			want:     markerLineCreatedDir + "\n" + headerNote + "server = \"http://10.1.2.3:5000\"\n" + mirrorBlock(local) + "\n[host.'https://z.example']\n",
 		},
 	}
 	for _, tt := range tests {
@@ -303,7 +296,7 @@ func TestWriteIdempotentAndBackup(t *testing.T) {
 	if err := Write(cfg); err != nil {
 		t.Fatal(err)
 	}
-	if got := read(t, userPath + BackupSuffix); got != userFile {
+	if got := read(t, userPath+BackupSuffix); got != userFile {
 		t.Fatalf("backup = %q", got)
 	}
 	st, _ := os.Stat(userPath + BackupSuffix)
@@ -346,7 +339,7 @@ func TestWriteIdempotentAndBackup(t *testing.T) {
 	if !strings.Contains(read(t, userPath), `dial_timeout = "1s"`) {
 		t.Error("not rewritten on change")
 	}
-	if got := read(t, userPath + BackupSuffix); got != userFile {
+	if got := read(t, userPath+BackupSuffix); got != userFile {
 		t.Fatalf("backup changed: %q", got)
 	}
 

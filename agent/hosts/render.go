@@ -137,12 +137,14 @@ func describeTOMLError(err error) error {
 // [host."..."] table headers (including sub-tables such as
 // [host."...".header]). Hosts defined only with inline or dotted keys are
 // not listed, and containerd never tries them, so neither do we. Unlike
-// containerd we drop repeats, since each host becomes one table.
+// containerd we drop non-consecutive repeats, since each host becomes one
+// table.
 func hostOrder(b []byte) ([]string, error) {
 	var p unstable.Parser
 	p.Reset(b)
 	var order []string
 	seen := map[string]bool{}
+	last := ""
 	for p.NextExpression() {
 		e := p.Expression()
 		if e.Kind != unstable.Table {
@@ -152,11 +154,16 @@ func hostOrder(b []byte) ([]string, error) {
 		for it := e.Key(); it.Next(); {
 			parts = append(parts, string(it.Node().Data))
 		}
-		if len(parts) < 2 || parts[0] != "host" || seen[parts[1]] {
+		// As in containerd, "last" starts empty, so a [host.""] table is
+		// skipped unless another host precedes it.
+		if len(parts) < 2 || parts[0] != "host" || parts[1] == last {
 			continue
 		}
-		seen[parts[1]] = true
-		order = append(order, parts[1])
+		last = parts[1]
+		if !seen[last] {
+			seen[last] = true
+			order = append(order, last)
+		}
 	}
 	if err := p.Error(); err != nil {
 		return nil, fmt.Errorf("invalid TOML: %w", err)

@@ -7,8 +7,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
-	"strings"
 )
 
 // Write installs cfg's hosts.toml files under cfg.CertsDir and removes the
@@ -124,18 +122,6 @@ func writeRegistry(cfg Config, mirrors []string, r Registry) error {
 			return err
 		}
 	}
-	if base == nil && strings.Contains(r.Host, ":") && runtime.GOOS != "windows" {
-		// Our "host_port_" directory shadows a user's "host:port" one
-		// (containerd checks it first), so that is the config to keep. We
-		// only read it; removing ours makes it effective again.
-		colon := filepath.Join(cfg.CertsDir, r.Host, FileName)
-		if b, ok, err := readOptional(colon); err != nil {
-			return err
-		} else if ok && !isOurs(b) {
-			base, baseName = b, colon
-		}
-	}
-
 	var ex *existing
 	if cfg.Prepend && len(bytes.TrimSpace(base)) > 0 {
 		if ex, err = parseExisting(base); err != nil {

@@ -149,13 +149,11 @@ func (r *Registry) serveLocal(w http.ResponseWriter, req *http.Request, oreq oci
 	if !fromPeer {
 		r.metrics.Requests.WithLabelValues(registryLabel(oreq), string(oreq.Kind), metrics.OutcomeLocal).Inc()
 	}
-	cw := &countingWriter{ResponseWriter: w}
-	serve(cw, req, desc, oreq.Kind, rc)
+	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedBytes.WithLabelValues(metrics.OutcomeLocal)}
 	if fromPeer {
-		r.metrics.ServedToPeers.Add(float64(cw.n))
-	} else {
-		r.metrics.ServedBytes.WithLabelValues(metrics.OutcomeLocal).Add(float64(cw.n))
+		cw.counter = r.metrics.ServedToPeers
 	}
+	serve(cw, req, desc, oreq.Kind, rc)
 	return true
 }
 
@@ -202,9 +200,8 @@ func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.
 		w.WriteHeader(http.StatusOK)
 		return
 	}
-	cw := &countingWriter{ResponseWriter: w}
+	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedBytes.WithLabelValues(metrics.OutcomePeer)}
 	serve(cw, req, desc, oreq.Kind, content)
-	r.metrics.ServedBytes.WithLabelValues(metrics.OutcomePeer).Add(float64(cw.n))
 }
 
 // serve writes content with its headers; http.ServeContent answers HEAD and
@@ -257,21 +254,57 @@ func writeError(w http.ResponseWriter, status int, code, message string) {
 	}{[]ociError{{Code: code, Message: message}}})
 }
 
-// countingWriter counts body bytes and keeps io.ReaderFrom, so sendfile
-// still applies underneath.
+// countingWriter counts body bytes as they go, so served-bytes metrics move
+// during a long transfer, and keeps io.ReaderFrom so files still go out
+// with sendfile underneath.
 type countingWriter struct {
 	http.ResponseWriter
-	n int64
+	n       int64
+	counter interface{ Add(float64) }
 }
+
+// countChunk is how often a transfer's bytes are added to the counter.
+const countChunk = 8 << 20
 
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.ResponseWriter.Write(p)
-	c.n += int64(n)
+	c.add(int64(n))
 	return n, err
 }
 
 func (c *countingWriter) ReadFrom(r io.Reader) (int64, error) {
-	n, err := io.Copy(c.ResponseWriter, r)
+	// http.ServeContent hands over an *io.LimitedReader around the file;
+	// re-slicing it keeps one LimitedReader over the file, which sendfile
+	// accepts, while the counter moves every chunk.
+	remain := int64(-1)
+	if lr, ok := r.(*io.LimitedReader); ok {
+		r, remain = lr.R, lr.N
+	}
+	var total int64
+	for remain != 0 {
+		chunk := int64(countChunk)
+		if remain > 0 && remain < chunk {
+			chunk = remain
+		}
+		n, err := io.Copy(c.ResponseWriter, &io.LimitedReader{R: r, N: chunk})
+		total += n
+		c.add(n)
+		if remain > 0 {
+			remain -= n
+		}
+		if err != nil {
+			return total, err
+		}
+		if n < chunk {
+			break
+		}
+	}
+	return total, nil
+}
+
+func (c *countingWriter) add(n int64) {
 	c.n += n
-	return n, err
+	if c.counter != nil {
+		c.counter.Add(float64(n))
+	}
 }

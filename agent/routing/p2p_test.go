@@ -31,12 +31,8 @@ import (
 // separate nodes of a cluster.
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m,
-		// Process-wide background workers started by libp2p dependencies.
-		goleak.IgnoreAnyFunction("github.com/ipfs/go-log/v2/writer.(*MirrorWriter).logRoutine"),
-		goleak.IgnoreAnyFunction("go.opencensus.io/stats/view.(*worker).start"),
-	)
-}
+	goleak.VerifyTestMain(m)
+
 
 func withBootstrapTiming(minBackoff, maxBackoff, refresh time.Duration) Option {
 	return func(c *p2pConfig) error {
@@ -522,9 +518,9 @@ func TestDNSBootstrapper(t *testing.T) {
 		if host != name {
 			return nil, fmt.Errorf("unexpected name %q", host)
 		}
-		// 127.0.0.3 is this node; its registry may not be up yet, and the
-		// mapped duplicate must be folded into 127.0.0.1.
-		return []netip.Addr{a.ip, netip.MustParseAddr("::ffff:127.0.0.1"), b.ip, netip.MustParseAddr("127.0.0.3")}, nil
+		// The mapped duplicate must fold into 127.0.0.1; nothing listens on
+		// 127.0.0.4 (a dead agent); 127.0.0.3 is the joining node itself.
+		return []netip.Addr{a.ip, netip.MustParseAddr("::ffff:127.0.0.1"), b.ip, netip.MustParseAddr("127.0.0.4")}, nil
 	})
 	boot := DNSBootstrapper{Name: name, Port: port, Resolver: fake}
 
@@ -557,7 +553,13 @@ func TestDNSBootstrapper(t *testing.T) {
 	}
 
 	// A node joining through DNS; the name also resolves to itself.
-	c := startNode(t, lns[2], port, boot)
+	self := ResolverFunc(func(ctx context.Context, network, host string) ([]netip.Addr, error) {
+		return []netip.Addr{a.ip, b.ip, netip.MustParseAddr("127.0.0.3")}, nil
+	})
+	c := startNode(t, lns[2], port, DNSBootstrapper{Name: name, Port: port, Resolver: ResolverFunc(func(ctx context.Context, network, host string) ([]netip.Addr, error) {
+		calls.Add(1)
+		return self(ctx, network, host)
+	})})
 	waitJoined(t, c)
 	if err := a.Advertise(context.Background(), []string{"docker.io/library/alpine:3"}); err != nil {
 		t.Fatal(err)
@@ -581,5 +583,62 @@ func TestDialableAddrs(t *testing.T) {
 	}
 	if got := dialableAddrs(all, netip.MustParseAddr("10.0.0.9")); len(got) != 2 || slices.ContainsFunc(got, loop.Addrs[0].Equal) {
 		t.Errorf("loopback must be dropped for a remote target: %v", got)
+	}
+}
+
+// BenchmarkLookup measures the lookup of an advertised key from random
+// non-provider nodes of an in-process cluster. Setup is outside the timer.
+func BenchmarkLookup(b *testing.B) {
+	for _, n := range []int{10, 50, 100} {
+		b.Run(fmt.Sprintf("peers=%d", n), func(b *testing.B) {
+			const key = "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+			const port = 5000
+			setup := time.Now()
+			nodes := make([]*P2P, n)
+			for i := range nodes {
+				opts := []Option{
+					WithListenAddr("127.0.0.1:0"),
+					WithRegistryPort(port),
+					WithPrivateKey(genKey(b)),
+					withBootstrapTiming(50*time.Millisecond, time.Second, 30*time.Second),
+				}
+				if i > 0 {
+					// Join through the first node directly, no HTTP needed.
+					first := nodes[0].Addrs()[0].String() + "/p2p/" + nodes[0].ID().String()
+					opts = append(opts, WithBootstrapper(StaticBootstrapper{Entries: []string{first}}))
+				}
+				p, err := NewP2P(context.Background(), opts...)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { _ = p.Close() })
+				nodes[i] = p
+			}
+			for _, p := range nodes[1:] {
+				waitFor(b, 60*time.Second, "join", func() bool { return p.dht.RoutingTable().Size() > 0 })
+			}
+			if err := nodes[0].Advertise(context.Background(), []string{key}); err != nil {
+				b.Fatal(err)
+			}
+			want := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
+			for _, p := range nodes[1:] {
+				waitFor(b, 60*time.Second, "key visible", func() bool {
+					got, _ := lookup(b, p, key, 1, 2*time.Second)
+					return slices.Contains(got, want)
+				})
+			}
+			b.Logf("setup of %d peers took %s", n, time.Since(setup))
+
+			misses := 0
+			b.ResetTimer()
+			for i := 0; b.Loop(); i++ {
+				got, _ := lookup(b, nodes[1+i%(n-1)], key, 1, 2*time.Second)
+				if len(got) == 0 {
+					misses++
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(misses)/float64(b.N), "misses/op")
+		})
 	}
 }

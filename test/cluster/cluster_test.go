@@ -217,6 +217,21 @@ func testPull(t *testing.T, version string) {
 		t.Errorf("after RemoveImage: found %v, %v", found, err)
 	}
 
+	// With the upstream down pulls fail (connection refused); it comes back
+	// with its images.
+	if err := c.Upstream.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n1.Pull(ctx, ref); err == nil {
+		t.Errorf("pull with the upstream stopped succeeded")
+	}
+	if err := c.Upstream.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n1.Pull(ctx, ref); err != nil {
+		t.Errorf("pull after the upstream restarted: %v", err)
+	}
+
 	// Restarting containerd keeps the content and CRI answers again.
 	if err := n2.RestartContainerd(ctx); err != nil {
 		t.Fatal(err)
@@ -259,4 +274,97 @@ func TestStartFailureCleansUp(t *testing.T) {
 		t.Fatalf("Start failed before making anything; want a failure after the network exists")
 	}
 	assertGone(t, m[1], nil, m[2], "/run/fm-"+m[1])
+}
+
+// TestUpstreamShaping checks that UpstreamRate and UpstreamLatency slow the
+// upstream down as configured.
+func TestUpstreamShaping(t *testing.T) {
+	requireRoot(t)
+	if _, err := ContainerdBinary(Containerd2); err != nil {
+		t.Skip(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const rate = 4 << 20
+	l := &logger{t: t}
+	c, err := Start(ctx, Options{Nodes: 1, Logf: l.logf, UpstreamRate: rate, UpstreamLatency: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	img, err := GenerateImage(2, 2<<20, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := c.Upstream.Ref("shaped/img:v1")
+	if err := c.Upstream.Push(ctx, ref, img.Image); err != nil {
+		t.Fatal(err)
+	}
+	d, err := c.Node(1).Pull(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 2 MiB at 4 MiB/s is 0.5 s minus one burst (rate/20), plus latency.
+	if want := 400 * time.Millisecond; d < want {
+		t.Errorf("shaped pull of 2 MiB took %v, want >= %v", d, want)
+	}
+	if d > 5*time.Second {
+		t.Errorf("shaped pull of 2 MiB took %v, far slower than 4 MiB/s", d)
+	}
+	t.Logf("2 MiB at %d B/s + 50ms/request: %v", rate, d)
+}
+
+// TestLeftoversOfCrashedRun starts a cluster in a child process, kills the
+// child with SIGKILL (no Close runs) and checks that CleanupLeftovers, which
+// every Start calls, removes what the dead run left.
+func TestLeftoversOfCrashedRun(t *testing.T) {
+	requireRoot(t)
+	if os.Getenv("FM_CRASH_HELPER") == "1" {
+		c, err := Start(context.Background(), Options{Nodes: 1, Containerd: Containerd16})
+		if err != nil {
+			fmt.Println("START-ERROR", err)
+			os.Exit(1)
+		}
+		fmt.Printf("RUN %s %s\n", c.ID, c.Dir)
+		// Wait to be killed.
+		time.Sleep(time.Minute)
+		os.Exit(2)
+	}
+	if _, err := ContainerdBinary(Containerd16); err != nil {
+		t.Skip(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestLeftoversOfCrashedRun$")
+	cmd.Env = append(os.Environ(), "FM_CRASH_HELPER=1")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var id, dir string
+	buf := make([]byte, 4096)
+	var got strings.Builder
+	deadline := time.Now().Add(30 * time.Second)
+	for id == "" && time.Now().Before(deadline) {
+		n, err := out.Read(buf)
+		got.Write(buf[:n])
+		if m := regexp.MustCompile(`RUN ([0-9a-f]{6}) (\S+)\n`).FindStringSubmatch(got.String()); m != nil {
+			id, dir = m[1], m[2]
+		}
+		if err != nil {
+			break
+		}
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	if id == "" {
+		t.Fatalf("helper did not start a cluster: %s", got.String())
+	}
+	if len(runObjects(t, id)) == 0 {
+		t.Fatalf("the crashed run left nothing to clean up; the test proves nothing")
+	}
+	l := &logger{t: t}
+	CleanupLeftovers(context.Background(), l.logf)
+	assertGone(t, id, nil, dir, "/run/fm-"+id)
 }

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -32,7 +34,7 @@ func startInNetns(ns, logPath, bin string, args ...string) (*proc, error) {
 	// Own process group so a terminal's ^C reaches only the harness, which
 	// then cleans up; Pdeathsig so a crashed harness leaves no daemons.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := startOnSpawnerThread(cmd); err != nil {
 		return nil, fmt.Errorf("start %s in %s: %w", bin, ns, err)
 	}
 	p := &proc{cmd: cmd, done: make(chan struct{})}
@@ -52,6 +54,31 @@ func (p *proc) exited() bool {
 	default:
 		return false
 	}
+}
+
+// Pdeathsig fires when the *thread* that forked the child exits, not the
+// process. Go threads normally live forever, but listenInNetns deliberately
+// lets a thread die (it has been switched into another namespace), and that
+// thread may earlier have forked a daemon. So all daemons are forked from
+// one locked thread that never exits.
+var (
+	spawnOnce sync.Once
+	spawnCh   chan func()
+)
+
+func startOnSpawnerThread(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnCh = make(chan func())
+		go func() {
+			runtime.LockOSThread()
+			for f := range spawnCh {
+				f()
+			}
+		}()
+	})
+	errc := make(chan error, 1)
+	spawnCh <- func() { errc <- cmd.Start() }
+	return <-errc
 }
 
 // stop sends sig and waits up to grace, then SIGKILLs and waits.

@@ -1,0 +1,356 @@
+// Package e2e runs the agent on real containerd nodes in network
+// namespaces, pulling through the CRI as kubelet does, against a real
+// registry: the proof of the pull path users rely on.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/fleetmirror/fleetmirror/test/cluster"
+)
+
+func agentBin(t *testing.T) string {
+	t.Helper()
+	bin := os.Getenv("FLEETMIRROR_AGENT")
+	if bin == "" {
+		t.Fatal("FLEETMIRROR_AGENT is not set: run `make e2e`, which builds bin/agent")
+	}
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("agent binary: %v (run `make build`)", err)
+	}
+	return bin
+}
+
+func TestContainerd2(t *testing.T)  { suite(t, "2") }
+func TestContainerd16(t *testing.T) { suite(t, "1.6") }
+
+// env is one cluster shared by the steps of a suite; steps run in order
+// and each says what state it leaves.
+type env struct {
+	t   *testing.T
+	ctx context.Context
+	c   *cluster.Cluster
+}
+
+func suite(t *testing.T, version string) {
+	if os.Geteuid() != 0 {
+		t.Fatal("the e2e suite needs root for network namespaces")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	c, err := cluster.Start(ctx, cluster.Options{Nodes: 4, Containerd: version, AgentBin: agentBin(t), Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(c.LogTail(40))
+		}
+		c.Close()
+	})
+	e := &env{t: t, ctx: ctx, c: c}
+
+	small := e.image(1, 24<<20, 3, "e2e/small:v1")
+	solo := e.image(2, 8<<20, 2, "e2e/solo:v1")
+	late := e.image(3, 8<<20, 2, "e2e/late:v1")
+	big := e.image(4, 256<<20, 1, "e2e/big:v1")
+
+	// Each step needs the ones before it.
+	t.Run("a/peers serve what node 1 pulled", func(t *testing.T) { e.peersServe(t, small) })
+	t.Run("e/miss goes upstream fast", func(t *testing.T) { e.miss(t, solo) })
+	t.Run("f/unmirrored registry goes straight upstream", func(t *testing.T) { e.unmirrored(t, small) })
+	t.Run("b/upstream down, peers still serve by tag and digest", func(t *testing.T) { e.upstreamDown(t, small) })
+	t.Run("c/agent down, node pulls from upstream", func(t *testing.T) { e.agentDown(t, late) })
+	t.Run("d/serving peer killed mid-blob", func(t *testing.T) { e.peerKilled(t, big) })
+	t.Run("g/peer with wrong bytes never fails a pull", func(t *testing.T) { e.wrongBytes(t, late) })
+}
+
+type image struct {
+	*cluster.GeneratedImage
+	ref string
+}
+
+func (e *env) image(seed, size int64, layers int, repoTag string) image {
+	e.t.Helper()
+	g, err := cluster.GenerateImage(seed, size, layers)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ref := e.c.Upstream.Ref(repoTag)
+	if err := e.c.Upstream.Push(e.ctx, ref, g.Image); err != nil {
+		e.t.Fatal(err)
+	}
+	return image{g, ref}
+}
+
+func (e *env) pull(t *testing.T, n *cluster.Node, ref string, img image) time.Duration {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(e.ctx, 3*time.Minute)
+	defer cancel()
+	d, err := n.Pull(ctx, ref)
+	if err != nil {
+		t.Fatalf("pull %s on %s: %v\n%s", ref, n.Name, err, n.LogTail(30))
+	}
+	if err := n.VerifyContent(ctx, img.Digests()); err != nil {
+		t.Fatalf("content of %s on %s: %v", ref, n.Name, err)
+	}
+	t.Logf("%s pulled %s in %s", n.Name, ref, d.Round(time.Millisecond))
+	return d
+}
+
+func (e *env) metrics(t *testing.T, n *cluster.Node) cluster.Samples {
+	t.Helper()
+	s, err := n.Metrics(e.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// upstreamRequests counts every request of any kind the node sent upstream.
+func upstreamRequests(st cluster.UpstreamStats, n *cluster.Node) int64 {
+	var total int64
+	for _, c := range st.ByClient[n.IP] {
+		total += c.Requests
+	}
+	return total
+}
+
+// a: node 1 pulls from upstream; nodes 2 and 3 then pull everything,
+// tags included, from peers: the upstream sees no request from them.
+func (e *env) peersServe(t *testing.T, img image) {
+	n1, n2, n3 := e.c.Node(1), e.c.Node(2), e.c.Node(3)
+	e.pull(t, n1, img.ref, img)
+	if got := e.c.Upstream.Stats().FromClient(n1.IP, "GET", "blob").Requests; got == 0 {
+		t.Fatal("node 1 fetched no blob from upstream: the test proves nothing")
+	}
+	e.waitAdvertised(t, n1, img)
+	e.c.Upstream.Reset()
+	for _, n := range []*cluster.Node{n2, n3} {
+		e.pull(t, n, img.ref, img)
+		m := e.metrics(t, n)
+		if got := m.Sum("fleetmirror_mirror_requests_total", "kind", "blob", "outcome", "peer"); got < float64(len(img.Layers)) {
+			t.Errorf("%s: %v blob requests served from peers, want at least %d", n.Name, got, len(img.Layers))
+		}
+	}
+	st := e.c.Upstream.Stats()
+	for _, n := range []*cluster.Node{n2, n3} {
+		if got := upstreamRequests(st, n); got != 0 {
+			t.Errorf("%s sent %d requests upstream during a peer pull: %+v", n.Name, got, st.ByClient[n.IP])
+		}
+	}
+}
+
+// waitAdvertised waits until the node's agent advertises the image's
+// digests, so a peer pull right after does not race the announcement.
+func (e *env) waitAdvertised(t *testing.T, n *cluster.Node, img image) {
+	t.Helper()
+	want := float64(len(img.Digests()))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := e.metrics(t, n).Sum("fleetmirror_advertised_keys", "type", "digest")
+		if got >= want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s advertises %v digests after 10s, want at least %v", n.Name, got, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// e: an image no node has goes upstream; the agent answers the miss within
+// the resolve timeout and a little.
+func (e *env) miss(t *testing.T, img image) {
+	n1 := e.c.Node(1)
+	before := e.metrics(t, n1).Sum("fleetmirror_mirror_requests_total", "outcome", "miss")
+	e.c.Upstream.Reset()
+	e.pull(t, n1, img.ref, img)
+	if got := e.c.Upstream.Stats().FromClient(n1.IP, "GET", "blob").Requests; got < int64(len(img.Layers)) {
+		t.Errorf("upstream served %d blobs, want the image's %d layers and more", got, len(img.Layers))
+	}
+	m := e.metrics(t, n1)
+	if got := m.Sum("fleetmirror_mirror_requests_total", "outcome", "miss") - before; got < 1 {
+		t.Errorf("agent recorded %v misses; containerd did not ask it first", got)
+	}
+	// Miss latency straight from the agent, for the log; benchmarks hold the target.
+	var worst time.Duration
+	for i := 0; i < 20; i++ {
+		d, status := cluster.TimeGet(e.ctx, "http://"+n1.RegistryAddr()+"/v2/e2e/none/blobs/"+digest.FromString(fmt.Sprint(i)).String())
+		if status != 404 {
+			t.Fatalf("miss answered %d, want 404", status)
+		}
+		worst = max(worst, d)
+	}
+	t.Logf("slowest of 20 misses: %s (resolve timeout 20ms)", worst)
+}
+
+// f: a registry outside mirroredRegistries gets no hosts.toml and its
+// pulls never reach the agent.
+func (e *env) unmirrored(t *testing.T, img image) {
+	n1 := e.c.Node(1)
+	alt := e.c.Upstream.AltHost()
+	entries, err := os.ReadDir(n1.CertsDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range entries {
+		if d.Name() != e.c.Upstream.Host() {
+			t.Errorf("certs.d has %q; only %q is mirrored", d.Name(), e.c.Upstream.Host())
+		}
+	}
+	if _, err := os.Stat(filepath.Join(n1.CertsDir, e.c.Upstream.Host(), "hosts.toml")); err != nil {
+		t.Errorf("mirrored registry has no hosts.toml: %v", err)
+	}
+	before := e.metrics(t, n1).Sum("fleetmirror_mirror_requests_total")
+	e.c.Upstream.Reset()
+	e.pull(t, n1, alt+"/e2e/small:v1", img)
+	if got := e.metrics(t, n1).Sum("fleetmirror_mirror_requests_total") - before; got != 0 {
+		t.Errorf("agent got %v requests for an unmirrored registry", got)
+	}
+	if got := e.c.Upstream.Stats().FromClient(n1.IP, "GET", "manifest").Requests; got == 0 {
+		t.Error("the unmirrored pull did not reach the upstream")
+	}
+}
+
+// b: with the upstream gone, a node that never had the image pulls it
+// from peers, by tag and by digest.
+func (e *env) upstreamDown(t *testing.T, img image) {
+	n4 := e.c.Node(4)
+	if err := e.c.Upstream.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	defer e.c.Upstream.Start()
+	e.pull(t, n4, img.ref, img)
+	if err := n4.RemoveImage(e.ctx, img.ref); err != nil {
+		t.Fatal(err)
+	}
+	byDigest := e.c.Upstream.Ref("e2e/small@" + img.Manifest.Digest.String())
+	e.pull(t, n4, byDigest, img)
+}
+
+// c: with its agent stopped, a node still pulls from upstream at once.
+func (e *env) agentDown(t *testing.T, img image) {
+	n4 := e.c.Node(4)
+	if err := n4.StopAgent(); err != nil {
+		t.Fatal(err)
+	}
+	e.c.Upstream.Reset()
+	e.pull(t, n4, img.ref, img)
+	if got := e.c.Upstream.Stats().FromClient(n4.IP, "GET", "blob").Requests; got == 0 {
+		t.Error("no blob came from upstream with the agent down")
+	}
+	if err := n4.StartAgent(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.waitAdvertised(t, n4, img)
+}
+
+// d: nodes 1 and 2 hold a 256 MB blob, the upstream is down, node 3 pulls
+// and whichever peer serves it is killed mid-blob: the pull completes from
+// the other peer and verifies.
+func (e *env) peerKilled(t *testing.T, img image) {
+	n1, n2, n3 := e.c.Node(1), e.c.Node(2), e.c.Node(3)
+	e.pull(t, n1, img.ref, img)
+	e.waitAdvertised(t, n1, img)
+	e.pull(t, n2, img.ref, img)
+	e.waitAdvertised(t, n2, img)
+	if err := e.c.Upstream.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	defer e.c.Upstream.Start()
+	// Slow the peers' links so the kill lands mid-blob, not after it.
+	for _, n := range []*cluster.Node{n1, n2} {
+		if err := n.ShapeEgress(e.ctx, 200<<20); err != nil {
+			t.Fatal(err)
+		}
+		defer n.ShapeEgress(context.Background(), 0)
+	}
+
+	served := func(n *cluster.Node) float64 {
+		s, err := n.Metrics(e.ctx)
+		if err != nil {
+			return -1
+		}
+		return s.Sum("fleetmirror_peer_served_bytes_total")
+	}
+	base := map[*cluster.Node]float64{n1: served(n1), n2: served(n2)}
+	var (
+		killed *cluster.Node
+		wg     sync.WaitGroup
+		done   = make(chan struct{})
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			for _, n := range []*cluster.Node{n1, n2} {
+				if served(n)-base[n] >= 32<<20 {
+					if err := n.KillAgent(); err != nil {
+						t.Errorf("kill %s: %v", n.Name, err)
+					}
+					killed = n
+					return
+				}
+			}
+		}
+	}()
+	e.pull(t, n3, img.ref, img)
+	close(done)
+	wg.Wait()
+	if killed == nil {
+		t.Fatal("no peer was seen serving the blob, so none was killed: the test proves nothing")
+	}
+	t.Logf("killed the agent of %s mid-blob", killed.Name)
+	m := e.metrics(t, n3)
+	if got := m.Sum("fleetmirror_peer_failures_total"); got < 1 {
+		t.Errorf("node 3 recorded no peer failure; the kill did not interrupt a transfer")
+	}
+	if got := m.Sum("fleetmirror_mirror_requests_total", "kind", "blob", "outcome", "peer"); got < 1 {
+		t.Errorf("the blob did not come from a peer")
+	}
+	if err := killed.StartAgent(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// g: node 4's copy of a layer is corrupted on disk; node 1, pulling an
+// image only node 4 holds, gets the bad bytes from it, refuses them, and
+// containerd falls back to upstream: the pull succeeds and verifies.
+func (e *env) wrongBytes(t *testing.T, img image) {
+	n1, n4 := e.c.Node(1), e.c.Node(4)
+	layer := img.Layers[0]
+	path := n4.BlobPath(layer.Digest)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatalf("node 4 should hold %s: %v", layer.Digest, err)
+	}
+	if _, err := f.WriteAt([]byte("corrupted by the e2e test"), layer.Size/2); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	before := e.metrics(t, n1).Sum("fleetmirror_peer_failures_total", "reason", "digest")
+	e.c.Upstream.Reset()
+	e.pull(t, n1, img.ref, img)
+	if got := e.metrics(t, n1).Sum("fleetmirror_peer_failures_total", "reason", "digest") - before; got < 1 {
+		t.Error("node 1 never met the wrong bytes: the test proves nothing")
+	}
+	if got := e.c.Upstream.Stats().BlobGets[layer.Digest.String()]; got == 0 {
+		t.Error("the corrupted layer did not come from upstream")
+	}
+}
