@@ -48,7 +48,9 @@ func defaultConfig() p2pConfig {
 }
 
 // WithListenAddr sets the host:port the libp2p host listens on over TCP
-// (IPv4 or IPv6, e.g. "10.0.0.5:5001" or "[fd00::5]:5001"). Required.
+// (IPv4 or IPv6, e.g. "10.0.0.5:5001" or "[fd00::5]:5001"). Required. The
+// host must be an IP; prefer the node's own IP over 0.0.0.0, which would also
+// advertise bridge and loopback addresses to peers.
 func WithListenAddr(hostPort string) Option {
 	return func(c *p2pConfig) error {
 		c.listenAddr = hostPort

@@ -265,7 +265,9 @@ func (p *P2P) track() bool {
 	return true
 }
 
-// Ready implements Router.
+// Ready implements Router: true without a Bootstrapper, once bootstrap found
+// no agent but this one or joined one, or once the routing table has a peer.
+// It stays true after that, since a node that lost its peers still works alone.
 func (p *P2P) Ready(context.Context) (bool, error) {
 	p.mu.Lock()
 	closed := p.closed
@@ -642,7 +644,8 @@ func (p *P2P) bootstrapOnce() bool {
 	infos, err := p.cfg.bootstrapper.Peers(ctx)
 	if err != nil {
 		if p.ctx.Err() == nil {
-			p.log.Warn("bootstrap lookup failed", "err", err)
+			p.log.Warn("bootstrap lookup failed; serving alone until a peer answers", "err", err)
+			p.settleAlone()
 		}
 		return false
 	}
@@ -672,7 +675,8 @@ func (p *P2P) bootstrapOnce() bool {
 	wg.Wait()
 	if joined.Load() == 0 {
 		if p.ctx.Err() == nil {
-			p.log.Warn("could not join any bootstrap peer", "candidates", len(infos))
+			p.log.Warn("could not join any bootstrap peer; serving alone until one answers", "candidates", len(infos))
+			p.settleAlone()
 		}
 		return false
 	}
@@ -682,6 +686,14 @@ func (p *P2P) bootstrapOnce() bool {
 	// Fill the routing table beyond the bootstrap peers.
 	_ = p.dht.Bootstrap(p.ctx)
 	return true
+}
+
+// settleAlone makes a node whose bootstrap peers are all unreachable ready
+// on its own after the first round: its local content still serves, and
+// requiring peers would deadlock a cluster whose agents all restart at once
+// (the headless Service lists only ready agents). Bootstrap keeps retrying.
+func (p *P2P) settleAlone() {
+	p.settled.Store(true)
 }
 
 // keyCID maps a key (digest or tag key) to a CIDv1, raw codec, whose

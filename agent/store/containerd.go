@@ -112,13 +112,15 @@ func NewContainerd(ctx context.Context, opts ...Option) (*Containerd, error) {
 		return nil, errors.New("containerd store: empty namespace")
 	}
 	if s.log == nil {
-		s.log = slog.Default()
+		s.log = slog.Default().With("component", "store")
 	}
-	s.log = s.log.With("component", "store", "socket", s.socket, "namespace", s.namespace)
+	s.log = s.log.With("socket", s.socket, "namespace", s.namespace)
 	s.indexer = newIndexer(s.log)
 	if s.contentDir != "" {
 		// Not fatal: Open falls back to the content API blob by blob.
-		if _, err := os.ReadDir(filepath.Join(s.contentDir, "blobs")); err != nil {
+		// containerd makes blobs/ on its first pull, so only a directory
+		// that exists but cannot be read is worth a warning.
+		if _, err := os.ReadDir(filepath.Join(s.contentDir, "blobs")); err != nil && !errors.Is(err, os.ErrNotExist) {
 			s.log.WarnContext(ctx, "content directory not readable, reading blobs through containerd", "dir", s.contentDir, "err", err)
 		}
 	}

@@ -102,6 +102,7 @@ func testStore(t *testing.T, bin string) {
 	checkOpenKind(t, withDir, viaAPI, a.layers[0].Digest)
 
 	drain(withDir.Changed())
+	pastCatchUp()
 
 	// An image created while the store runs arrives by event; it shares
 	// a layer with image a.
@@ -172,6 +173,7 @@ func testStore(t *testing.T, bin string) {
 		t.Errorf("Keys() after restart = %q, want %q", got, want)
 	}
 	// Docker media types are walked and served alike.
+	pastCatchUp()
 	c := makeImage("c", nil, true)
 	c.push(t, ctx, cl, "docker.io/library/c:v1")
 	want = union(want, c.keys("docker.io/library/c:v1"))
@@ -538,6 +540,12 @@ func waitFor(t *testing.T, what string, timeout time.Duration, cond func() error
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// pastCatchUp waits for the sync that follows connecting, so that changes
+// after it can reach the store only by event.
+func pastCatchUp() {
+	time.Sleep(catchUpDelay + 200*time.Millisecond)
 }
 
 func drain(c <-chan struct{}) {

@@ -202,6 +202,7 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 		ContainerdLog: filepath.Join(dir, "containerd.log"),
 		AgentLog:      filepath.Join(dir, "agent.log"),
 		cluster:       c,
+		link:          h.hostVeth + "p",
 		containerdBin: bin,
 		version:       c.opts.Containerd,
 	}
@@ -224,6 +225,9 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 		return nil, err
 	}
 	if err := os.WriteFile(n.ConfigPath, cfg, 0o644); err != nil {
+		return nil, err
+	}
+	if err := c.Upstream.addAltClient(n.NS, n.IP); err != nil {
 		return nil, err
 	}
 	// The upstream speaks plain HTTP; without this containerd would try

@@ -3,6 +3,8 @@ package cluster
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"regexp"
@@ -210,6 +212,19 @@ func testPull(t *testing.T, version string) {
 		t.Error(err)
 	}
 
+	// The same registry under a second name on the node's loopback: no
+	// hosts.toml, plain HTTP by containerd's localhost default, counted as
+	// the node's own requests.
+	c.Upstream.Reset()
+	if _, err := n1.Pull(ctx, c.Upstream.AltHost()+"/test/img:v1"); err != nil {
+		t.Errorf("pull from AltHost: %v", err)
+	}
+	// Node 1 holds the content already, so containerd only resolves the tag:
+	// one HEAD, no GET.
+	if got := c.Upstream.Stats().FromClient(n1.IP, "HEAD", "manifest").Requests; got == 0 {
+		t.Errorf("AltHost pull not counted as node 1's: %+v", c.Upstream.Stats())
+	}
+
 	if err := n1.RemoveImage(ctx, ref); err != nil {
 		t.Error(err)
 	}
@@ -276,9 +291,9 @@ func TestStartFailureCleansUp(t *testing.T) {
 	assertGone(t, m[1], nil, m[2], "/run/fm-"+m[1])
 }
 
-// TestUpstreamShaping checks that UpstreamRate and UpstreamLatency slow the
-// upstream down as configured.
-func TestUpstreamShaping(t *testing.T) {
+// TestShaping checks that UpstreamRate and UpstreamLatency slow the
+// upstream down as configured, and that ShapeEgress limits a node's link.
+func TestShaping(t *testing.T) {
 	requireRoot(t)
 	if _, err := ContainerdBinary(Containerd2); err != nil {
 		t.Skip(err)
@@ -312,6 +327,40 @@ func TestUpstreamShaping(t *testing.T) {
 		t.Errorf("shaped pull of 2 MiB took %v, far slower than 4 MiB/s", d)
 	}
 	t.Logf("2 MiB at %d B/s + 50ms/request: %v", rate, d)
+
+	// ShapeEgress: 2 MiB from a server in the node's namespace at 4 MiB/s.
+	n := c.Node(1)
+	ln, err := listenInNetns(nsPath(n.NS), "tcp", netip.AddrPortFrom(n.IP, 8080).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := make([]byte, 2<<20)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.Write(payload) })}
+	go srv.Serve(ln)
+	defer srv.Close()
+	url := "http://" + ln.Addr().String() + "/"
+	fast, status := TimeGet(ctx, url)
+	if status != 200 {
+		t.Fatalf("GET %s: status %d", url, status)
+	}
+	if err := n.ShapeEgress(ctx, rate); err != nil {
+		t.Fatal(err)
+	}
+	slow, _ := TimeGet(ctx, url)
+	if err := n.ShapeEgress(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.ShapeEgress(ctx, 0); err != nil {
+		t.Errorf("removing no limit: %v", err)
+	}
+	again, _ := TimeGet(ctx, url)
+	t.Logf("2 MiB from the node: %v unshaped, %v at %d B/s, %v after removing the limit", fast, slow, rate, again)
+	if slow < 300*time.Millisecond || slow < 3*fast {
+		t.Errorf("egress shaping had no effect: %v shaped vs %v", slow, fast)
+	}
+	if again > slow/2 {
+		t.Errorf("limit not removed: %v", again)
+	}
 }
 
 // TestLeftoversOfCrashedRun starts a cluster in a child process, kills the
@@ -367,4 +416,64 @@ func TestLeftoversOfCrashedRun(t *testing.T) {
 	l := &logger{t: t}
 	CleanupLeftovers(context.Background(), l.logf)
 	assertGone(t, id, nil, dir, "/run/fm-"+id)
+}
+
+// TestAgentLifecycle checks the agent plumbing (flags, readiness, stop and
+// kill) when FLEETMIRROR_AGENT names a built agent; the pull-path
+// assertions live in test/e2e.
+func TestAgentLifecycle(t *testing.T) {
+	requireRoot(t)
+	bin := os.Getenv("FLEETMIRROR_AGENT")
+	if bin == "" {
+		t.Skip("FLEETMIRROR_AGENT is not set")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	l := &logger{t: t}
+	c, err := Start(ctx, Options{Nodes: 2, AgentBin: bin, Logf: l.logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	defer func() {
+		if t.Failed() {
+			t.Log(c.LogTail(30))
+		}
+	}()
+	n1, n2 := c.Node(1), c.Node(2)
+	img, err := GenerateImage(5, 4<<20, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := c.Upstream.Ref("agent/img:v1")
+	if err := c.Upstream.Push(ctx, ref, img.Image); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes {
+		if _, err := n.Pull(ctx, ref); err != nil {
+			t.Fatal(err)
+		}
+		if err := n.VerifyContent(ctx, img.Digests()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := n1.Metrics(ctx); err != nil {
+		t.Errorf("metrics: %v", err)
+	}
+	if n1.AgentPID() == 0 {
+		t.Fatal("no agent pid")
+	}
+	if err := n1.KillAgent(); err != nil {
+		t.Error(err)
+	}
+	if err := n2.StopAgent(); err != nil {
+		t.Error(err)
+	}
+	if n1.AgentPID() != 0 || n2.AgentPID() != 0 {
+		t.Error("agents still running")
+	}
+	// Together: an agent is ready only once it has a peer.
+	if err := c.StartAgents(ctx); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -1,18 +1,46 @@
 package cluster
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net/http"
+	"strconv"
+	"strings"
 	"time"
-
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 )
 
-// Metrics scrapes the node's agent and returns every sample, keyed by the
-// metric name; labels are matched by Sum.
+// Sample is one line of the Prometheus text format.
+type Sample struct {
+	Name   string
+	Labels map[string]string
+	Value  float64
+}
+
+// Samples is one scrape of an agent.
+type Samples []Sample
+
+// Sum adds up the samples of metric name whose labels include every given
+// name/value pair: Sum("fleetmirror_mirror_served_bytes_total", "source", "peer").
+func (m Samples) Sum(name string, labelPairs ...string) float64 {
+	var s float64
+next:
+	for _, x := range m {
+		if x.Name != name {
+			continue
+		}
+		for i := 0; i+1 < len(labelPairs); i += 2 {
+			if x.Labels[labelPairs[i]] != labelPairs[i+1] {
+				continue next
+			}
+		}
+		s += x.Value
+	}
+	return s
+}
+
+// Metrics scrapes the node's agent.
 func (n *Node) Metrics(ctx context.Context) (Samples, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -22,46 +50,107 @@ func (n *Node) Metrics(ctx context.Context) (Samples, error) {
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("scraping %s: %w", n.Name, err)
+		return nil, fmt.Errorf("%s: scrape metrics: %w", n.Name, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("scraping %s: %s", n.Name, resp.Status)
+		return nil, fmt.Errorf("%s: scrape %s: %s", n.Name, n.MetricsURL(), resp.Status)
 	}
-	dec := expfmt.NewDecoder(resp.Body, expfmt.NewFormat(expfmt.TypeTextPlain))
-	s := Samples{}
-	for {
-		var mf dto.MetricFamily
-		if err := dec.Decode(&mf); err != nil {
-			break
-		}
-		vec, err := expfmt.ExtractSamples(&expfmt.DecodeOptions{Timestamp: model.Now()}, &mf)
-		if err != nil {
-			return nil, err
-		}
-		for _, smp := range vec {
-			name := string(smp.Metric[model.MetricNameLabel])
-			s[name] = append(s[name], smp)
-		}
+	m, err := ParseMetrics(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", n.Name, err)
 	}
-	return s, nil
+	return m, nil
 }
 
-// Samples are scraped metrics by name.
-type Samples map[string]model.Vector
-
-// Sum adds the samples of name whose labels include the given pairs
-// ("outcome", "peer", ...).
-func (s Samples) Sum(name string, labels ...string) float64 {
-	var total float64
-next:
-	for _, smp := range s[name] {
-		for i := 0; i+1 < len(labels); i += 2 {
-			if string(smp.Metric[model.LabelName(labels[i])]) != labels[i+1] {
-				continue next
-			}
+// ParseMetrics reads the Prometheus text exposition format (comments and
+// timestamps ignored).
+func ParseMetrics(r io.Reader) (Samples, error) {
+	var m Samples
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for line := 1; sc.Scan(); line++ {
+		s := strings.TrimSpace(sc.Text())
+		if s == "" || s[0] == '#' {
+			continue
 		}
-		total += float64(smp.Value)
+		x, err := parseSample(s)
+		if err != nil {
+			return nil, fmt.Errorf("metrics line %d %q: %w", line, s, err)
+		}
+		m = append(m, x)
 	}
-	return total
+	return m, sc.Err()
+}
+
+func parseSample(s string) (Sample, error) {
+	x := Sample{Labels: map[string]string{}}
+	i := strings.IndexAny(s, "{ \t")
+	if i < 0 {
+		return x, fmt.Errorf("no value")
+	}
+	x.Name, s = s[:i], s[i:]
+	if s[0] == '{' {
+		s = s[1:]
+		for {
+			s = strings.TrimLeft(s, " ,")
+			if strings.HasPrefix(s, "}") {
+				s = s[1:]
+				break
+			}
+			eq := strings.IndexByte(s, '=')
+			if eq < 0 || len(s) < eq+2 || s[eq+1] != '"' {
+				return x, fmt.Errorf("bad label")
+			}
+			key := strings.TrimSpace(s[:eq])
+			s = s[eq+2:]
+			var val strings.Builder
+			j := 0
+			for ; j < len(s) && s[j] != '"'; j++ {
+				if s[j] == '\\' && j+1 < len(s) {
+					j++
+					switch s[j] {
+					case 'n':
+						val.WriteByte('\n')
+					default:
+						val.WriteByte(s[j])
+					}
+					continue
+				}
+				val.WriteByte(s[j])
+			}
+			if j >= len(s) {
+				return x, fmt.Errorf("unterminated label value")
+			}
+			x.Labels[key] = val.String()
+			s = s[j+1:]
+		}
+	}
+	f := strings.Fields(s)
+	if len(f) == 0 {
+		return x, fmt.Errorf("no value")
+	}
+	v, err := strconv.ParseFloat(f[0], 64)
+	if err != nil {
+		return x, err
+	}
+	x.Value = v
+	return x, nil
+}
+
+// TimeGet GETs url, reads the whole body and returns how long that took and
+// the status code (0 when the request failed).
+func TimeGet(ctx context.Context, url string) (time.Duration, int) {
+	start := time.Now()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, 0
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return time.Since(start), 0
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return time.Since(start), resp.StatusCode
 }

@@ -43,6 +43,7 @@ type Node struct {
 	AgentLog      string
 
 	cluster       *Cluster
+	link          string // the node's end of its veth
 	containerdBin string
 	version       string
 
@@ -65,7 +66,7 @@ func (n *Node) MetricsURL() string {
 	return "http://" + netip.AddrPortFrom(n.IP, AgentMetricsPort).String() + "/metrics"
 }
 
-// Logf logs through the cluster's logger with the node name in front.
+// logf logs through the cluster's logger with the node name in front.
 func (n *Node) logf(format string, args ...any) {
 	n.cluster.logf(n.Name+": "+format, args...)
 }
@@ -423,4 +424,23 @@ func (n *Node) LogTail(lines int) string {
 		s += fmt.Sprintf("--- %s agent (%s) ---\n%s", n.Name, n.AgentLog, TailFile(n.AgentLog, lines))
 	}
 	return s
+}
+
+// ShapeEgress limits what the node sends over its link to bytesPerSec with
+// a tbf qdisc (this kernel has no netem); 0 removes the limit. Loopback
+// traffic (containerd to its own agent) is not shaped.
+func (n *Node) ShapeEgress(ctx context.Context, bytesPerSec int64) error {
+	if bytesPerSec <= 0 {
+		err := run(ctx, "tc", "-n", n.NS, "qdisc", "del", "dev", n.link, "root")
+		// Deleting the default qdisc means there was no limit to remove.
+		if err != nil && (strings.Contains(err.Error(), "No such file") || strings.Contains(err.Error(), "handle of zero")) {
+			return nil
+		}
+		return err
+	}
+	// tbf needs a bucket of at least rate/HZ; a larger one keeps throughput
+	// close to the rate.
+	burst := max(bytesPerSec/50, 64<<10)
+	return run(ctx, "tc", "-n", n.NS, "qdisc", "replace", "dev", n.link, "root", "tbf",
+		"rate", fmt.Sprintf("%dbit", bytesPerSec*8), "burst", fmt.Sprint(burst), "latency", "200ms")
 }

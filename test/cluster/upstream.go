@@ -26,6 +26,10 @@ import (
 // UpstreamPort is where the upstream registry listens on its namespace's IP.
 const UpstreamPort = 5000
 
+// AltPort is where the same registry is also reachable on every node's own
+// loopback; see AltHost.
+const AltPort = 5001
+
 // Upstream is a real OCI registry (go-containerregistry's in-memory one)
 // served by this process but listening inside its own network namespace, so
 // it is a separate "host" on the test subnet and every request can be
@@ -41,7 +45,16 @@ type Upstream struct {
 
 	mu    sync.Mutex
 	srv   *http.Server
+	alts  []altClient
 	stats UpstreamStats
+}
+
+// altClient is a node namespace where the upstream also listens on
+// 127.0.0.1:AltPort; requests there are counted as the node's.
+type altClient struct {
+	ns  string
+	ip  netip.Addr
+	srv *http.Server
 }
 
 // Counter counts requests and response body bytes.
@@ -112,27 +125,75 @@ func (u *Upstream) Start() error {
 	if err != nil {
 		return fmt.Errorf("upstream: listen in %s: %w", u.NS, err)
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(u.serve), ReadHeaderTimeout: 10 * time.Second}
-	u.srv = srv
+	u.srv = u.serveOn(ln, u.serve)
+	for i := range u.alts {
+		if err := u.startAlt(&u.alts[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (u *Upstream) serveOn(ln net.Listener, h http.HandlerFunc) *http.Server {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			u.logf("upstream: serve: %v", err)
 		}
 	}()
+	return srv
+}
+
+// AltHost is "127.0.0.1:5001": the same registry and content as Host, as a
+// second registry name that is not in the default mirrored list. It listens
+// on each node's own loopback (containerd talks plain HTTP to loopback
+// registries without any hosts.toml) and counts requests as the node's IP.
+// Only reachable from inside node namespaces.
+func (u *Upstream) AltHost() string {
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), AltPort).String()
+}
+
+// addAltClient makes the registry reachable at AltHost inside ns.
+func (u *Upstream) addAltClient(ns string, ip netip.Addr) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.alts = append(u.alts, altClient{ns: ns, ip: ip})
+	if u.srv == nil {
+		return nil
+	}
+	return u.startAlt(&u.alts[len(u.alts)-1])
+}
+
+func (u *Upstream) startAlt(a *altClient) error {
+	ln, err := listenInNetns(nsPath(a.ns), "tcp", u.AltHost())
+	if err != nil {
+		return fmt.Errorf("upstream: listen on %s in %s: %w", u.AltHost(), a.ns, err)
+	}
+	client := a.ip
+	a.srv = u.serveOn(ln, func(w http.ResponseWriter, r *http.Request) {
+		r.RemoteAddr = netip.AddrPortFrom(client, 0).String()
+		u.serve(w, r)
+	})
 	return nil
 }
 
-// Stop closes the listener and every open connection, so pulls in flight
-// fail and new ones get connection refused.
+// Stop closes the listeners (Host and AltHost) and every open connection, so
+// pulls in flight fail and new ones get connection refused.
 func (u *Upstream) Stop() error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.srv == nil {
 		return nil
 	}
-	err := u.srv.Close()
+	errs := []error{u.srv.Close()}
 	u.srv = nil
-	return err
+	for i := range u.alts {
+		if a := &u.alts[i]; a.srv != nil {
+			errs = append(errs, a.srv.Close())
+			a.srv = nil
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Stats returns a copy of the counters.

@@ -216,7 +216,8 @@ func (e *env) unmirrored(t *testing.T, img image) {
 	if got := e.metrics(t, n1).Sum("fleetmirror_mirror_requests_total") - before; got != 0 {
 		t.Errorf("agent got %v requests for an unmirrored registry", got)
 	}
-	if got := e.c.Upstream.Stats().FromClient(n1.IP, "GET", "manifest").Requests; got == 0 {
+	st := e.c.Upstream.Stats()
+	if got := st.FromClient(n1.IP, "GET", "manifest").Requests + st.FromClient(n1.IP, "HEAD", "manifest").Requests; got == 0 {
 		t.Error("the unmirrored pull did not reach the upstream")
 	}
 }
