@@ -47,9 +47,11 @@ test: lint unit e2e
 demo: tools build
 	$(GO) run ./test/demo -agent $(CURDIR)/bin/agent
 
-## bench: micro benchmarks (benchstat-friendly)
+## bench: pull benchmarks on a local cluster and micro benchmarks (benchstat-friendly);
+## FLEETMIRROR_BENCH_IMAGES=10MB/1,100MB/1,1GB/4 picks the images
 bench: tools build
-	$(GO) test -run '^$$' -bench . -benchmem -count 3 ./agent/... | tee bench.txt
+	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -run '^$$' -bench . -benchtime 3x -timeout 60m ./bench/ | tee bench.txt
+	$(GO) test -run '^$$' -bench . -benchmem ./agent/... | tee -a bench.txt
 
 clean:
 	rm -rf bin e2e.log bench.txt

@@ -39,4 +39,23 @@ go_tool "$TOOLS/containerd-$CONTAINERD2_VERSION" \
 	"github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD2_VERSION" \
 	"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD2_VERSION"
 
+# module_tool DIR NAME: builds the main of the tools module hack/tools/NAME
+# into DIR/bin/NAME once. Those modules pin what `go install pkg@v` cannot
+# (kube-apiserver needs replace directives for its staging modules).
+module_tool() {
+	local dir=$1 name=$2
+	if [ -f "$dir/.done" ]; then return; fi
+	log "building hack/tools/$name into $dir (kube-apiserver: ~6 min cold)"
+	mkdir -p "$dir/bin"
+	(cd "$(dirname "$0")/tools/$name" &&
+		GOFLAGS=-buildvcs=false CGO_ENABLED=0 go build -trimpath -o "$dir/bin/$name" . >&2)
+	touch "$dir/.done"
+}
+
+# kube-apiserver and etcd for the operator's envtest suites.
+KUBE_VERSION=v1.34.4
+ETCD_VERSION=v3.6.16
+module_tool "$TOOLS/etcd-$ETCD_VERSION" etcd
+module_tool "$TOOLS/kube-$KUBE_VERSION" kube-apiserver
+
 echo "$TOOLS"

@@ -192,7 +192,8 @@ func TestServesLocalContent(t *testing.T) {
 		{name: "tag of another registry", method: "HEAD", path: "/v2/library/app/manifests/v1?ns=ghcr.io", status: 404},
 		{name: "tag without ns", method: "HEAD", path: "/v2/library/app/manifests/v1", status: 404},
 		{name: "get blob", method: "GET", path: "/v2/library/app/blobs/" + ld.String(), status: 200, body: layer,
-			headers: map[string]string{"Docker-Content-Digest": ld.String(), "Content-Type": "application/octet-stream"}},
+			headers: map[string]string{"Docker-Content-Digest": ld.String(), "Content-Type": "application/octet-stream",
+				SourceHeader: "local"}},
 		{name: "range", method: "GET", path: "/v2/library/app/blobs/" + ld.String(), hdr: []string{"Range", "bytes=10-19"},
 			status: 206, body: layer[10:20], headers: map[string]string{"Content-Range": "bytes 10-19/100000"}},
 		{name: "unknown blob", method: "GET", path: "/v2/library/app/blobs/" + digest.FromString("x").String(), status: 404},
@@ -248,6 +249,9 @@ func TestProxiesFromPeer(t *testing.T) {
 	resp, body = get(t, "GET", base+"/v2/team/app/blobs/"+ld.String()+"?ns=10.1.2.3:5000")
 	if resp.StatusCode != 200 || !bytes.Equal(body, layer) {
 		t.Fatalf("blob through peer: %d, %d bytes", resp.StatusCode, len(body))
+	}
+	if got, want := resp.Header.Get(SourceHeader), "peer "+nodes[1].addr.String(); got != want {
+		t.Errorf("%s = %q, want %q", SourceHeader, got, want)
 	}
 	if got := testutil.ToFloat64(nodes[0].metrics.Requests.WithLabelValues("10.1.2.3:5000", "blob", metrics.OutcomePeer)); got != 1 {
 		t.Errorf("peer blob requests = %v, want 1", got)

@@ -97,12 +97,26 @@ func newUpstream(ns string, ip netip.Addr, opts Options) *Upstream {
 		stats:   newStats(),
 	}
 	u.handler = registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	if opts.UpstreamRate > 0 {
-		// One bucket for all connections: the registry's uplink is shared.
-		burst := int(min(max(opts.UpstreamRate/20, 16<<10), 1<<20))
-		u.limiter = rate.NewLimiter(rate.Limit(opts.UpstreamRate), burst)
-	}
+	u.limiter = newLimiter(opts.UpstreamRate)
 	return u
+}
+
+// newLimiter is one token bucket for all connections, since a registry's
+// uplink is shared; nil when unshaped.
+func newLimiter(bytesPerSec int64) *rate.Limiter {
+	if bytesPerSec <= 0 {
+		return nil
+	}
+	burst := int(min(max(bytesPerSec/20, 16<<10), 1<<20))
+	return rate.NewLimiter(rate.Limit(bytesPerSec), burst)
+}
+
+// SetShaping changes the upstream's bandwidth (bytes/s, 0 = unshaped) and
+// added latency for requests that start from now on.
+func (u *Upstream) SetShaping(bytesPerSec int64, latency time.Duration) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.limiter, u.latency = newLimiter(bytesPerSec), latency
 }
 
 // Host is "IP:5000", the registry host in image references.
@@ -259,15 +273,18 @@ func requestKind(path string) (kind, ref string) {
 }
 
 func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
-	if u.latency > 0 {
+	u.mu.Lock()
+	latency, limiter := u.latency, u.limiter
+	u.mu.Unlock()
+	if latency > 0 {
 		select {
-		case <-time.After(u.latency):
+		case <-time.After(latency):
 		case <-r.Context().Done():
 			return
 		}
 	}
 	kind, ref := requestKind(r.URL.Path)
-	cw := &countingWriter{ResponseWriter: w, limiter: u.limiter, ctx: r.Context()}
+	cw := &countingWriter{ResponseWriter: w, limiter: limiter, ctx: r.Context()}
 	u.handler.ServeHTTP(cw, r)
 
 	client := netip.Addr{}

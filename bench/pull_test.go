@@ -1,0 +1,281 @@
+// Package bench measures pulls the way users judge this system: real
+// containerd nodes in network namespaces pulling through the CRI, against
+// a registry on the same links, a shaped "internet" upstream, and peers.
+//
+//	make bench   (or: go test -run '^$' -bench . -benchtime 3x ./bench/)
+//
+// FLEETMIRROR_BENCH_IMAGES picks the images, e.g. "10MB/1,100MB/1,1GB/4".
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/fleetmirror/fleetmirror/test/cluster"
+)
+
+// The shaped upstream stands for an internet registry: 100 MB/s shared,
+// 20 ms added per request (targets.md measures the same way).
+const (
+	shapedRate    = 100_000_000
+	shapedLatency = 20 * time.Millisecond
+)
+
+type benchImage struct {
+	name   string
+	size   int64
+	layers int
+}
+
+func images(b *testing.B) []benchImage {
+	spec := os.Getenv("FLEETMIRROR_BENCH_IMAGES")
+	if spec == "" {
+		spec = "10MB/1,100MB/1,1GB/4"
+	}
+	var out []benchImage
+	for _, s := range strings.Split(spec, ",") {
+		size, layers, ok := strings.Cut(strings.TrimSpace(s), "/")
+		n, err := parseSize(size)
+		l, lerr := strconv.Atoi(layers)
+		if !ok || err != nil || lerr != nil || l < 1 {
+			b.Fatalf("FLEETMIRROR_BENCH_IMAGES entry %q: want SIZE/LAYERS like 100MB/1", s)
+		}
+		out = append(out, benchImage{name: size + "-" + layers + "layer", size: n, layers: l})
+	}
+	return out
+}
+
+func parseSize(s string) (int64, error) {
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"GB", 1_000_000_000}, {"MB", 1_000_000}, {"KB", 1_000}} {
+		if v, ok := strings.CutSuffix(s, u.suffix); ok {
+			n, err := strconv.ParseInt(v, 10, 64)
+			return n * u.mult, err
+		}
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
+
+var (
+	once    sync.Once
+	shared  *cluster.Cluster
+	initErr error
+)
+
+// benchCluster is one 3-node cluster (containerd 2.x) for the whole run:
+// node 1 seeds peers, node 2 pulls through its agent, node 3 has no agent
+// and pulls straight from the registry, the baseline.
+func benchCluster(b *testing.B) *cluster.Cluster {
+	once.Do(func() {
+		bin := os.Getenv("FLEETMIRROR_AGENT")
+		if bin == "" {
+			initErr = fmt.Errorf("FLEETMIRROR_AGENT is not set: run `make bench`")
+			return
+		}
+		ctx := context.Background()
+		shared, initErr = cluster.Start(ctx, cluster.Options{Nodes: 3, AgentBin: bin})
+		if initErr != nil {
+			return
+		}
+		n3 := shared.Node(3)
+		if initErr = n3.StopAgent(); initErr != nil {
+			return
+		}
+		initErr = n3.WriteHostsTOML(shared.Upstream.Host(), cluster.UpstreamHostsTOML(shared.Upstream))
+	})
+	if initErr != nil {
+		b.Fatal(initErr)
+	}
+	return shared
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared != nil {
+		shared.Close()
+	}
+	os.Exit(code)
+}
+
+// BenchmarkPull pulls each image on a node that does not have it, from the
+// unshaped registry on the same links, from a peer, and from the shaped
+// upstream. Each iteration removes the image first.
+func BenchmarkPull(b *testing.B) {
+	c := benchCluster(b)
+	ctx := context.Background()
+	n1, n2, n3 := c.Node(1), c.Node(2), c.Node(3)
+	for i, bi := range images(b) {
+		g, err := cluster.GenerateImage(int64(1000+i), bi.size, bi.layers)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ref := c.Upstream.Ref("bench/" + strings.ToLower(bi.name) + ":v1")
+		if err := c.Upstream.Push(ctx, ref, g.Image); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := n1.Pull(ctx, ref); err != nil {
+			b.Fatal(err)
+		}
+		waitAdvertised(b, n1, g.Digests())
+
+		b.Run(bi.name+"/local-registry", func(b *testing.B) {
+			c.Upstream.SetShaping(0, 0)
+			pullLoop(b, n3, ref, g)
+		})
+		b.Run(bi.name+"/peer", func(b *testing.B) {
+			c.Upstream.SetShaping(0, 0)
+			c.Upstream.Reset()
+			cpu1, cpu2 := cpuSeconds(n1.AgentPID()), cpuSeconds(n2.AgentPID())
+			pullLoop(b, n2, ref, g)
+			st := c.Upstream.Stats()
+			var reqs int64
+			for _, cnt := range st.ByClient[n2.IP] {
+				reqs += cnt.Requests
+			}
+			gb := float64(bi.size) * float64(b.N) / 1e9
+			b.ReportMetric(float64(reqs)/float64(b.N), "upstream-req/op")
+			b.ReportMetric((cpuSeconds(n1.AgentPID())-cpu1)/gb, "server-cpu-s/GB")
+			b.ReportMetric((cpuSeconds(n2.AgentPID())-cpu2)/gb, "client-cpu-s/GB")
+			b.ReportMetric(rssMiB(n1.AgentPID(), "VmHWM"), "server-peak-MiB")
+			b.ReportMetric(rssMiB(n2.AgentPID(), "VmHWM"), "client-peak-MiB")
+		})
+		b.Run(bi.name+"/shaped-upstream", func(b *testing.B) {
+			c.Upstream.SetShaping(shapedRate, shapedLatency)
+			defer c.Upstream.SetShaping(0, 0)
+			pullLoop(b, n3, ref, g)
+		})
+		// Free the seed's disk and the next image's page cache.
+		for _, n := range []*cluster.Node{n1, n2, n3} {
+			removeImage(b, n, ref, g)
+		}
+	}
+}
+
+func pullLoop(b *testing.B, n *cluster.Node, ref string, g *cluster.GeneratedImage) {
+	ctx := context.Background()
+	b.SetBytes(g.Manifest.Size + g.Config.Size + sumLayers(g))
+	for b.Loop() {
+		b.StopTimer()
+		removeImage(b, n, ref, g)
+		b.StartTimer()
+		if _, err := n.Pull(ctx, ref); err != nil {
+			b.Fatalf("pull on %s: %v\n%s", n.Name, err, n.LogTail(20))
+		}
+	}
+	b.StopTimer()
+	if err := n.VerifyContent(ctx, g.Digests()); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func sumLayers(g *cluster.GeneratedImage) int64 {
+	var s int64
+	for _, l := range g.Layers {
+		s += l.Size
+	}
+	return s
+}
+
+// removeImage deletes the image and checks its layers are gone from the
+// content store, so the next pull fetches every byte.
+func removeImage(b *testing.B, n *cluster.Node, ref string, g *cluster.GeneratedImage) {
+	ctx := context.Background()
+	if _, found, err := n.ImageStatus(ctx, ref); err != nil {
+		b.Fatal(err)
+	} else if found {
+		if err := n.RemoveImage(ctx, ref); err != nil {
+			b.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, d := range g.LayerDigests() {
+		for n.HasBlob(d) {
+			if time.Now().After(deadline) {
+				b.Fatalf("%s still holds %s after removing %s", n.Name, d, ref)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+func waitAdvertised(b *testing.B, n *cluster.Node, ds []digest.Digest) {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s, err := n.Metrics(context.Background())
+		if err == nil && s.Sum("fleetmirror_advertised_keys", "type", "digest") >= float64(len(ds)) {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%s did not advertise %d digests", n.Name, len(ds))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// BenchmarkMiss times what a miss costs containerd: a request for content
+// no node has, answered 404 by the agent after its lookup.
+func BenchmarkMiss(b *testing.B) {
+	c := benchCluster(b)
+	n2 := c.Node(2)
+	var lat []time.Duration
+	i := 0
+	for b.Loop() {
+		i++
+		d, status := cluster.TimeGet(context.Background(),
+			"http://"+n2.RegistryAddr()+"/v2/bench/none/blobs/"+digest.FromString(fmt.Sprint("miss", i, time.Now().UnixNano())).String()+"?ns="+c.Upstream.Host())
+		if status != 404 {
+			b.Fatalf("miss answered %d, want 404", status)
+		}
+		lat = append(lat, d)
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	b.ReportMetric(ms(lat[len(lat)/2]), "p50-ms")
+	b.ReportMetric(ms(lat[len(lat)*99/100]), "p99-ms")
+	b.ReportMetric(rssMiB(n2.AgentPID(), "VmRSS"), "agent-rss-MiB")
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// cpuSeconds is a process's user+system CPU time.
+func cpuSeconds(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name, which may hold spaces: state is field 3,
+	// utime 14, stime 15.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ is 100 on Linux
+}
+
+// rssMiB reads a memory field (VmRSS, VmHWM) of a process in MiB.
+func rssMiB(pid int, field string) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
