@@ -52,6 +52,7 @@ demo: tools build
 bench: tools build
 	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -run '^$$' -bench . -benchtime 3x -timeout 60m ./bench/ | tee bench.txt
 	$(GO) test -run '^$$' -bench . -benchmem ./agent/... | tee -a bench.txt
+	$(GO) run ./bench/rollout -agent $(CURDIR)/bin/agent -out bench/results
 
 clean:
 	rm -rf bin e2e.log bench.txt

@@ -20,6 +20,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/fleetmirror/fleetmirror/bench/workload"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
@@ -30,41 +31,16 @@ const (
 	shapedLatency = 20 * time.Millisecond
 )
 
-type benchImage struct {
-	name   string
-	size   int64
-	layers int
-}
-
-func images(b *testing.B) []benchImage {
+func images(b *testing.B) []workload.Spec {
 	spec := os.Getenv("FLEETMIRROR_BENCH_IMAGES")
 	if spec == "" {
 		spec = "10MB/1,100MB/1,1GB/4"
 	}
-	var out []benchImage
-	for _, s := range strings.Split(spec, ",") {
-		size, layers, ok := strings.Cut(strings.TrimSpace(s), "/")
-		n, err := parseSize(size)
-		l, lerr := strconv.Atoi(layers)
-		if !ok || err != nil || lerr != nil || l < 1 {
-			b.Fatalf("FLEETMIRROR_BENCH_IMAGES entry %q: want SIZE/LAYERS like 100MB/1", s)
-		}
-		out = append(out, benchImage{name: size + "-" + layers + "layer", size: n, layers: l})
+	specs, err := workload.ParseSpecs(spec)
+	if err != nil {
+		b.Fatalf("FLEETMIRROR_BENCH_IMAGES: %v", err)
 	}
-	return out
-}
-
-func parseSize(s string) (int64, error) {
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{{"GB", 1_000_000_000}, {"MB", 1_000_000}, {"KB", 1_000}} {
-		if v, ok := strings.CutSuffix(s, u.suffix); ok {
-			n, err := strconv.ParseInt(v, 10, 64)
-			return n * u.mult, err
-		}
-	}
-	return strconv.ParseInt(s, 10, 64)
+	return specs
 }
 
 var (
@@ -116,11 +92,11 @@ func BenchmarkPull(b *testing.B) {
 	ctx := context.Background()
 	n1, n2, n3 := c.Node(1), c.Node(2), c.Node(3)
 	for i, bi := range images(b) {
-		g, err := cluster.GenerateImage(int64(1000+i), bi.size, bi.layers)
+		g, err := cluster.GenerateImage(int64(1000+i), bi.Size, bi.Layers)
 		if err != nil {
 			b.Fatal(err)
 		}
-		ref := c.Upstream.Ref("bench/" + strings.ToLower(bi.name) + ":v1")
+		ref := c.Upstream.Ref("bench/" + strings.ToLower(bi.Name) + ":v1")
 		if err := c.Upstream.Push(ctx, ref, g.Image); err != nil {
 			b.Fatal(err)
 		}
@@ -129,11 +105,11 @@ func BenchmarkPull(b *testing.B) {
 		}
 		waitAdvertised(b, n1, g.Digests())
 
-		b.Run(bi.name+"/local-registry", func(b *testing.B) {
+		b.Run(bi.Name+"/local-registry", func(b *testing.B) {
 			c.Upstream.SetShaping(0, 0)
 			pullLoop(b, n3, ref, g)
 		})
-		b.Run(bi.name+"/peer", func(b *testing.B) {
+		b.Run(bi.Name+"/peer", func(b *testing.B) {
 			c.Upstream.SetShaping(0, 0)
 			c.Upstream.Reset()
 			cpu1, cpu2 := cpuSeconds(n1.AgentPID()), cpuSeconds(n2.AgentPID())
@@ -143,14 +119,14 @@ func BenchmarkPull(b *testing.B) {
 			for _, cnt := range st.ByClient[n2.IP] {
 				reqs += cnt.Requests
 			}
-			gb := float64(bi.size) * float64(b.N) / 1e9
+			gb := float64(bi.Size) * float64(b.N) / 1e9
 			b.ReportMetric(float64(reqs)/float64(b.N), "upstream-req/op")
 			b.ReportMetric((cpuSeconds(n1.AgentPID())-cpu1)/gb, "server-cpu-s/GB")
 			b.ReportMetric((cpuSeconds(n2.AgentPID())-cpu2)/gb, "client-cpu-s/GB")
 			b.ReportMetric(rssMiB(n1.AgentPID(), "VmHWM"), "server-peak-MiB")
 			b.ReportMetric(rssMiB(n2.AgentPID(), "VmHWM"), "client-peak-MiB")
 		})
-		b.Run(bi.name+"/shaped-upstream", func(b *testing.B) {
+		b.Run(bi.Name+"/shaped-upstream", func(b *testing.B) {
 			c.Upstream.SetShaping(shapedRate, shapedLatency)
 			defer c.Upstream.SetShaping(0, 0)
 			pullLoop(b, n3, ref, g)
@@ -187,39 +163,15 @@ func sumLayers(g *cluster.GeneratedImage) int64 {
 	return s
 }
 
-// removeImage deletes the image and checks its layers are gone from the
-// content store, so the next pull fetches every byte.
 func removeImage(b *testing.B, n *cluster.Node, ref string, g *cluster.GeneratedImage) {
-	ctx := context.Background()
-	if _, found, err := n.ImageStatus(ctx, ref); err != nil {
+	if err := workload.Purge(context.Background(), n, ref, g); err != nil {
 		b.Fatal(err)
-	} else if found {
-		if err := n.RemoveImage(ctx, ref); err != nil {
-			b.Fatal(err)
-		}
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for _, d := range g.LayerDigests() {
-		for n.HasBlob(d) {
-			if time.Now().After(deadline) {
-				b.Fatalf("%s still holds %s after removing %s", n.Name, d, ref)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
 	}
 }
 
 func waitAdvertised(b *testing.B, n *cluster.Node, ds []digest.Digest) {
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		s, err := n.Metrics(context.Background())
-		if err == nil && s.Sum("fleetmirror_advertised_keys", "type", "digest") >= float64(len(ds)) {
-			return
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("%s did not advertise %d digests", n.Name, len(ds))
-		}
-		time.Sleep(50 * time.Millisecond)
+	if err := workload.WaitAdvertised(context.Background(), n, len(ds)); err != nil {
+		b.Fatal(err)
 	}
 }
 

@@ -1,0 +1,240 @@
+// Command rollout measures image rollouts as users judge them: every node
+// pulling a new image at once ("create"), and a rolling update from v1 to
+// v2 a fifth of the nodes at a time ("update"), with and without the
+// agent, against an upstream shaped like an internet registry. It writes
+// results.csv, summary.md and box plots. `make bench` runs it.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"math"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/fleetmirror/fleetmirror/bench/report"
+	"github.com/fleetmirror/fleetmirror/bench/workload"
+	"github.com/fleetmirror/fleetmirror/test/cluster"
+)
+
+type config struct {
+	agent, containerd, images, out string
+	nodes                          int
+	rate                           int64
+	latency                        time.Duration
+	batch                          float64
+	seed                           int64
+}
+
+func main() {
+	var c config
+	flag.StringVar(&c.agent, "agent", "bin/agent", "the built agent binary")
+	flag.StringVar(&c.containerd, "containerd", "2", `containerd on the nodes: "2" or "1.6"`)
+	flag.StringVar(&c.images, "images", "10MB/1,10MB/4,100MB/1,100MB/4,1GB/1,1GB/4", "images to roll out, SIZE/LAYERS")
+	flag.StringVar(&c.out, "out", "bench/results", "folder for results.csv, summary.md and plots")
+	flag.IntVar(&c.nodes, "nodes", 6, "nodes in the cluster")
+	flag.Int64Var(&c.rate, "upstream-rate", 100_000_000, "upstream bandwidth in bytes/s, shared by all nodes (0: unshaped)")
+	flag.DurationVar(&c.latency, "upstream-latency", 20*time.Millisecond, "latency added to every upstream request")
+	flag.Float64Var(&c.batch, "update-batch", 0.2, "share of nodes updated at a time")
+	flag.Int64Var(&c.seed, "seed", 1, "seed of the generated images")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, c); err != nil {
+		fmt.Fprintln(os.Stderr, "rollout:", err)
+		os.Exit(1)
+	}
+}
+
+type image struct {
+	spec   workload.Spec
+	v1, v2 string
+	g1, g2 *cluster.GeneratedImage
+}
+
+func run(ctx context.Context, c config) error {
+	specs, err := workload.ParseSpecs(c.images)
+	if err != nil {
+		return err
+	}
+	if c.nodes < 2 || c.batch <= 0 || c.batch > 1 {
+		return fmt.Errorf("-nodes %d -update-batch %g: want at least 2 nodes and a batch share in (0, 1]", c.nodes, c.batch)
+	}
+	cl, err := cluster.Start(ctx, cluster.Options{Nodes: c.nodes, Containerd: c.containerd, AgentBin: c.agent,
+		UpstreamRate: c.rate, UpstreamLatency: c.latency})
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+
+	var imgs []image
+	for i, s := range specs {
+		img := image{spec: s}
+		for v, dst := range []*string{&img.v1, &img.v2} {
+			g, err := cluster.GenerateImage(c.seed*1000+int64(i*2+v), s.Size, s.Layers)
+			if err != nil {
+				return err
+			}
+			*dst = cl.Upstream.Ref(fmt.Sprintf("rollout/%s:v%d", strings.ToLower(s.Name), v+1))
+			cl.Upstream.SetShaping(0, 0) // pushing is setup, not measured
+			if err := cl.Upstream.Push(ctx, *dst, g.Image); err != nil {
+				return err
+			}
+			if v == 0 {
+				img.g1 = g
+			} else {
+				img.g2 = g
+			}
+		}
+		imgs = append(imgs, img)
+	}
+
+	res := &report.Results{Setup: []string{
+		fmt.Sprintf("%d nodes, containerd %s, each node a network namespace on one %d-core machine", c.nodes, c.containerd, numCPU()),
+		fmt.Sprintf("upstream: %s shared, +%s per request", rateString(c.rate), c.latency),
+		fmt.Sprintf("update batches: %d nodes at a time", batchSize(c.nodes, c.batch)),
+		"baseline: agents stopped, containerd pulls from the upstream directly",
+		"command: go run ./bench/rollout " + fmt.Sprint(os.Args[1:]),
+	}}
+	for _, mode := range []string{"baseline", "fleetmirror"} {
+		if err := setMode(ctx, cl, mode); err != nil {
+			return err
+		}
+		for _, img := range imgs {
+			if err := rollout(ctx, cl, c, mode, img, res); err != nil {
+				return err
+			}
+		}
+	}
+	files, err := res.WriteAll(c.out)
+	if err != nil {
+		return err
+	}
+	md, _ := os.ReadFile(files[1])
+	fmt.Printf("%s\nwrote %v\n", md, files)
+	return nil
+}
+
+// setMode runs the agents, or stops them and points containerd straight at
+// the upstream.
+func setMode(ctx context.Context, cl *cluster.Cluster, mode string) error {
+	if mode == "fleetmirror" {
+		return cl.StartAgents(ctx)
+	}
+	if err := cl.StopAgents(); err != nil {
+		return err
+	}
+	for _, n := range cl.Nodes {
+		if err := n.WriteHostsTOML(cl.Upstream.Host(), cluster.UpstreamHostsTOML(cl.Upstream)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func rollout(ctx context.Context, cl *cluster.Cluster, c config, mode string, img image, res *report.Results) error {
+	all := cl.Nodes
+	// create: every node pulls v1 at once.
+	if err := measure(ctx, cl, mode, "create", img.spec.Name, img.v1, [][]*cluster.Node{all}, res); err != nil {
+		return err
+	}
+	// update: v1 everywhere, then v2 a batch at a time.
+	size := batchSize(len(all), c.batch)
+	var batches [][]*cluster.Node
+	for i := 0; i < len(all); i += size {
+		batches = append(batches, all[i:min(i+size, len(all))])
+	}
+	if err := measure(ctx, cl, mode, "update", img.spec.Name, img.v2, batches, res); err != nil {
+		return err
+	}
+	for _, n := range all {
+		for _, p := range []struct {
+			ref string
+			g   *cluster.GeneratedImage
+		}{{img.v1, img.g1}, {img.v2, img.g2}} {
+			if err := workload.Purge(ctx, n, p.ref, p.g); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// measure pulls ref on each batch of nodes in turn, the nodes of a batch
+// at once, and records every pull and the bytes that moved.
+func measure(ctx context.Context, cl *cluster.Cluster, mode, scenario, name, ref string, batches [][]*cluster.Node, res *report.Results) error {
+	cl.Upstream.Reset()
+	peerBefore := peerBytes(ctx, cl, mode)
+	for bi, batch := range batches {
+		var wg sync.WaitGroup
+		errs := make([]error, len(batch))
+		pulls := make([]report.Pull, len(batch))
+		for i, n := range batch {
+			wg.Go(func() {
+				d, err := n.Pull(ctx, ref)
+				if err != nil {
+					errs[i] = fmt.Errorf("%s %s %s on %s: %w\n%s", mode, scenario, ref, n.Name, err, n.LogTail(20))
+					return
+				}
+				pulls[i] = report.Pull{Mode: mode, Scenario: scenario, Image: name, Node: n.Name, Batch: bi + 1, Duration: d}
+			})
+		}
+		wg.Wait()
+		for _, err := range errs {
+			if err != nil {
+				return err
+			}
+		}
+		res.Pulls = append(res.Pulls, pulls...)
+		if mode == "fleetmirror" {
+			// A batch's nodes advertise before the next batch pulls, as a
+			// rolling update waits for readiness before moving on.
+			for _, n := range batch {
+				if err := workload.WaitAdvertised(ctx, n, 2); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	var up int64
+	for _, cnt := range cl.Upstream.Stats().ByKind {
+		up += cnt.Bytes
+	}
+	res.Traffic = append(res.Traffic, report.Traffic{Mode: mode, Scenario: scenario, Image: name,
+		UpstreamBytes: up, PeerBytes: peerBytes(ctx, cl, mode) - peerBefore})
+	fmt.Printf("%s %s %s: done\n", mode, scenario, name)
+	return nil
+}
+
+// peerBytes is what all agents served their containerd from peers so far.
+func peerBytes(ctx context.Context, cl *cluster.Cluster, mode string) int64 {
+	if mode != "fleetmirror" {
+		return 0
+	}
+	var total float64
+	for _, n := range cl.Nodes {
+		if s, err := n.Metrics(ctx); err == nil {
+			total += s.Sum("fleetmirror_mirror_served_bytes_total", "source", "peer")
+		}
+	}
+	return int64(total)
+}
+
+func batchSize(nodes int, share float64) int {
+	return max(1, int(math.Ceil(float64(nodes)*share)))
+}
+
+func rateString(r int64) string {
+	if r <= 0 {
+		return "unshaped"
+	}
+	return fmt.Sprintf("%d MB/s", r/1_000_000)
+}
+
+func numCPU() int { return runtime.NumCPU() }
