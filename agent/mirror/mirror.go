@@ -398,31 +398,76 @@ func (m *Mirror) blobFrom(ctx context.Context, p netip.AddrPort, req oci.Request
 	// next one can resume; a pull never hangs on one peer.
 	watchdog := time.AfterFunc(m.stallTimeout, func() { cancel(errors.New("peer stalled")) })
 	defer watchdog.Stop()
-	bufp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bufp)
-	buf := *bufp
-	body := io.LimitReader(resp.Body, sp.size-sp.off)
-	for sp.off < sp.size {
-		n, rerr := body.Read(buf)
-		if n > 0 {
-			watchdog.Reset(m.stallTimeout)
-			if _, err := sp.file.Write(buf[:n]); err != nil {
-				return fmt.Errorf("writing spool file: %w", err)
-			}
-			sp.hash.Write(buf[:n])
-			sp.off += int64(n)
-			m.fetched(int64(n))
+
+	// Reading the socket and writing+hashing run side by side: containerd
+	// waits for the verified blob, so both cores can work on it.
+	type chunk struct {
+		buf *[]byte
+		n   int
+	}
+	const depth = 4
+	full := make(chan chunk, depth)
+	free := make(chan *[]byte, depth)
+	for range depth {
+		free <- bufPool.Get().(*[]byte)
+	}
+	defer func() {
+		for range depth {
+			bufPool.Put(<-free)
 		}
-		if rerr != nil {
-			if sp.off == sp.size {
-				break
+	}()
+	readErr := make(chan error, 1)
+	go func() {
+		defer close(full)
+		remaining := sp.size - sp.off
+		for remaining > 0 {
+			var b *[]byte
+			select {
+			case b = <-free:
+			case <-ctx.Done():
+				readErr <- context.Cause(ctx)
+				return
 			}
-			m.fail("short")
-			if c := context.Cause(ctx); c != nil {
-				rerr = c
+			n, err := resp.Body.Read((*b)[:min(int64(len(*b)), remaining)])
+			if n > 0 {
+				watchdog.Reset(m.stallTimeout)
+				remaining -= int64(n)
+				full <- chunk{b, n}
+			} else {
+				free <- b
 			}
-			return fmt.Errorf("after %d of %d bytes: %w", sp.off, sp.size, rerr)
+			if err != nil && remaining > 0 {
+				if c := context.Cause(ctx); c != nil {
+					err = c
+				}
+				readErr <- err
+				return
+			}
 		}
+	}()
+	var werr error
+	for c := range full {
+		if werr == nil {
+			data := (*c.buf)[:c.n]
+			if _, err := sp.file.Write(data); err != nil {
+				werr = fmt.Errorf("writing spool file: %w", err)
+				cancel(werr)
+			} else {
+				sp.hash.Write(data)
+				sp.off += int64(c.n)
+				m.fetched(int64(c.n))
+			}
+		}
+		free <- c.buf
+	}
+	if werr != nil {
+		return werr
+	}
+	select {
+	case err := <-readErr:
+		m.fail("short")
+		return fmt.Errorf("after %d of %d bytes: %w", sp.off, sp.size, err)
+	default:
 	}
 	return nil
 }

@@ -86,7 +86,7 @@ type node struct {
 
 // newNodes starts n registries whose routers share one table. wrap, when
 // set, may replace a node's handler (to make it misbehave).
-func newNodes(t *testing.T, n int, wrap func(i int, h http.Handler) http.Handler) []*node {
+func newNodes(t testing.TB, n int, wrap func(i int, h http.Handler) http.Handler) []*node {
 	t.Helper()
 	lns := make([]net.Listener, n)
 	addrs := make([]netip.AddrPort, n)
@@ -123,7 +123,7 @@ func newNodes(t *testing.T, n int, wrap func(i int, h http.Handler) http.Handler
 }
 
 // hold puts content in a node's store and advertises it.
-func (nd *node) hold(t *testing.T, mediaType string, b []byte, tagKeys ...string) digest.Digest {
+func (nd *node) hold(t testing.TB, mediaType string, b []byte, tagKeys ...string) digest.Digest {
 	t.Helper()
 	d := nd.store.add(mediaType, b)
 	keys := []string{d.String()}
@@ -158,7 +158,7 @@ func get(t *testing.T, method, url string, hdr ...string) (*http.Response, []byt
 	return resp, body
 }
 
-func randomBytes(t *testing.T, n int) []byte {
+func randomBytes(t testing.TB, n int) []byte {
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {
 		t.Fatal(err)
