@@ -8,13 +8,14 @@ export GOFLAGS ?= -buildvcs=false
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/fleetmirror/fleetmirror/agent/version.Version=$(VERSION)
 
-.PHONY: all build tools test unit e2e demo bench lint fuzz clean
+.PHONY: all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images
 
 all: build
 
 ## build: static binaries into bin/
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/agent ./cmd/agent
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/mirror-images ./cmd/mirror-images
 
 ## tools: apt packages and test tools (containerd 2.x, ...), cached by version
 tools:
@@ -26,22 +27,56 @@ lint:
 	  if [ -n "$$out" ]; then echo "gofmt needed on: $$out"; exit 1; fi
 	$(GO) vet ./...
 	bash hack/legacy-registries.sh
+	$(GO) run ./cmd/mirror-images lint
+	$(GO) run ./cmd/mirror-images check
 
 ## unit: unit and integration tests of the packages (real containerd for the store)
 unit: tools
-	$(GO) test -count=1 -timeout 20m ./agent/... ./cmd/...
+	$(GO) test -count=1 -timeout 20m ./agent/... ./cmd/... ./bench/... ./operator/imageref/... ./release/...
 
 ## fuzz: a short run of every fuzz test
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseRequest -fuzztime 20s ./agent/oci/
 	$(GO) test -run '^$$' -fuzz FuzzParseImage -fuzztime 20s ./agent/oci/
+	$(GO) test -run '^$$' -fuzz FuzzPatch -fuzztime 20s ./agent/prep/
+	$(GO) test -run '^$$' -fuzz FuzzMirror -fuzztime 20s ./operator/imageref/
+
+## images: our images (agent, operator) built without a Docker daemon into
+## bin/images/<name> (OCI layouts); PUSH=registry[/prefix] also pushes them
+IMAGES ?= agent $(if $(wildcard cmd/operator/*.go),$(if $(wildcard watches.yaml),operator))
+PLATFORMS ?= linux/amd64
+images:
+	$(GO) run ./cmd/images --images "$(strip $(IMAGES))" --version $(VERSION) --platforms $(PLATFORMS) --out $(or $(IMAGES_OUT),bin/images) $(if $(PUSH),--push $(PUSH))
+
+## images-check: `make images` twice gives the same digests
+images-check:
+	@mkdir -p bin
+	$(MAKE) --no-print-directory images IMAGES_OUT=bin/images-a >bin/images-a.txt
+	$(MAKE) --no-print-directory images IMAGES_OUT=bin/images-b >bin/images-b.txt
+	@diff bin/images-a.txt bin/images-b.txt && cat bin/images-a.txt
+
+## release-images: MIRROR=registry[:port][/prefix]: our images (amd64, arm64)
+## and the third-party set pushed there, and the images map rewritten
+release-images:
+	@test -n "$(MIRROR)" || { echo "release-images: set MIRROR=registry[:port][/prefix]" >&2; exit 2; }
+	$(GO) run ./cmd/images --images "$(strip $(IMAGES))" --version $(VERSION) --platforms linux/amd64,linux/arm64 --push $(MIRROR) --refs bin/images/refs
+	$(GO) run ./cmd/mirror-images push --to $(MIRROR)
+	$(GO) run ./cmd/mirror-images write-map $$(sed 's/^/--set /' bin/images/refs)
+
+## mirror-images: lint the third-party set and the images map; MIRROR=... also plans the copy
+mirror-images:
+	$(GO) run ./cmd/mirror-images lint
+	$(GO) run ./cmd/mirror-images check
+	$(if $(MIRROR),$(GO) run ./cmd/mirror-images plan --to $(MIRROR))
 
 ## e2e: the multi-node suite on real containerd 2.x and 1.6 in network namespaces
+## (test artifacts such as the debug page's screenshot: bin/test-artifacts)
 e2e: tools build
-	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -count=1 -timeout 30m ./test/... -v 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
+	mkdir -p bin/test-artifacts
+	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -count=1 -timeout 30m -artifacts -outputdir $(CURDIR)/bin/test-artifacts ./test/... -v 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
 
 ## test: everything CI runs
-test: lint unit e2e
+test: lint unit images-check e2e
 
 ## demo: a 3-node cluster, a pull on node 1 then nodes 2 and 3; Ctrl-C ends it
 demo: tools build

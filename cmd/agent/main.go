@@ -24,9 +24,11 @@ type command struct {
 }
 
 var commands = map[string]command{
-	"mirror":  {"serve the node's images to peers and mirror from peers for containerd", mirrorCommand},
-	"hosts":   {"print the hosts.toml files a node's user data should write", hostsCommand},
-	"cleanup": {"restore the node's containerd mirror configuration as it was", cleanupCommand},
+	"mirror":    {"serve the node's images to peers and mirror from peers for containerd", mirrorCommand},
+	"hosts":     {"print the hosts.toml files a node's user data should write", hostsCommand},
+	"cleanup":   {"restore the node's containerd mirror configuration as it was", cleanupCommand},
+	"prep":      {"set containerd's config_path and discard_unpacked_layers, restart it if changed (--check: report only)", prepCommand},
+	"keepalive": {"idle until stopped (the prep DaemonSet's keepalive container)", keepaliveCommand},
 	"version": {"print the version", func(*flag.FlagSet) func(context.Context) error {
 		return func(context.Context) error { fmt.Println(version.Version); return nil }
 	}},

@@ -1,0 +1,366 @@
+package prep_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	stdlog "log"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	digest "github.com/opencontainers/go-digest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/fleetmirror/fleetmirror/agent/prep"
+	"github.com/fleetmirror/fleetmirror/agent/systemd"
+	"github.com/fleetmirror/fleetmirror/agent/systemd/systemdtest"
+)
+
+// Configs "without these settings": no registry config_path anywhere and
+// discard_unpacked_layers = true (what EKS ships), so a CRI pull neither
+// asks a mirror nor keeps its layers until prep has run. Each containerd
+// has its own root, state and sockets; plugins that cannot run here are
+// disabled (as in test/cluster). 2.x's transfer service unpacks only for
+// its configured snapshotter, overlayfs.
+const config2x = `version = 3
+root = "%[1]s/root"
+state = "%[1]s/state"
+imports = []
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.differ.v1.erofs",
+  "io.containerd.mount-handler.v1.erofs",
+  "io.containerd.nri.v1.nri",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "%[1]s/c.sock"
+
+[ttrpc]
+  address = "%[1]s/c.sock.ttrpc"
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "%[1]s/opt"
+
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = "overlayfs"
+    discard_unpacked_layers = true
+
+  [plugins."io.containerd.cri.v1.runtime"]
+    [plugins."io.containerd.cri.v1.runtime".cni]
+      bin_dirs = ["%[1]s/cni-bin"]
+      conf_dir = "%[1]s/cni-conf"
+
+  [plugins."io.containerd.grpc.v1.cri"]
+    disable_tcp_service = true
+`
+
+const config16 = `version = 2
+root = "%[1]s/root"
+state = "%[1]s/state"
+imports = []
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "%[1]s/c.sock"
+
+[ttrpc]
+  address = "%[1]s/c.sock.ttrpc"
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "%[1]s/opt"
+
+  [plugins."io.containerd.grpc.v1.cri"]
+    disable_tcp_service = true
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "native"
+      discard_unpacked_layers = true
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "%[1]s/cni-bin"
+      conf_dir = "%[1]s/cni-conf"
+`
+
+// unit is a containerd run the way systemd would run containerd.service:
+// restart stops it and starts it again from the same config.
+type unit struct {
+	bin, dir string
+
+	mu  sync.Mutex
+	cmd *exec.Cmd
+}
+
+func (u *unit) start() error {
+	log, err := os.OpenFile(filepath.Join(u.dir, "containerd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer log.Close()
+	cmd := exec.Command(u.bin, "--config", filepath.Join(u.dir, "config.toml"))
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	u.mu.Lock()
+	u.cmd = cmd
+	u.mu.Unlock()
+	return nil
+}
+
+func (u *unit) stop() {
+	u.mu.Lock()
+	cmd := u.cmd
+	u.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		cmd.Process.Kill()
+		<-done
+	}
+}
+
+// restart is what systemd's RestartUnit does for a simple service: stop,
+// start, and report the job done without waiting for the socket.
+func (u *unit) restart() error {
+	u.stop()
+	return u.start()
+}
+
+func (u *unit) pid() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.cmd.Process.Pid
+}
+
+func (u *unit) socket() string { return filepath.Join(u.dir, "c.sock") }
+
+func (u *unit) logTail() string {
+	b, _ := os.ReadFile(filepath.Join(u.dir, "containerd.log"))
+	if len(b) > 6000 {
+		b = b[len(b)-6000:]
+	}
+	return string(b)
+}
+
+// TestPrepRealContainerd: containerd 2.x and Debian's 1.6 start from a
+// config without the settings; prep patches it and restarts containerd
+// through systemd's D-Bus API (a stand-in Manager on a real dbus-daemon,
+// see systemdtest) which restarts the real process. A CRI pull afterwards
+// asks the hosts.toml mirror first and keeps its layers; a second prep run
+// restarts nothing.
+func TestPrepRealContainerd(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root to run containerd")
+	}
+	v2 := os.Getenv("FLEETMIRROR_CONTAINERD2")
+	if v2 == "" {
+		v2 = "/var/cache/fleetmirror/tools/containerd-v2.4.2/bin/containerd"
+	}
+	for _, tc := range []struct{ name, bin, config string }{
+		{"containerd-2", v2, config2x},
+		{"containerd-1.6", "/usr/bin/containerd", config16},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testPrep(t, tc.bin, tc.config) })
+	}
+}
+
+func testPrep(t *testing.T, bin, config string) {
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("%v (run `make tools`)", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	// Short path: unix sockets allow 108 bytes.
+	dir, err := os.MkdirTemp("/tmp", "fmprep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	for _, d := range []string{"cni-bin", "cni-conf", "certs.d"} {
+		os.MkdirAll(filepath.Join(dir, d), 0o755)
+	}
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(config, dir)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	u := &unit{bin: bin, dir: dir}
+	if err := u.start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		u.stop()
+		if t.Failed() {
+			t.Logf("containerd log:\n%s", u.logTail())
+		}
+	})
+	waitUp(t, ctx, u)
+
+	bus := systemdtest.StartBus(t)
+	mgr := systemdtest.Serve(t, bus, map[string]func() error{"containerd.service": u.restart})
+	sd, err := systemd.Dial(ctx, bus)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sd.Close()
+
+	certs := filepath.Join(dir, "certs.d")
+	cfg := prep.Config{Options: prep.Options{CertsDir: certs}, Path: cfgPath, HostRoot: dir,
+		Unit: "containerd.service", Socket: u.socket(), RestartTimeout: time.Minute}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+
+	pid0 := u.pid()
+	plan, err := prep.Run(ctx, cfg, sd, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !plan.Changed || mgr.Restarts("containerd.service") != 1 || u.pid() == pid0 {
+		t.Fatalf("first prep: changed=%v restarts=%d pid %d -> %d; want a change and one restart", plan.Changed, mgr.Restarts("containerd.service"), pid0, u.pid())
+	}
+	// Run waited for the socket: containerd answers right away.
+	cl, err := client.New(u.socket(), client.WithTimeout(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if _, err := cl.Version(ctx); err != nil {
+		t.Fatalf("containerd not answering after prep returned: %v", err)
+	}
+
+	// An upstream registry and a mirror that records and answers 404, so
+	// containerd falls back to the upstream.
+	up := httptest.NewServer(registry.New(registry.Logger(stdlog.New(io.Discard, "", 0))))
+	defer up.Close()
+	var mirrored atomic.Int64
+	mirror := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mirrored.Add(1)
+		http.NotFound(w, r)
+	}))
+	defer mirror.Close()
+	upHost := strings.TrimPrefix(up.URL, "http://")
+	hostsDir := filepath.Join(certs, upHost)
+	os.MkdirAll(hostsDir, 0o755)
+	hostsToml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", up.URL, mirror.URL)
+	if err := os.WriteFile(filepath.Join(hostsDir, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img, err := random.Image(4096, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := upHost + "/prep/test:v1"
+	r, err := name.ParseReference(ref, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(r, img); err != nil {
+		t.Fatal(err)
+	}
+
+	conn, err := grpc.NewClient("unix://"+u.socket(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := runtimeapi.NewImageServiceClient(conn).PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}}); err != nil {
+		t.Fatalf("CRI pull %s: %v", ref, err)
+	}
+	if mirrored.Load() == 0 {
+		t.Fatal("the pull never asked the hosts.toml mirror: config_path not in effect")
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Give the garbage collector a moment: discarded layers go when it runs.
+	time.Sleep(time.Second)
+	kctx := namespaces.WithNamespace(ctx, "k8s.io")
+	for _, l := range layers {
+		d, _ := l.Digest()
+		if _, err := cl.ContentStore().Info(kctx, digest.Digest(d.String())); err != nil {
+			t.Errorf("layer %s not in the content store after the pull (discard_unpacked_layers not false?): %v", d, err)
+		}
+	}
+	t.Logf("mirror saw %d requests; %d layers kept", mirrored.Load(), len(layers))
+
+	// Second run: nothing to change, no restart.
+	pid1 := u.pid()
+	plan, err = prep.Run(ctx, cfg, sd, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if plan.Changed || mgr.Restarts("containerd.service") != 1 || u.pid() != pid1 {
+		t.Fatalf("second prep: changed=%v restarts=%d pid %d -> %d; want nothing", plan.Changed, mgr.Restarts("containerd.service"), pid1, u.pid())
+	}
+}
+
+func waitUp(t *testing.T, ctx context.Context, u *unit) {
+	t.Helper()
+	for {
+		cl, err := client.New(u.socket(), client.WithTimeout(time.Second))
+		if err == nil {
+			_, err = cl.Version(ctx)
+			cl.Close()
+			if err == nil {
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("containerd did not come up: %v\n%s", err, u.logTail())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

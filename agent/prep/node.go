@@ -1,0 +1,319 @@
+package prep
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/pelletier/go-toml/v2"
+)
+
+// Config says which containerd to prepare and how.
+type Config struct {
+	Options
+	// Path is the containerd config.toml as this process sees it.
+	Path string
+	// HostRoot is where the host's / is mounted ("/" on the host): the
+	// config's absolute imports and /etc/os-release are read under it.
+	HostRoot string
+	// Unit is containerd's systemd unit, restarted when the file changed.
+	Unit string
+	// Socket is containerd's gRPC socket, polled after the restart until
+	// containerd answers; empty skips the wait.
+	Socket string
+	// RestartTimeout bounds the restart and the wait for the socket.
+	RestartTimeout time.Duration
+}
+
+// BackupSuffix names the copy of the original kept next to the config.
+const BackupSuffix = ".fleetmirror.bak"
+
+// Restarter restarts a systemd unit.
+type Restarter interface {
+	// CheckUnit fails when unit cannot be restarted: no systemd, no unit.
+	CheckUnit(ctx context.Context, unit string) error
+	// RestartUnit restarts unit and returns once systemd's job is done.
+	RestartUnit(ctx context.Context, unit string) error
+}
+
+// Check reads the config and returns what is set and what would change;
+// the error says why the node cannot be prepared. It writes nothing.
+func Check(cfg Config) (*Plan, error) {
+	src, err := os.ReadFile(cfg.Path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, refuse("%s does not exist; mount the host's containerd config folder there or set --config to its path", cfg.Path)
+		}
+		return nil, fmt.Errorf("reading containerd config: %w", err)
+	}
+	if err := detectPlatform(cfg, src); err != nil {
+		return nil, err
+	}
+	plan, err := Patch(src, cfg.Options)
+	if err != nil {
+		return plan, fmt.Errorf("%s: %w", cfg.Path, err)
+	}
+	if err := checkImports(cfg, src); err != nil {
+		return plan, err
+	}
+	return plan, nil
+}
+
+// Run prepares the node: when the config needs a change it checks that
+// systemd can restart containerd, writes the file (keeping a backup, the
+// mode and the owner), restarts containerd and waits until it answers.
+// A config that is already right is left alone and nothing is restarted.
+func Run(ctx context.Context, cfg Config, r Restarter, log *slog.Logger) (*Plan, error) {
+	plan, err := Check(cfg)
+	if err != nil {
+		return plan, err
+	}
+	if !plan.Changed {
+		log.Info("containerd already prepared, nothing to do", "config", cfg.Path)
+		return plan, nil
+	}
+	if r == nil {
+		return plan, refuse("no way to restart containerd: nothing was changed")
+	}
+	if err := r.CheckUnit(ctx, cfg.Unit); err != nil {
+		return plan, fmt.Errorf("%w: cannot restart %s through systemd (%v); nothing was changed: mount the host's /run/systemd (or the system bus socket) and set --systemd-address, or prepare the node by hand",
+			ErrRefused, cfg.Unit, err)
+	}
+	fi, err := os.Stat(cfg.Path)
+	if err != nil {
+		return plan, err
+	}
+	orig, err := os.ReadFile(cfg.Path)
+	if err != nil {
+		return plan, err
+	}
+	if err := writeAtomic(cfg.Path+BackupSuffix, orig, fi); err != nil {
+		return plan, fmt.Errorf("writing the backup: %w", err)
+	}
+	if err := writeAtomic(cfg.Path, plan.Patched, fi); err != nil {
+		return plan, fmt.Errorf("writing %s: %w", cfg.Path, err)
+	}
+	log.Info("patched containerd config", "config", cfg.Path, "backup", cfg.Path+BackupSuffix, "version", plan.Version)
+	if err := restart(ctx, cfg, r); err != nil {
+		// Put the original back so containerd runs on a config it
+		// knows, and a second run tries again instead of finding the
+		// file already patched.
+		if werr := writeAtomic(cfg.Path, orig, fi); werr != nil {
+			return plan, fmt.Errorf("%w; restoring the original also failed: %v (the backup is %s)", err, werr, cfg.Path+BackupSuffix)
+		}
+		rerr := restart(ctx, cfg, r)
+		log.Error("restart failed, original config restored", "err", err, "restartAgain", fmt.Sprint(rerr))
+		return plan, fmt.Errorf("%w; the original config was restored", err)
+	}
+	log.Info("restarted containerd", "unit", cfg.Unit)
+	return plan, nil
+}
+
+func restart(ctx context.Context, cfg Config, r Restarter) error {
+	ctx, cancel := context.WithTimeout(ctx, cfg.RestartTimeout)
+	defer cancel()
+	if err := r.RestartUnit(ctx, cfg.Unit); err != nil {
+		return fmt.Errorf("restarting %s: %w", cfg.Unit, err)
+	}
+	if cfg.Socket == "" {
+		return nil
+	}
+	return waitContainerd(ctx, cfg.Socket)
+}
+
+// waitContainerd polls the socket until containerd answers a version call.
+func waitContainerd(ctx context.Context, socket string) error {
+	var last error
+	for {
+		if last = ping(ctx, socket); last == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("containerd did not answer on %s after the restart: %v", socket, last)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func ping(ctx context.Context, socket string) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c, err := client.New(socket, client.WithTimeout(2*time.Second))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, err = c.Version(ctx)
+	return err
+}
+
+// writeAtomic replaces path with data through a rename, with like's mode
+// and owner, so containerd never reads half a file.
+func writeAtomic(path string, data []byte, like os.FileInfo) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if _, err = f.Write(data); err != nil {
+		return err
+	}
+	if err = f.Chmod(like.Mode().Perm()); err != nil {
+		return err
+	}
+	if st, ok := like.Sys().(*syscall.Stat_t); ok {
+		if err = f.Chown(int(st.Uid), int(st.Gid)); err != nil {
+			return err
+		}
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	if err = os.Rename(f.Name(), path); err != nil {
+		return fmt.Errorf("%w (mount the folder holding the config, not the file itself)", err)
+	}
+	if d, derr := os.Open(dir); derr == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// detectPlatform refuses nodes whose containerd config is generated by
+// the platform: an edit would be overwritten or is not possible.
+func detectPlatform(cfg Config, src []byte) error {
+	dir := filepath.Dir(cfg.Path)
+	head := strings.ToLower(string(src[:min(len(src), 512)]))
+	for _, tmpl := range []string{"config.toml.tmpl", "config-v3.toml.tmpl"} {
+		if _, err := os.Stat(filepath.Join(dir, tmpl)); err == nil {
+			return refuse("%s sits next to %s: k3s or RKE2 generates it at every start; configure mirrors in registries.yaml "+
+				"(or the embedded registry mirror) or put config_path and discard_unpacked_layers into the template", cfg.Path, tmpl)
+		}
+	}
+	if strings.Contains(filepath.ToSlash(cfg.Path), "/var/lib/rancher/") || strings.Contains(head, "generated by k3s") || strings.Contains(head, "generated by rke2") {
+		return refuse("%s is generated by k3s or RKE2 at every start; configure mirrors in registries.yaml (or the embedded registry mirror) or write a config.toml.tmpl", cfg.Path)
+	}
+	root := cfg.HostRoot
+	if root == "" {
+		root = "/"
+	}
+	switch id := osID(root); id {
+	case "talos":
+		return refuse("this node runs Talos, whose containerd config comes from the machine config: set registry mirrors and CRI settings there (machine.registries, machine.files into /etc/cri/conf.d)")
+	case "bottlerocket":
+		return refuse("this node runs Bottlerocket, whose containerd config is generated from its settings: use settings.container-registry.mirrors in the user data or apiclient")
+	}
+	return nil
+}
+
+// osID reads ID= from the host's os-release; "" when there is none.
+func osID(root string) string {
+	for _, p := range []string{"etc/os-release", "usr/lib/os-release"} {
+		b, err := os.ReadFile(filepath.Join(root, p))
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(bytes.NewReader(b))
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "ID="); ok {
+				return strings.ToLower(strings.Trim(v, `"'`))
+			}
+		}
+		return ""
+	}
+	return ""
+}
+
+// managedKeys are every key prep manages, in all config versions; an
+// imported file setting one would override the main file.
+var managedKeys = [][]string{
+	{"plugins", criV1, "registry", "config_path"},
+	{"plugins", criV1, "registry", "mirrors"},
+	{"plugins", criV1, "containerd", "discard_unpacked_layers"},
+	{"plugins", criImages, "registry", "config_path"},
+	{"plugins", criImages, "registry", "mirrors"},
+	{"plugins", criImages, "discard_unpacked_layers"},
+	{"plugins", transfer, "config_path"},
+}
+
+// checkImports refuses when a file the config imports sets a managed key:
+// containerd merges imports over the main file, so an edit there would not
+// take effect. Imports are followed as containerd does, relative paths
+// from the importing file's folder, globs expanded.
+func checkImports(cfg Config, src []byte) error {
+	root := cfg.HostRoot
+	if root == "" {
+		root = "/"
+	}
+	seen := map[string]bool{cfg.Path: true}
+	pending := []struct {
+		path string
+		src  []byte
+	}{{cfg.Path, src}}
+	for len(pending) > 0 && len(seen) < 256 {
+		cur := pending[0]
+		pending = pending[1:]
+		var m struct {
+			Imports []string `toml:"imports"`
+		}
+		if err := toml.Unmarshal(cur.src, &m); err != nil {
+			return refuse("%s: reading its imports: %v", cur.path, err)
+		}
+		for _, imp := range m.Imports {
+			pattern := imp
+			if filepath.IsAbs(imp) {
+				pattern = filepath.Join(root, imp)
+			} else {
+				pattern = filepath.Join(filepath.Dir(cur.path), imp)
+			}
+			files, err := filepath.Glob(pattern)
+			if err != nil {
+				return refuse("%s imports %q, which is not a valid pattern: %v", cur.path, imp, err)
+			}
+			for _, f := range files {
+				if seen[f] {
+					continue
+				}
+				seen[f] = true
+				b, err := os.ReadFile(f)
+				if err != nil {
+					return refuse("%s imports %s, which cannot be read (%v); mount it or fix the import", cur.path, f, err)
+				}
+				var im map[string]any
+				if err := toml.Unmarshal(b, &im); err != nil {
+					return refuse("%s imports %s, which does not parse as TOML (%v); fix it (containerd would not start with it either)", cur.path, f, err)
+				}
+				for _, k := range managedKeys {
+					if lookup(im, k) != nil {
+						return refuse("%s imports %s, which sets %s; containerd merges imports over the main file, so set config_path = %q and discard_unpacked_layers = false there, or remove it from that file",
+							cur.path, f, strings.Join(k, "."), cfg.CertsDir)
+					}
+				}
+				pending = append(pending, struct {
+					path string
+					src  []byte
+				}{f, b})
+			}
+		}
+	}
+	return nil
+}

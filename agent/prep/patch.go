@@ -1,0 +1,419 @@
+// Package prep prepares a node's containerd for the mirror: it makes sure
+// config.toml points CRI's registry config_path at the certs.d folder the
+// agent writes hosts.toml into, and keeps unpacked layers in the content
+// store (discard_unpacked_layers = false) so the agent can serve them. It
+// edits the file in place, changing only the bytes that must change.
+package prep
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2"
+	"github.com/pelletier/go-toml/v2/unstable"
+)
+
+// ErrRefused is wrapped by every error that says a node cannot be prepared
+// as it is; the message says what was found and what to do.
+var ErrRefused = errors.New("containerd config cannot be prepared")
+
+// ErrConfigPathElsewhere is wrapped when config_path already points at
+// another folder and Options.OverrideConfigPath is not set.
+var ErrConfigPathElsewhere = errors.New("config_path points elsewhere")
+
+func refuse(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrRefused, fmt.Sprintf(format, args...))
+}
+
+// Options say what the config must hold.
+type Options struct {
+	// CertsDir is the folder config_path must name: where the agent
+	// writes hosts.toml (its --certs-dir).
+	CertsDir string
+	// OverrideConfigPath replaces a config_path that names another folder.
+	OverrideConfigPath bool
+}
+
+// Setting is one key prep looks after, as found and as wanted.
+type Setting struct {
+	Table   []string // the table holding Key
+	Key     string
+	Current any // nil when unset
+	Want    any
+	OK      bool // Current already does what Want says
+}
+
+func (s Setting) String() string {
+	cur := "unset"
+	if s.Current != nil {
+		cur = fmt.Sprintf("%#v", s.Current)
+	}
+	if s.OK {
+		return fmt.Sprintf("%s %s = %#v (ok)", displayTable(s.Table), s.Key, s.Want)
+	}
+	return fmt.Sprintf("%s %s = %s, want %#v", displayTable(s.Table), s.Key, cur, s.Want)
+}
+
+// Plan is what Patch found and the file it would write.
+type Plan struct {
+	Version  int       // the config's version
+	Settings []Setting // before the change
+	Patched  []byte    // the new file; equal to the input when nothing changes
+	Changed  bool
+}
+
+// Ready reports whether the file needs no change.
+func (p *Plan) Ready() bool { return !p.Changed }
+
+// target is one setting for a config version.
+type target struct {
+	table []string
+	key   string
+}
+
+const (
+	criV1     = "io.containerd.grpc.v1.cri"       // containerd 1.x CRI, config version 2
+	criImages = "io.containerd.cri.v1.images"     // containerd 2.x CRI images, version 3 and 4
+	transfer  = "io.containerd.transfer.v1.local" // containerd 2.x transfer service
+)
+
+// targets are the settings per config version. Version 2 is what
+// containerd 1.6 and 1.7 read; containerd 2.x migrates its registry and
+// discard_unpacked_layers into the images plugin when it loads a version 2
+// file. Version 3 is containerd 2.0's, version 4 2.1 and later; both keep
+// these settings in the same tables. The transfer service reads certs.d
+// on its own (ctr and the transfer API use it).
+func targets(version int) (configPath []target, discard target) {
+	if version == 2 {
+		return []target{{[]string{"plugins", criV1, "registry"}, "config_path"}},
+			target{[]string{"plugins", criV1, "containerd"}, "discard_unpacked_layers"}
+	}
+	return []target{
+			{[]string{"plugins", criImages, "registry"}, "config_path"},
+			{[]string{"plugins", transfer}, "config_path"},
+		},
+		target{[]string{"plugins", criImages}, "discard_unpacked_layers"}
+}
+
+// maxVersion is the newest config version this code knows the tables of
+// (containerd 2.4 writes 4).
+const maxVersion = 4
+
+// Patch returns the plan for one config.toml. It refuses (ErrRefused) input
+// it cannot patch safely and never returns a file that does not parse or
+// in which anything but the settings it manages differs from the input.
+func Patch(src []byte, o Options) (*Plan, error) {
+	if o.CertsDir == "" || !filepath.IsAbs(o.CertsDir) {
+		return nil, fmt.Errorf("certs dir %q: want an absolute path, e.g. /etc/containerd/certs.d", o.CertsDir)
+	}
+	var before map[string]any
+	if err := toml.Unmarshal(src, &before); err != nil {
+		return nil, refuse("the file does not parse as TOML (%v); fix it (containerd would not start with it either)", err)
+	}
+	doc, err := parseDocument(src)
+	if err != nil {
+		return nil, refuse("the file does not parse as TOML (%v)", err)
+	}
+	version, err := configVersion(before)
+	if err != nil {
+		return nil, err
+	}
+	cps, discard := targets(version)
+	if err := checkLayout(before, version); err != nil {
+		return nil, err
+	}
+
+	// discard first: its table is the parent of the registry table in
+	// version 3, and a new parent reads better above its child.
+	cur := lookup(before, append(discard.table, discard.key))
+	plan := &Plan{Version: version}
+	plan.Settings = append(plan.Settings, Setting{Table: discard.table, Key: discard.key, Current: cur, Want: false, OK: cur == false})
+	for _, t := range cps {
+		cur := lookup(before, append(t.table, t.key))
+		plan.Settings = append(plan.Settings, Setting{Table: t.table, Key: t.key, Current: cur, Want: o.CertsDir, OK: namesDir(cur, o.CertsDir)})
+	}
+
+	out := src
+	for _, s := range plan.Settings {
+		if s.OK {
+			continue
+		}
+		if s.Key == "config_path" {
+			if err := checkConfigPath(s, o); err != nil {
+				return plan, err
+			}
+		} else if s.Current != nil {
+			if _, ok := s.Current.(bool); !ok {
+				return plan, refuse("%s %s is %#v, not true or false; fix it by hand", displayTable(s.Table), s.Key, s.Current)
+			}
+		}
+		if out, err = set(out, doc, s.Table, s.Key, s.Want); err != nil {
+			return plan, err
+		}
+		// Positions moved: scan the edited file again for the next edit.
+		if doc, err = parseDocument(out); err != nil {
+			return plan, fmt.Errorf("internal error: patched file does not scan: %v", err)
+		}
+	}
+	if err := verify(src, out, plan.Settings); err != nil {
+		return plan, err
+	}
+	plan.Patched = out
+	plan.Changed = string(out) != string(src)
+	return plan, nil
+}
+
+// configVersion reads the top-level version. containerd 1.x reads a file
+// without one as version 1 and 2.x migrates version 1 on the fly; the
+// plugin names differ there ("cri" instead of "io.containerd.grpc.v1.cri"),
+// so such files are refused rather than guessed at.
+func configVersion(m map[string]any) (int, error) {
+	v, ok := m["version"]
+	if !ok {
+		return 0, refuse("the file has no `version` line, so containerd reads it as config version 1, whose plugin names this tool does not edit; " +
+			"migrate it first: `containerd config migrate` (containerd 2.x) or rewrite it as `version = 2` (containerd 1.6/1.7)")
+	}
+	n, ok := v.(int64)
+	if !ok {
+		return 0, refuse("`version = %#v` is not a number; containerd wants 2 (1.6/1.7), 3 or 4 (2.x)", v)
+	}
+	switch {
+	case n == 1:
+		return 0, refuse("config version 1 is the old containerd 1.x layout; migrate it first: `containerd config migrate` (containerd 2.x) or rewrite it as `version = 2`")
+	case n >= 2 && n <= maxVersion:
+		return int(n), nil
+	default:
+		return 0, refuse("config version %d is not one this agent knows (2 for containerd 1.6/1.7, 3 and 4 for 2.x); update the agent", n)
+	}
+}
+
+// checkLayout refuses configurations that containerd would reject, or
+// misread, once config_path is set.
+func checkLayout(m map[string]any, version int) error {
+	regTables := [][]string{{"plugins", criV1, "registry"}}
+	if version >= 3 {
+		regTables = append(regTables, []string{"plugins", criImages, "registry"})
+		// containerd 2.4 migrates a version 3 file by copying the 1.x
+		// CRI registry table over the images plugin's one: settings there
+		// would silently win over ours.
+		if version < maxVersion {
+			for _, k := range [][]string{{"plugins", criV1, "registry"}, {"plugins", criV1, "containerd", "discard_unpacked_layers"}} {
+				if lookup(m, k) != nil {
+					return refuse("this version %d file still sets %s, which containerd 2.4 copies over [plugins.%q] on load; move its settings there and remove it",
+						version, strings.Join(k, "."), criImages)
+				}
+			}
+		}
+	}
+	for _, t := range regTables {
+		if mirrors, ok := lookup(m, append(t, "mirrors")).(map[string]any); ok && len(mirrors) > 0 {
+			return refuse("%s has `mirrors` entries, and containerd refuses `mirrors` together with `config_path`; move them to hosts.toml files under the certs.d folder and remove the mirrors table",
+				displayTable(t))
+		}
+	}
+	return nil
+}
+
+func checkConfigPath(s Setting, o Options) error {
+	cur, isString := s.Current.(string)
+	if s.Current != nil && !isString {
+		return refuse("%s config_path is %#v, not a string; fix it by hand", displayTable(s.Table), s.Current)
+	}
+	if cur == "" || o.OverrideConfigPath {
+		return nil
+	}
+	return fmt.Errorf("%w: %w: %s config_path is %q; either run the agent with --certs-dir=%s (the chart's certsDir) so it writes hosts.toml where containerd looks, or run prep with --override-config-path to point containerd at %s",
+		ErrRefused, ErrConfigPathElsewhere, displayTable(s.Table), cur, filepath.SplitList(cur)[0], o.CertsDir)
+}
+
+// namesDir reports whether config_path value v has containerd look in dir
+// first; containerd accepts a list like $PATH.
+func namesDir(v any, dir string) bool {
+	s, ok := v.(string)
+	if !ok || s == "" {
+		return false
+	}
+	return filepath.Clean(filepath.SplitList(s)[0]) == filepath.Clean(dir)
+}
+
+// lookup returns the value at path, nil when absent.
+func lookup(m map[string]any, path []string) any {
+	var cur any = m
+	for _, k := range path {
+		mm, ok := cur.(map[string]any)
+		if !ok {
+			return nil
+		}
+		if cur, ok = mm[k]; !ok {
+			return nil
+		}
+	}
+	return cur
+}
+
+// assign sets path in m, creating tables on the way; false when a value
+// on the way is not a table.
+func assign(m map[string]any, path []string, v any) bool {
+	for _, k := range path[:len(path)-1] {
+		next, ok := m[k]
+		if !ok {
+			next = map[string]any{}
+			m[k] = next
+		}
+		if m, ok = next.(map[string]any); !ok {
+			return false
+		}
+	}
+	m[path[len(path)-1]] = v
+	return true
+}
+
+// verify proves the patched file reads as intended: it parses, and it
+// equals the original with exactly the managed settings assigned.
+func verify(src, out []byte, settings []Setting) error {
+	var after, want map[string]any
+	if err := toml.Unmarshal(out, &after); err != nil {
+		return refuse("the patched file would not parse (%v); the layout is too unusual to edit safely, set the keys by hand: %s", err, describe(settings))
+	}
+	if err := toml.Unmarshal(src, &want); err != nil {
+		return fmt.Errorf("internal error: the config parsed once but not twice: %v", err)
+	}
+	for _, s := range settings {
+		if s.OK {
+			continue
+		}
+		if !assign(want, append(s.Table, s.Key), s.Want) {
+			return refuse("%s is not a table in this file; set the keys by hand: %s", displayTable(s.Table), describe(settings))
+		}
+	}
+	if !reflect.DeepEqual(want, after) {
+		return refuse("editing the file would change more than the managed settings (the layout is too unusual to edit safely); set them by hand: %s", describe(settings))
+	}
+	return nil
+}
+
+func describe(settings []Setting) string {
+	var parts []string
+	for _, s := range settings {
+		parts = append(parts, fmt.Sprintf("%s %s = %#v", displayTable(s.Table), s.Key, s.Want))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// set makes table.key read v, by the smallest edit of src.
+func set(src []byte, d *document, table []string, key string, v any) ([]byte, error) {
+	full := append(append([]string{}, table...), key)
+	val := d.renderValue(v)
+	// Anything on the way that is not a plain table (an inline table, an
+	// array of tables, a scalar) cannot take a key by a local edit.
+	for _, e := range d.exprs {
+		switch {
+		case e.kind == unstable.ArrayTable && hasPrefix(full, e.path):
+			return nil, refuse("line %d: %s is an array of tables; set %s %s by hand", e.line(d.src), displayTable(e.path), displayTable(table), key)
+		case e.kind == unstable.KeyValue && equal(e.path, full):
+			// Keep the quoting the value had.
+			if q := src[e.valStart]; q == '"' || q == '\'' {
+				val = (&document{singleQuotes: q == '\''}).renderValue(v)
+			}
+			return splice(src, e.valStart, e.end, val), nil
+		case e.kind == unstable.KeyValue && hasPrefix(full, e.path):
+			return nil, refuse("line %d: %s is written inline (%s = ...); write it as a [table] or set %s by hand",
+				e.line(d.src), strings.Join(e.path, "."), d.renderKey(e.path[len(e.path)-e.keyLen:]), key)
+		}
+	}
+	// The table has a header: add the key after its last key/value.
+	for i, e := range d.exprs {
+		if e.kind != unstable.Table || !equal(e.path, table) {
+			continue
+		}
+		last, indent := e, e.indent+d.step
+		for _, k := range d.exprs[i+1:] {
+			if k.kind != unstable.KeyValue {
+				break
+			}
+			last, indent = k, k.indent
+		}
+		return insertLine(src, last.lineEnd, indent+d.renderKey([]string{key})+" = "+val), nil
+	}
+	// The table exists through dotted keys (registry.x = ... under its
+	// parent): add another dotted key next to the last of them.
+	var dotted *expr
+	for i, e := range d.exprs {
+		// Only keys whose dotted part names the table, not keys under a
+		// header for one of its sub-tables.
+		if e.kind == unstable.KeyValue && hasPrefix(e.path, table) && len(e.path)-e.keyLen < len(table) {
+			dotted = &d.exprs[i]
+		}
+	}
+	if dotted != nil {
+		base := len(dotted.path) - dotted.keyLen
+		return insertLine(src, dotted.lineEnd, dotted.indent+d.renderKey(full[base:])+" = "+val), nil
+	}
+	// No such table yet: add its header and the key after the block of
+	// its closest ancestor that has a header (or at the end of the file).
+	parent, depth := -1, 0
+	for i, e := range d.exprs {
+		if e.kind == unstable.Table && len(e.path) < len(table) && hasPrefix(table, e.path) && len(e.path) >= depth {
+			parent, depth = i, len(e.path)
+		}
+	}
+	at, indent := len(src), ""
+	if parent >= 0 {
+		p := d.exprs[parent]
+		at = p.lineEnd
+		for _, e := range d.exprs[parent+1:] {
+			if e.kind != unstable.KeyValue && !hasPrefix(e.path, p.path) {
+				break
+			}
+			at = e.lineEnd
+		}
+		indent = p.indent
+		if d.indented {
+			indent += strings.Repeat("  ", len(table)-len(p.path))
+		}
+	} else if n := len(d.exprs); n > 0 {
+		at = d.exprs[n-1].lineEnd
+	}
+	block := "\n" + indent + "[" + d.renderKey(table) + "]\n" + indent + d.step + d.renderKey([]string{key}) + " = " + val
+	return insertLine(src, at, block), nil
+}
+
+func (d *document) renderValue(v any) string {
+	switch v := v.(type) {
+	case string:
+		return d.renderString(v)
+	case bool:
+		return strconv.FormatBool(v)
+	}
+	panic(fmt.Sprintf("prep: cannot render %T", v))
+}
+
+func splice(src []byte, from, to int, repl string) []byte {
+	out := make([]byte, 0, len(src)+len(repl))
+	out = append(out, src[:from]...)
+	out = append(out, repl...)
+	return append(out, src[to:]...)
+}
+
+// insertLine inserts line (without its newline) at offset at, which is the
+// start of a line or the end of the file; the file's line ending is kept.
+func insertLine(src []byte, at int, line string) []byte {
+	nl := "\n"
+	if strings.Contains(string(src), "\r\n") {
+		nl = "\r\n"
+		line = strings.ReplaceAll(line, "\n", "\r\n")
+	}
+	var b strings.Builder
+	b.Write(src[:at])
+	if at > 0 && src[at-1] != '\n' {
+		b.WriteString(nl)
+	}
+	b.WriteString(line)
+	b.WriteString(nl)
+	b.Write(src[at:])
+	return []byte(b.String())
+}

@@ -1,0 +1,238 @@
+package prep
+
+import (
+	"bytes"
+	"fmt"
+	"regexp"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2/unstable"
+)
+
+// document is a TOML file as a list of its top-level expressions with their
+// byte positions, so that edits can touch only the bytes that must change
+// and leave comments, order and formatting as they were.
+type document struct {
+	src   []byte
+	exprs []expr
+	// singleQuotes: the file writes quoted keys with single quotes
+	// ([plugins.'io.containerd.cri.v1.images'], as containerd 2.x does).
+	singleQuotes bool
+	// indented: some table header is indented (containerd's own style).
+	indented bool
+	// step is how much deeper than its header a table's first key sits.
+	step string
+}
+
+// expr is one table header or key/value line.
+type expr struct {
+	kind unstable.Kind // Table, ArrayTable or KeyValue
+	// path is the table's name, or for a key/value the table it sits in
+	// followed by its (possibly dotted) key.
+	path []string
+	// section is the index of the header this key/value sits under, -1
+	// for the root table. For headers: their own index.
+	section int
+	// keyLen is how many parts of path the key itself has (key/values).
+	keyLen    int
+	lineStart int // offset of the line the expression starts on
+	start     int // offset of '[' or of the key
+	end       int // offset after the value or after ']'
+	lineEnd   int // offset after the '\n' ending the expression's last line
+	valStart  int // key/values: offset of the value
+	valKind   unstable.Kind
+	indent    string
+}
+
+func (e expr) line(src []byte) int { return bytes.Count(src[:e.start], []byte("\n")) + 1 }
+
+// parseDocument scans src with go-toml's parser, which reports byte ranges.
+// Syntax errors come back with the line they are on.
+func parseDocument(src []byte) (*document, error) {
+	d := &document{src: src}
+	var p unstable.Parser
+	p.Reset(src)
+	var table []string
+	section := -1
+	singles, doubles := 0, 0
+	stepSeen := false
+	for p.NextExpression() {
+		n := p.Expression()
+		var e expr
+		switch n.Kind {
+		case unstable.Table, unstable.ArrayTable:
+			keys, first, last := keyParts(n.Key())
+			for _, k := range keys {
+				switch src[k.Offset] {
+				case '\'':
+					singles++
+				case '"':
+					doubles++
+				}
+			}
+			table = first
+			// The '[' (or '[[') precedes the first key part, maybe
+			// after blanks.
+			open := bytes.LastIndexByte(src[:keys[0].Offset], '[')
+			if n.Kind == unstable.ArrayTable {
+				open--
+			}
+			closeAt := bytes.IndexByte(src[last:], ']')
+			if open < 0 || closeAt < 0 {
+				return nil, fmt.Errorf("line %d: cannot locate table header", lineOf(src, int(keys[0].Offset)))
+			}
+			end := last + closeAt + 1
+			if n.Kind == unstable.ArrayTable {
+				end++
+			}
+			e = expr{kind: n.Kind, path: first, start: open, end: end}
+			section = len(d.exprs)
+			e.section = section
+		case unstable.KeyValue:
+			keys, parts, last := keyParts(n.Key())
+			for _, k := range keys {
+				switch src[k.Offset] {
+				case '\'':
+					singles++
+				case '"':
+					doubles++
+				}
+			}
+			start := int(keys[0].Offset)
+			end := int(n.Raw.Offset + n.Raw.Length)
+			eq := bytes.IndexByte(src[last:end], '=')
+			if eq < 0 {
+				return nil, fmt.Errorf("line %d: cannot locate '='", lineOf(src, start))
+			}
+			vs := last + eq + 1
+			for vs < end && (src[vs] == ' ' || src[vs] == '\t') {
+				vs++
+			}
+			path := append(append([]string{}, table...), parts...)
+			e = expr{kind: n.Kind, path: path, section: section, keyLen: len(parts), start: start, end: end,
+				valStart: vs, valKind: n.Value().Kind}
+		default:
+			continue
+		}
+		e.lineStart = bytes.LastIndexByte(src[:e.start], '\n') + 1
+		e.indent = string(src[e.lineStart:e.start])
+		if strings.Trim(e.indent, " \t") != "" {
+			// Something other than blanks before the expression on its
+			// line would be a second expression on one line: TOML does
+			// not allow that, so the parser and we disagree.
+			return nil, fmt.Errorf("line %d: unexpected text before %q", lineOf(src, e.start), strings.Join(e.path, "."))
+		}
+		if nl := bytes.IndexByte(src[e.end:], '\n'); nl >= 0 {
+			e.lineEnd = e.end + nl + 1
+		} else {
+			e.lineEnd = len(src)
+		}
+		if e.kind != unstable.KeyValue && e.indent != "" {
+			d.indented = true
+		}
+		if n := len(d.exprs); !stepSeen && n > 0 && e.kind == unstable.KeyValue && d.exprs[n-1].kind == unstable.Table {
+			d.step, stepSeen = strings.TrimPrefix(e.indent, d.exprs[n-1].indent), true
+		}
+		d.exprs = append(d.exprs, e)
+	}
+	if err := p.Error(); err != nil {
+		return nil, describeParseError(&p, err)
+	}
+	d.singleQuotes = singles > doubles
+	return d, nil
+}
+
+// keyParts returns the ranges and decoded parts of a key, and the offset
+// after its last part.
+func keyParts(it unstable.Iterator) (ranges []unstable.Range, parts []string, end int) {
+	for it.Next() {
+		k := it.Node()
+		ranges = append(ranges, k.Raw)
+		parts = append(parts, string(k.Data))
+		end = int(k.Raw.Offset + k.Raw.Length)
+	}
+	return ranges, parts, end
+}
+
+func lineOf(src []byte, off int) int { return bytes.Count(src[:off], []byte("\n")) + 1 }
+
+func describeParseError(p *unstable.Parser, err error) error {
+	if perr, ok := err.(*unstable.ParserError); ok && len(perr.Highlight) > 0 {
+		func() {
+			// Highlight is normally a slice of the input; Range panics
+			// when it is not, and then the plain message must do.
+			defer func() { _ = recover() }()
+			s := p.Shape(p.Range(perr.Highlight))
+			err = fmt.Errorf("line %d column %d: %s", s.Start.Line, s.Start.Column, perr.Message)
+		}()
+	}
+	return err
+}
+
+// hasPrefix reports whether path starts with prefix.
+func hasPrefix(path, prefix []string) bool {
+	if len(prefix) > len(path) {
+		return false
+	}
+	for i := range prefix {
+		if path[i] != prefix[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func equal(a, b []string) bool { return len(a) == len(b) && hasPrefix(a, b) }
+
+var bareKey = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+
+// renderKey writes a dotted key in the file's quoting style.
+func (d *document) renderKey(parts []string) string {
+	out := make([]string, len(parts))
+	for i, p := range parts {
+		if bareKey.MatchString(p) {
+			out[i] = p
+		} else {
+			out[i] = d.renderString(p)
+		}
+	}
+	return strings.Join(out, ".")
+}
+
+// renderString writes s as a TOML string: a literal string in files that
+// use single quotes (when s allows it), else a basic string.
+func (d *document) renderString(s string) string {
+	if d.singleQuotes && !strings.ContainsAny(s, "'\n\r") && !hasControl(s) {
+		return "'" + s + "'"
+	}
+	var b strings.Builder
+	b.WriteByte('"')
+	for _, r := range s {
+		switch {
+		case r == '"' || r == '\\':
+			b.WriteByte('\\')
+			b.WriteRune(r)
+		case r < 0x20 || r == 0x7f:
+			fmt.Fprintf(&b, `\u%04X`, r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	b.WriteByte('"')
+	return b.String()
+}
+
+func hasControl(s string) bool {
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f {
+			return true
+		}
+	}
+	return false
+}
+
+// displayTable names a table the way containerd's docs write it.
+func displayTable(path []string) string {
+	d := &document{}
+	return "[" + d.renderKey(path) + "]"
+}
