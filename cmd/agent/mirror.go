@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strconv"
 	"time"
@@ -17,11 +18,13 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/prep"
 	"github.com/fleetmirror/fleetmirror/agent/registry"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/state"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 	"github.com/fleetmirror/fleetmirror/agent/version"
+	"github.com/fleetmirror/fleetmirror/agent/web"
 )
 
 type mirrorConfig struct {
@@ -43,7 +46,9 @@ type mirrorConfig struct {
 	bootstrapDNS        string
 	dataDir             string
 	spoolDir            string
+	prepCheckConfig     string
 	logLevel            string
+	debugWeb            bool
 }
 
 func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
@@ -67,7 +72,10 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.StringVar(&c.bootstrapDNS, "bootstrap-dns", "", "DNS name listing the agents (the chart's headless Service)")
 	fs.StringVar(&c.dataDir, "data-dir", "/var/lib/fleetmirror", "where the peer identity key is kept, the agent's only state")
 	fs.StringVar(&c.spoolDir, "spool-dir", os.TempDir(), "where blobs from peers are held (unlinked) while verified")
+	fs.StringVar(&c.prepCheckConfig, "prep-check-config", "",
+		"containerd config.toml (read-only mount) that readiness checks like `agent prep --check`; empty disables the check")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.BoolVar(&c.debugWeb, "debug-web", true, "serve the debug page at /debug/web on the metrics address")
 	return func(ctx context.Context) error { return runMirror(ctx, c) }
 }
 
@@ -167,6 +175,13 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		if !hostsWritten {
 			return errors.New("hosts.toml not written yet")
 		}
+		if c.prepCheckConfig != "" {
+			// A node whose containerd ignores certs.d would silently pull
+			// from upstream: show it as not ready, with the reason.
+			if ok, detail := c.prepStatus(); !ok {
+				return errors.New("containerd not prepared: " + detail)
+			}
+		}
 		return nil
 	}
 	reg, err := registry.New(st, registry.WithMirror(mir), registry.WithMetrics(m),
@@ -181,6 +196,27 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	metricsMux.Handle("/metrics", m.Handler())
 	metricsMux.Handle("/readyz", reg)
 	metricsMux.Handle("/livez", reg)
+	if c.debugWeb {
+		wopts := []web.Option{web.WithRouter(router), web.WithStore(st), web.WithGatherer(m.Registry),
+			web.WithLogger(log.With("component", "web")), web.WithConfig(web.Config{
+				RegistryURL:        localURL(c.registryAddr),
+				MirroredRegistries: hostsOf(regs),
+				MirrorTargets:      c.mirrorTargets,
+				ResolveTimeout:     c.resolveTimeout,
+				ResolveRetries:     c.resolveRetries,
+				Version:            version.Version,
+			})}
+		// Without --prep-check-config the page says "not configured".
+		if c.prepCheckConfig != "" {
+			wopts = append(wopts, web.WithPrepStatus(c.prepStatus))
+		}
+		dw, err := web.New(wopts...)
+		if err != nil {
+			return err
+		}
+		metricsMux.Handle("/debug/web", dw.Handler())
+		metricsMux.Handle(web.Path, dw.Handler())
+	}
 
 	regLn, err := net.Listen("tcp", c.registryAddr)
 	if err != nil {
@@ -216,6 +252,27 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		log.Info("wrote containerd mirror configuration", "certsDir", c.certsDir, "targets", c.mirrorTargets.String())
 	}
 	return g.Wait()
+}
+
+// prepStatus is the containerd-prep check as the debug page shows it.
+func (c *mirrorConfig) prepStatus() (bool, string) {
+	plan, err := prep.Check(prep.Config{Path: c.prepCheckConfig, Options: prep.Options{CertsDir: c.certsDir}})
+	if err != nil {
+		return false, err.Error()
+	}
+	if !plan.Ready() {
+		return false, fmt.Sprintf("%s lacks config_path = %q or discard_unpacked_layers = false; run `agent prep`", c.prepCheckConfig, c.certsDir)
+	}
+	return true, fmt.Sprintf("%s sets config_path = %q and discard_unpacked_layers = false", c.prepCheckConfig, c.certsDir)
+}
+
+// localURL is the registry as a client on this node reaches it.
+func localURL(addr string) string {
+	host, port, _ := net.SplitHostPort(addr)
+	if ip, err := netip.ParseAddr(host); host == "" || (err == nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	return "http://" + net.JoinHostPort(host, port)
 }
 
 func hostsOf(regs []hosts.Registry) []string {
