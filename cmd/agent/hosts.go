@@ -10,13 +10,14 @@ import (
 	"time"
 
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
+	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 )
 
 // hostsCommand prints the hosts.toml files for the user-data mode, where
 // the node writes its mirror configuration at boot, before any pod runs.
 func hostsCommand(fs *flag.FlagSet) func(context.Context) error {
 	var (
-		targets, registries listFlag
+		targets, registries cli.List
 		certsDir            string
 		dialTimeout         time.Duration
 	)

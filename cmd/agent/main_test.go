@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 )
 
 func TestEnvTwins(t *testing.T) {
@@ -34,7 +36,7 @@ func TestEnvTwins(t *testing.T) {
 			fs := flag.NewFlagSet("test", flag.ContinueOnError)
 			fs.SetOutput(io.Discard)
 			_ = mirrorCommand(fs)
-			err := parse(fs, tt.args)
+			err := cli.Parse(fs, tt.args)
 			if tt.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.err) {
 					t.Fatalf("error %v, want %q", err, tt.err)
@@ -68,8 +70,8 @@ func TestValidate(t *testing.T) {
 		{name: "port", mod: func(c *mirrorConfig) { c.registryAddr = "30020" }, err: "--registry-addr"},
 		{name: "timeout", mod: func(c *mirrorConfig) { c.resolveTimeout = 0 }, err: "--mirror-resolve-timeout"},
 		{name: "retries", mod: func(c *mirrorConfig) { c.resolveRetries = 0 }, err: "--mirror-resolve-retries"},
-		{name: "both bootstraps", mod: func(c *mirrorConfig) { c.bootstrapDNS = "x"; c.bootstrapPeers = listFlag{"a:1"} }, err: "choose one"},
-		{name: "registry without scheme", mod: func(c *mirrorConfig) { c.mirroredRegistries = listFlag{"ghcr.io"} }, err: `use "https://ghcr.io"`},
+		{name: "both bootstraps", mod: func(c *mirrorConfig) { c.bootstrapDNS = "x"; c.bootstrapPeers = cli.List{"a:1"} }, err: "choose one"},
+		{name: "registry without scheme", mod: func(c *mirrorConfig) { c.mirroredRegistries = cli.List{"ghcr.io"} }, err: `use "https://ghcr.io"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

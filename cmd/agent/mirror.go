@@ -25,6 +25,7 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/store"
 	"github.com/fleetmirror/fleetmirror/agent/version"
 	"github.com/fleetmirror/fleetmirror/agent/web"
+	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 )
 
 type mirrorConfig struct {
@@ -34,15 +35,15 @@ type mirrorConfig struct {
 	registryAddr        string
 	routerAddr          string
 	metricsAddr         string
-	mirrorTargets       listFlag
-	mirroredRegistries  listFlag
+	mirrorTargets       cli.List
+	mirroredRegistries  cli.List
 	certsDir            string
 	mirrorAdd           bool
 	prependExisting     bool
 	dialTimeout         time.Duration
 	resolveTimeout      time.Duration
 	resolveRetries      int
-	bootstrapPeers      listFlag
+	bootstrapPeers      cli.List
 	bootstrapDNS        string
 	dataDir             string
 	spoolDir            string
@@ -103,7 +104,7 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 		return 0, nil, errors.New("--bootstrap-peers and --bootstrap-dns are both set: choose one")
 	}
 	if len(c.mirrorTargets) == 0 {
-		c.mirrorTargets = listFlag{fmt.Sprintf("http://127.0.0.1:%d", port)}
+		c.mirrorTargets = cli.List{fmt.Sprintf("http://127.0.0.1:%d", port)}
 	}
 	var regs []hosts.Registry
 	for _, r := range c.mirroredRegistries {
@@ -125,7 +126,7 @@ func (c *mirrorConfig) hostsConfig() hosts.Config {
 }
 
 func runMirror(ctx context.Context, c *mirrorConfig) error {
-	log, err := newLogger(c.logLevel)
+	log, err := cli.NewLogger(c.logLevel)
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/prep"
 	"github.com/fleetmirror/fleetmirror/agent/systemd"
+	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 )
 
 // DefaultContainerdConfig is where containerd reads its config on the host.
@@ -39,7 +40,7 @@ func prepCommand(fs *flag.FlagSet) func(context.Context) error {
 }
 
 func runPrep(ctx context.Context, c *prepConfig) error {
-	log, err := newLogger(c.logLevel)
+	log, err := cli.NewLogger(c.logLevel)
 	if err != nil {
 		return err
 	}
