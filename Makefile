@@ -51,8 +51,8 @@ images:
 ## images-check: `make images` twice gives the same digests
 images-check:
 	@mkdir -p bin
-	$(MAKE) --no-print-directory images IMAGES_OUT=bin/images-a >bin/images-a.txt
-	$(MAKE) --no-print-directory images IMAGES_OUT=bin/images-b >bin/images-b.txt
+	$(MAKE) -s --no-print-directory images VERSION=$(VERSION) IMAGES_OUT=bin/images-a >bin/images-a.txt
+	$(MAKE) -s --no-print-directory images VERSION=$(VERSION) IMAGES_OUT=bin/images-b >bin/images-b.txt
 	@diff bin/images-a.txt bin/images-b.txt && cat bin/images-a.txt
 
 ## release-images: MIRROR=registry[:port][/prefix]: our images (amd64, arm64)

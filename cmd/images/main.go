@@ -1,0 +1,149 @@
+// Command images builds fleetmirror's own images (agent, operator) with
+// go-containerregistry, without a Docker daemon: reproducible OCI indexes
+// written to an OCI layout and, when asked, pushed to a registry.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/fleetmirror/fleetmirror/release/imagebuild"
+)
+
+func main() {
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	fs := flag.NewFlagSet("images", flag.ContinueOnError)
+	names := fs.String("images", "agent,operator", "images to build, separated by commas or spaces")
+	version := fs.String("version", "dev", "image tag and binaries' version")
+	revision := fs.String("revision", "", "source revision for the OCI label")
+	platforms := fs.String("platforms", "linux/amd64", "platforms of the index, e.g. linux/amd64,linux/arm64")
+	out := fs.String("out", "bin/images", "folder for the OCI layouts (<out>/<image>) and the compiled binaries")
+	push := fs.String("push", "", "push to REGISTRY[/PREFIX] at the imageMirror path of each image")
+	publish := fs.Bool("publish", false, "push to the images' own references (ghcr.io/fleetmirror/...)")
+	refs := fs.String("refs", "", "write name=reference@digest lines here, for `mirror-images write-map --set`")
+	module := fs.String("module", ".", "root of the fleetmirror module")
+	fs.Usage = func() {
+		fmt.Fprintln(os.Stderr, "usage: images [flags]   (every flag also reads FLEETMIRROR_<FLAG_NAME>; SOURCE_DATE_EPOCH sets the creation time)")
+		fs.PrintDefaults()
+	}
+	if err := parse(fs, os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintf(os.Stderr, "images: %v\n", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, *names, *version, *revision, *platforms, *out, *push, *publish, *refs, *module); err != nil {
+		fmt.Fprintf(os.Stderr, "images: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, names, version, revision, platforms, out, push string, publish bool, refsFile, module string) error {
+	ps, err := imagebuild.ParsePlatforms(platforms)
+	if err != nil {
+		return fmt.Errorf("--platforms: %w", err)
+	}
+	created := time.Unix(0, 0)
+	if s := os.Getenv("SOURCE_DATE_EPOCH"); s != "" {
+		sec, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return fmt.Errorf("SOURCE_DATE_EPOCH=%q: want seconds since 1970", s)
+		}
+		created = time.Unix(sec, 0)
+	}
+	if module, err = filepath.Abs(module); err != nil {
+		return err
+	}
+	if out, err = filepath.Abs(out); err != nil {
+		return err
+	}
+	specs := imagebuild.Specs(module)
+	var chosen []imagebuild.Spec
+	for _, n := range strings.FieldsFunc(names, func(r rune) bool { return r == ',' || r == ' ' }) {
+		s, ok := specs[n]
+		if !ok {
+			return fmt.Errorf("--images: unknown image %q; known: agent, operator", n)
+		}
+		if err := s.Check(module); err != nil {
+			return err
+		}
+		chosen = append(chosen, s)
+	}
+	opts := imagebuild.Options{
+		Version: version, Revision: revision, Source: imagebuild.DefaultSourceURL, Created: created,
+		Platforms: ps, Module: module, WorkDir: filepath.Join(out, "bin"), LDFlags: "-s -w",
+	}
+	var lines []string
+	for _, s := range chosen {
+		start := time.Now()
+		idx, err := imagebuild.Build(ctx, s, opts)
+		if err != nil {
+			return err
+		}
+		d, err := idx.Digest()
+		if err != nil {
+			return err
+		}
+		if err := imagebuild.WriteLayout(filepath.Join(out, s.Name), idx); err != nil {
+			return err
+		}
+		ref := s.Ref(version) + "@" + d.String()
+		slog.Info("built", "image", s.Name, "ref", ref, "platforms", platforms, "took", time.Since(start).Round(time.Millisecond))
+		fmt.Printf("%s %s\n", s.Name, ref)
+		lines = append(lines, s.Name+"="+ref)
+		if push != "" {
+			where, err := imagebuild.Push(ctx, idx, s.Ref(version), push)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%s pushed %s\n", s.Name, where)
+		}
+		if publish {
+			where, err := imagebuild.Push(ctx, idx, s.Ref(version), "")
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%s pushed %s\n", s.Name, where)
+		}
+	}
+	if refsFile != "" {
+		return os.WriteFile(refsFile, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
+	}
+	return nil
+}
+
+// parse reads env twins first, so flags given on the command line win.
+func parse(fs *flag.FlagSet, args []string) error {
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "FLEETMIRROR_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok && err == nil {
+			if serr := f.Value.Set(v); serr != nil {
+				err = fmt.Errorf("%s=%q: %v", env, v, serr)
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	return nil
+}
