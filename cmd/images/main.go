@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 	"github.com/fleetmirror/fleetmirror/release/imagebuild"
 )
 
@@ -36,7 +37,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: images [flags]   (every flag also reads FLEETMIRROR_<FLAG_NAME>; SOURCE_DATE_EPOCH sets the creation time)")
 		fs.PrintDefaults()
 	}
-	if err := parse(fs, os.Args[1:]); err != nil {
+	if err := cli.Parse(fs, os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(0)
 		}
@@ -121,29 +122,6 @@ func run(ctx context.Context, names, version, revision, platforms, out, push str
 	}
 	if refsFile != "" {
 		return os.WriteFile(refsFile, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
-	}
-	return nil
-}
-
-// parse reads env twins first, so flags given on the command line win.
-func parse(fs *flag.FlagSet, args []string) error {
-	var err error
-	fs.VisitAll(func(f *flag.Flag) {
-		env := "FLEETMIRROR_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
-		if v, ok := os.LookupEnv(env); ok && err == nil {
-			if serr := f.Value.Set(v); serr != nil {
-				err = fmt.Errorf("%s=%q: %v", env, v, serr)
-			}
-		}
-	})
-	if err != nil {
-		return err
-	}
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	return nil
 }

@@ -10,20 +10,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/signal"
 	"path/filepath"
-	"sort"
 	"strings"
-	"syscall"
 
+	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 	"github.com/fleetmirror/fleetmirror/release/mirrorset"
 )
-
-// command is one subcommand: its flags, with env twins, and what it runs.
-type command struct {
-	help  string
-	flags func(fs *flag.FlagSet, c *common) func(ctx context.Context) error
-}
 
 // common are the flags every subcommand has.
 type common struct {
@@ -31,82 +23,30 @@ type common struct {
 	opts      mirrorset.Options
 }
 
-var commands = map[string]command{
-	"lint":      {"check mirror-images/ (one pinned FROM per folder, no collisions) and the repository (no legacy registry paths)", lintCommand},
-	"plan":      {"show where each image would be copied and whether it is there already; writes nothing", planCommand},
-	"push":      {"copy every image into --to REGISTRY[/PREFIX]", pushCommand},
-	"pin":       {"resolve each image's tag at its source and rewrite its Dockerfile's digest", pinCommand},
-	"write-map": {"write the images map from the folders (and --set for our own images)", writeMapCommand},
-	"check":     {"fail when the images map and the folders disagree", checkCommand},
+// withCommon adds the flags every subcommand has to a subcommand's own.
+func withCommon(f func(fs *flag.FlagSet, c *common) func(context.Context) error) func(*flag.FlagSet) func(context.Context) error {
+	return func(fs *flag.FlagSet) func(context.Context) error {
+		c := &common{}
+		fs.StringVar(&c.root, "root", ".", "the repository to lint")
+		fs.StringVar(&c.dir, "dir", "mirror-images", "the folder of one-line Dockerfiles")
+		fs.IntVar(&c.opts.Jobs, "jobs", 4, "images copied at once")
+		fs.BoolVar(&c.opts.Insecure, "insecure", false, "allow plain HTTP to registries off loopback")
+		return f(fs, c)
+	}
+}
+
+var commands = map[string]cli.Command{
+	"lint":      {Help: "check mirror-images/ (one pinned FROM per folder, no collisions) and the repository (no legacy registry paths)", Flags: withCommon(lintCommand)},
+	"plan":      {Help: "show where each image would be copied and whether it is there already; writes nothing", Flags: withCommon(planCommand)},
+	"push":      {Help: "copy every image into --to REGISTRY[/PREFIX]", Flags: withCommon(pushCommand)},
+	"pin":       {Help: "resolve each image's tag at its source and rewrite its Dockerfile's digest", Flags: withCommon(pinCommand)},
+	"write-map": {Help: "write the images map from the folders (and --set for our own images)", Flags: withCommon(writeMapCommand)},
+	"check":     {Help: "fail when the images map and the folders disagree", Flags: withCommon(checkCommand)},
 }
 
 func main() {
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, nil)))
-	if len(os.Args) < 2 {
-		usage()
-		os.Exit(2)
-	}
-	cmd, ok := commands[os.Args[1]]
-	if !ok {
-		fmt.Fprintf(os.Stderr, "mirror-images: unknown command %q\n\n", os.Args[1])
-		usage()
-		os.Exit(2)
-	}
-	fs := flag.NewFlagSet("mirror-images "+os.Args[1], flag.ContinueOnError)
-	c := &common{}
-	fs.StringVar(&c.root, "root", ".", "the repository to lint")
-	fs.StringVar(&c.dir, "dir", "mirror-images", "the folder of one-line Dockerfiles")
-	fs.IntVar(&c.opts.Jobs, "jobs", 4, "images copied at once")
-	fs.BoolVar(&c.opts.Insecure, "insecure", false, "allow plain HTTP to registries off loopback")
-	run := cmd.flags(fs, c)
-	if err := parse(fs, os.Args[2:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			os.Exit(0)
-		}
-		fmt.Fprintf(os.Stderr, "mirror-images %s: %v\n", os.Args[1], err)
-		os.Exit(2)
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx); err != nil {
-		fmt.Fprintf(os.Stderr, "mirror-images %s: %v\n", os.Args[1], err)
-		os.Exit(1)
-	}
-}
-
-func usage() {
-	names := make([]string, 0, len(commands))
-	for n := range commands {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	fmt.Fprintln(os.Stderr, "usage: mirror-images <command> [flags]   (every flag also reads FLEETMIRROR_<FLAG_NAME>)")
-	for _, n := range names {
-		fmt.Fprintf(os.Stderr, "  %-9s %s\n", n, commands[n].help)
-	}
-}
-
-// parse reads env twins first, so flags given on the command line win.
-func parse(fs *flag.FlagSet, args []string) error {
-	var err error
-	fs.VisitAll(func(f *flag.Flag) {
-		env := "FLEETMIRROR_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
-		if v, ok := os.LookupEnv(env); ok && err == nil {
-			if serr := f.Value.Set(v); serr != nil {
-				err = fmt.Errorf("%s=%q: %v", env, v, serr)
-			}
-		}
-	})
-	if err != nil {
-		return err
-	}
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	return nil
+	cli.Main("mirror-images", commands, "", os.Args[1:])
 }
 
 // load reads the set and refuses to go on when a Dockerfile is wrong.
