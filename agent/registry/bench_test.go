@@ -13,6 +13,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/fleetmirror/fleetmirror/agent/store"
+	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
 
 // fileBlob writes a random blob to a file, as containerd's content store
@@ -35,7 +36,7 @@ func fileBlob(b *testing.B, size int) (string, digest.Digest) {
 // fileStore serves one blob from a file, so serving uses sendfile as the
 // containerd store does with its content directory mounted.
 type fileStore struct {
-	memStore
+	*storetest.Memory
 	path string
 	d    digest.Digest
 	size int64
@@ -74,7 +75,7 @@ func BenchmarkReadFile(b *testing.B) {
 // BenchmarkServeLocal serves the blob from the store over HTTP on loopback.
 func BenchmarkServeLocal(b *testing.B) {
 	path, d := fileBlob(b, benchBlobSize)
-	fs := &fileStore{path: path, d: d, size: benchBlobSize}
+	fs := &fileStore{Memory: storetest.NewMemory(), path: path, d: d, size: benchBlobSize}
 	nodes := newNodes(b, 1, func(int, http.Handler) http.Handler { return mustRegistry(b, fs) })
 	benchGet(b, nodes[0].srv.URL+"/v2/app/blobs/"+d.String())
 }
@@ -83,7 +84,7 @@ func BenchmarkServeLocal(b *testing.B) {
 // spooled, verified, then served.
 func BenchmarkServeFromPeer(b *testing.B) {
 	path, d := fileBlob(b, benchBlobSize)
-	fs := &fileStore{path: path, d: d, size: benchBlobSize}
+	fs := &fileStore{Memory: storetest.NewMemory(), path: path, d: d, size: benchBlobSize}
 	nodes := newNodes(b, 2, func(i int, h http.Handler) http.Handler {
 		if i == 1 {
 			return mustRegistry(b, fs)

@@ -23,61 +23,12 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
-	"github.com/fleetmirror/fleetmirror/agent/store"
+	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
-
-// memStore is an in-memory store for these unit tests of the handler's
-// logic; the containerd store is tested against real containerd.
-type memStore struct {
-	tags  map[string]digest.Digest
-	blobs map[digest.Digest][]byte
-	types map[digest.Digest]string
-}
-
-func newMemStore() *memStore {
-	return &memStore{tags: map[string]digest.Digest{}, blobs: map[digest.Digest][]byte{}, types: map[digest.Digest]string{}}
-}
-
-func (s *memStore) add(mediaType string, b []byte) digest.Digest {
-	d := digest.FromBytes(b)
-	s.blobs[d], s.types[d] = b, mediaType
-	return d
-}
-
-func (s *memStore) Resolve(_ context.Context, key string) (digest.Digest, error) {
-	if d, ok := s.tags[key]; ok {
-		return d, nil
-	}
-	return "", fmt.Errorf("%s: %w", key, store.ErrNotFound)
-}
-
-func (s *memStore) Descriptor(_ context.Context, d digest.Digest) (ocispec.Descriptor, error) {
-	b, ok := s.blobs[d]
-	if !ok {
-		return ocispec.Descriptor{}, store.ErrNotFound
-	}
-	return ocispec.Descriptor{MediaType: s.types[d], Digest: d, Size: int64(len(b))}, nil
-}
-
-func (s *memStore) Open(_ context.Context, d digest.Digest) (io.ReadSeekCloser, error) {
-	b, ok := s.blobs[d]
-	if !ok {
-		return nil, store.ErrNotFound
-	}
-	return nopCloser{bytes.NewReader(b)}, nil
-}
-
-func (s *memStore) Keys() []string           { return nil }
-func (s *memStore) Changed() <-chan struct{} { return nil }
-func (s *memStore) Ready() error             { return nil }
-
-type nopCloser struct{ io.ReadSeeker }
-
-func (nopCloser) Close() error { return nil }
 
 // node is one agent's registry on a loopback listener.
 type node struct {
-	store   *memStore
+	store   *storetest.Memory
 	metrics *metrics.Metrics
 	addr    netip.AddrPort
 	router  routing.Router
@@ -100,7 +51,7 @@ func newNodes(t testing.TB, n int, wrap func(i int, h http.Handler) http.Handler
 	routers := routing.NewMemory(addrs...)
 	nodes := make([]*node, n)
 	for i := range nodes {
-		nd := &node{store: newMemStore(), metrics: metrics.New(func() int { return 0 }), addr: addrs[i], router: routers[i]}
+		nd := &node{store: storetest.NewMemory(), metrics: metrics.New(func() int { return 0 }), addr: addrs[i], router: routers[i]}
 		m, err := mirror.New(routers[i], mirror.WithSpoolDir(t.TempDir()), mirror.WithMetrics(nd.metrics),
 			mirror.WithResolveTimeout(50*time.Millisecond), mirror.WithStallTimeout(time.Second))
 		if err != nil {
@@ -125,12 +76,8 @@ func newNodes(t testing.TB, n int, wrap func(i int, h http.Handler) http.Handler
 // hold puts content in a node's store and advertises it.
 func (nd *node) hold(t testing.TB, mediaType string, b []byte, tagKeys ...string) digest.Digest {
 	t.Helper()
-	d := nd.store.add(mediaType, b)
-	keys := []string{d.String()}
-	for _, k := range tagKeys {
-		nd.store.tags[k] = d
-		keys = append(keys, k)
-	}
+	d := nd.store.Add(mediaType, b, tagKeys...)
+	keys := append([]string{d.String()}, tagKeys...)
 	if err := nd.router.Advertise(context.Background(), keys); err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package web
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -24,60 +23,8 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/registry"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
-	"github.com/fleetmirror/fleetmirror/agent/store"
+	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
-
-// memStore is an in-memory store for these unit tests; the page runs
-// against real containerd in test/e2e.
-type memStore struct {
-	tags  map[string]digest.Digest
-	blobs map[digest.Digest][]byte
-	types map[digest.Digest]string
-}
-
-func newMemStore() *memStore {
-	return &memStore{tags: map[string]digest.Digest{}, blobs: map[digest.Digest][]byte{}, types: map[digest.Digest]string{}}
-}
-
-func (s *memStore) Resolve(_ context.Context, key string) (digest.Digest, error) {
-	if d, ok := s.tags[key]; ok {
-		return d, nil
-	}
-	return "", store.ErrNotFound
-}
-
-func (s *memStore) Descriptor(_ context.Context, d digest.Digest) (ocispec.Descriptor, error) {
-	b, ok := s.blobs[d]
-	if !ok {
-		return ocispec.Descriptor{}, store.ErrNotFound
-	}
-	return ocispec.Descriptor{MediaType: s.types[d], Digest: d, Size: int64(len(b))}, nil
-}
-
-func (s *memStore) Open(_ context.Context, d digest.Digest) (io.ReadSeekCloser, error) {
-	b, ok := s.blobs[d]
-	if !ok {
-		return nil, store.ErrNotFound
-	}
-	return nopCloser{bytes.NewReader(b)}, nil
-}
-
-func (s *memStore) Keys() []string {
-	var keys []string
-	for k := range s.tags {
-		keys = append(keys, k)
-	}
-	for d := range s.blobs {
-		keys = append(keys, d.String())
-	}
-	return keys
-}
-func (s *memStore) Changed() <-chan struct{} { return nil }
-func (s *memStore) Ready() error             { return nil }
-
-type nopCloser struct{ io.ReadSeeker }
-
-func (nopCloser) Close() error { return nil }
 
 // peersRouter adds a fixed peer list to a memory router.
 type peersRouter struct {
@@ -89,7 +36,7 @@ func (r peersRouter) Peers() []routing.Peer { return r.peers }
 
 // node is an agent's registry on loopback with its debug page.
 type node struct {
-	store   *memStore
+	store   *storetest.Memory
 	metrics *metrics.Metrics
 	router  peersRouter
 	addr    netip.AddrPort
@@ -111,7 +58,7 @@ func newNodes(t *testing.T, n int) []*node {
 	routers := routing.NewMemory(addrs...)
 	nodes := make([]*node, n)
 	for i := range nodes {
-		nd := &node{store: newMemStore(), metrics: metrics.New(func() int { return 0 }), addr: addrs[i],
+		nd := &node{store: storetest.NewMemory(), metrics: metrics.New(func() int { return 0 }), addr: addrs[i],
 			router: peersRouter{Memory: routers[i]}}
 		mir, err := mirror.New(routers[i], mirror.WithSpoolDir(t.TempDir()), mirror.WithMetrics(nd.metrics),
 			mirror.WithResolveTimeout(200*time.Millisecond))
@@ -145,13 +92,8 @@ func newNodes(t *testing.T, n int) []*node {
 
 func (nd *node) hold(t *testing.T, mediaType string, b []byte, tagKeys ...string) ocispec.Descriptor {
 	t.Helper()
-	d := digest.FromBytes(b)
-	nd.store.blobs[d], nd.store.types[d] = b, mediaType
-	keys := []string{d.String()}
-	for _, k := range tagKeys {
-		nd.store.tags[k] = d
-		keys = append(keys, k)
-	}
+	d := nd.store.Add(mediaType, b, tagKeys...)
+	keys := append([]string{d.String()}, tagKeys...)
 	if err := nd.router.Advertise(context.Background(), keys); err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +148,7 @@ func TestStatsWithoutPeers(t *testing.T) {
 func TestStatsFromMetrics(t *testing.T) {
 	nd := newNodes(t, 2)[0]
 	nd.holdImage(t, "example.com/team/app:v1", 10)
-	nd.store.tags["other.io/x:v1"] = digest.FromString("x") // not mirrored: not advertised
+	nd.store.Tag("other.io/x:v1", digest.FromString("x")) // not mirrored: not advertised
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	nd.web.now = func() time.Time { return now }
 	nd.web.prep = func() (bool, string) { return false, "config_path is not set in /etc/containerd/config.toml" }
@@ -322,8 +264,8 @@ func TestMeasureFromPeer(t *testing.T) {
 		t.Errorf("pull = %+v", m.Pull)
 	}
 	// Nothing was kept: the measuring node's store is untouched.
-	if len(nodes[0].store.blobs) != 0 {
-		t.Errorf("measure stored %d blobs", len(nodes[0].store.blobs))
+	if keys := nodes[0].store.Keys(); len(keys) != 0 {
+		t.Errorf("measure stored %v", keys)
 	}
 
 	// On the node that holds it, everything is local.
