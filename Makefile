@@ -8,13 +8,14 @@ export GOFLAGS ?= -buildvcs=false
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/fleetmirror/fleetmirror/agent/version.Version=$(VERSION)
 
-.PHONY: all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images
+.PHONY: all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test
 
 all: build
 
 ## build: static binaries into bin/
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/agent ./cmd/agent
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/operator ./cmd/operator
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/mirror-images ./cmd/mirror-images
 
 ## tools: apt packages and test tools (containerd 2.x, ...), cached by version
@@ -73,10 +74,16 @@ mirror-images:
 ## (test artifacts such as the debug page's screenshot: bin/test-artifacts)
 e2e: tools build
 	mkdir -p bin/test-artifacts
-	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -count=1 -timeout 30m -artifacts -outputdir $(CURDIR)/bin/test-artifacts ./test/... -v 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
+	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -count=1 -timeout 30m -artifacts -outputdir $(CURDIR)/bin/test-artifacts ./test/cluster/ ./test/e2e/ -v 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
+
+## operator-test: the operator's packages, and the addon chart and the
+## operator's manager against a real kube-apiserver and etcd (envtest);
+## golden files: go test ./test/operator -run TestChartGolden -update
+operator-test: tools
+	$(GO) test -count=1 -timeout 10m ./operator/values/ ./operator/status/ ./operator/release/ ./operator/manager/ ./cmd/operator/ ./test/operator/
 
 ## test: everything CI runs
-test: lint unit images-check e2e
+test: lint unit operator-test images-check e2e
 
 ## demo: a 3-node cluster, a pull on node 1 then nodes 2 and 3; Ctrl-C ends it
 demo: tools build

@@ -41,16 +41,17 @@ go_tool "$TOOLS/containerd-$CONTAINERD2_VERSION" \
 	"github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD2_VERSION" \
 	"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD2_VERSION"
 
-# module_tool DIR NAME: builds the main of the tools module hack/tools/NAME
-# into DIR/bin/NAME once. Those modules pin what `go install pkg@v` cannot
-# (kube-apiserver needs replace directives for its staging modules).
+# module_tool DIR NAME [LDFLAGS]: builds the main of the tools module
+# hack/tools/NAME into DIR/bin/NAME once. Those modules pin what
+# `go install pkg@v` cannot (kube-apiserver needs replace directives for its
+# staging modules).
 module_tool() {
-	local dir=$1 name=$2
+	local dir=$1 name=$2 ldflags=${3:-}
 	if [ -f "$dir/.done" ]; then return; fi
 	log "building hack/tools/$name into $dir (kube-apiserver: ~6 min cold)"
 	mkdir -p "$dir/bin"
 	(cd "$(dirname "$0")/tools/$name" &&
-		GOFLAGS=-buildvcs=false CGO_ENABLED=0 go build -trimpath -o "$dir/bin/$name" . >&2)
+		GOFLAGS=-buildvcs=false CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$dir/bin/$name" . >&2)
 	touch "$dir/.done"
 }
 
@@ -58,6 +59,31 @@ module_tool() {
 KUBE_VERSION=v1.34.4
 ETCD_VERSION=v3.6.16
 module_tool "$TOOLS/etcd-$ETCD_VERSION" etcd
-module_tool "$TOOLS/kube-$KUBE_VERSION" kube-apiserver
+# The version stamp is what `helm` sees as the cluster's version (a chart's
+# kubeVersion check); without it the server says v0.0.0-master.
+kv=${KUBE_VERSION#v}
+module_tool "$TOOLS/kube-$KUBE_VERSION" kube-apiserver "-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION \
+-X k8s.io/component-base/version.gitMajor=${kv%%.*} -X k8s.io/component-base/version.gitMinor=$(echo "$kv" | cut -d. -f2) \
+-X k8s.io/component-base/version.gitTreeState=clean"
+
+# The rest of a Kubernetes cluster for test/kube: kubelet,
+# kube-controller-manager and kube-scheduler (the commands of the tools
+# module hack/tools/kube-node, ~1.5 min warm, ~6 min cold), the runc shim
+# for containerd 2.x (runc itself is Debian's, a dependency of containerd),
+# and the CNI plugins for pod networking.
+CNI_PLUGINS_VERSION=v1.9.1
+if [ ! -f "$TOOLS/kube-node-$KUBE_VERSION/.done" ]; then
+	log "building hack/tools/kube-node into $TOOLS/kube-node-$KUBE_VERSION"
+	mkdir -p "$TOOLS/kube-node-$KUBE_VERSION/bin"
+	(cd "$(dirname "$0")/tools/kube-node" &&
+		GOFLAGS=-buildvcs=false CGO_ENABLED=0 go build -trimpath -o "$TOOLS/kube-node-$KUBE_VERSION/bin/" ./cmd/... >&2)
+	touch "$TOOLS/kube-node-$KUBE_VERSION/.done"
+fi
+go_tool "$TOOLS/containerd-shim-$CONTAINERD2_VERSION" \
+	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD2_VERSION"
+go_tool "$TOOLS/cni-plugins-$CNI_PLUGINS_VERSION" \
+	"github.com/containernetworking/plugins/plugins/main/bridge@$CNI_PLUGINS_VERSION" \
+	"github.com/containernetworking/plugins/plugins/ipam/host-local@$CNI_PLUGINS_VERSION" \
+	"github.com/containernetworking/plugins/plugins/main/loopback@$CNI_PLUGINS_VERSION"
 
 echo "$TOOLS"

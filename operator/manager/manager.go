@@ -1,0 +1,219 @@
+// Package manager wires the operator: a controller-runtime manager with a
+// helm-operator-plugins reconciler per entry of watches.yaml (the Spegel
+// kind and helm-charts/spegel) and the status controller beside it.
+package manager
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/go-logr/logr"
+	"helm.sh/helm/v3/pkg/chartutil"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/yaml"
+
+	helmclient "github.com/operator-framework/helm-operator-plugins/pkg/client"
+	"github.com/operator-framework/helm-operator-plugins/pkg/hook"
+	"github.com/operator-framework/helm-operator-plugins/pkg/reconciler"
+	helmvalues "github.com/operator-framework/helm-operator-plugins/pkg/values"
+	"github.com/operator-framework/helm-operator-plugins/pkg/watches"
+
+	helmrelease "helm.sh/helm/v3/pkg/release"
+
+	"github.com/fleetmirror/fleetmirror/operator/release"
+	"github.com/fleetmirror/fleetmirror/operator/status"
+	"github.com/fleetmirror/fleetmirror/operator/values"
+)
+
+// PauseAnnotation set to "true" on a resource stops its reconciliation;
+// status shows a Paused condition.
+const PauseAnnotation = "fleetmirror.dev/pause-reconcile"
+
+// Options configure New. WatchesFile and Inputs are required.
+type Options struct {
+	// WatchesFile is watches.yaml; relative chart paths in it are read
+	// from its folder.
+	WatchesFile string
+	// Inputs are the images map and imageMirror given to every release.
+	Inputs values.Inputs
+	// Timeouts bound Helm's waits on hooks.
+	Timeouts release.Timeouts
+	// LeaderElection on (the default in cmd/operator) lets several
+	// replicas run with one active.
+	LeaderElection          bool
+	LeaderElectionNamespace string
+	// MetricsAddr and ProbeAddr: "0" turns them off.
+	MetricsAddr, ProbeAddr string
+	// ReconcilePeriod re-renders every release this often even without
+	// events, putting back what was changed by hand. 0: only on events.
+	ReconcilePeriod time.Duration
+	Log             *slog.Logger
+}
+
+// New returns a manager, not yet started, with every controller added.
+func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
+	if o.WatchesFile == "" {
+		return nil, errors.New("manager: no watches file; set --watches-file")
+	}
+	if err := o.Inputs.Validate(); err != nil {
+		return nil, err
+	}
+	if o.Timeouts.Uninstall <= 0 || o.Timeouts.Install <= 0 || o.Timeouts.Upgrade <= 0 {
+		return nil, errors.New("manager: install, upgrade and uninstall timeouts must be more than 0")
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	log := logr.FromSlogHandler(o.Log.Handler())
+	ctrl.SetLogger(log)
+
+	ws, err := loadWatches(o.WatchesFile)
+	if err != nil {
+		return nil, err
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Logger:                  log,
+		Metrics:                 metricsserver.Options{BindAddress: o.MetricsAddr},
+		HealthProbeBindAddress:  o.ProbeAddr,
+		LeaderElection:          o.LeaderElection,
+		LeaderElectionID:        "operator.fleetmirror.dev",
+		LeaderElectionNamespace: o.LeaderElectionNamespace,
+		// Give up a lost lease at once rather than keep acting on it.
+		LeaderElectionReleaseOnCancel: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating manager: %w", err)
+	}
+	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
+		return nil, err
+	}
+	if err := mgr.AddReadyzCheck("ping", healthz.Ping); err != nil {
+		return nil, err
+	}
+
+	acg, err := actionClientGetter(mgr, o.Timeouts)
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range ws {
+		released := status.NewReleased()
+		gvk := w.GroupVersionKind
+		opts := []reconciler.Option{
+			reconciler.WithChart(*w.Chart),
+			reconciler.WithGroupVersionKind(gvk),
+			reconciler.WithActionClientGetter(release.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator")}),
+			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, o.Inputs)),
+			reconciler.WithPauseReconcileHandler(reconciler.PauseReconcileIfAnnotationTrue(PauseAnnotation)),
+			reconciler.WithPostHook(hook.PostHookFunc(func(obj *unstructured.Unstructured, _ helmrelease.Release, _ logr.Logger) error {
+				released.Mark(obj)
+				return nil
+			})),
+			reconciler.WithReconcilePeriod(o.ReconcilePeriod),
+			reconciler.WithMaxReleaseHistory(10),
+			reconciler.WithLog(log.WithName("helm").WithValues("kind", gvk.Kind)),
+		}
+		if w.WatchDependentResources != nil && !*w.WatchDependentResources {
+			opts = append(opts, reconciler.SkipDependentWatches(true))
+		}
+		r, err := reconciler.New(opts...)
+		if err != nil {
+			return nil, fmt.Errorf("reconciler for %s: %w", gvk, err)
+		}
+		if err := r.SetupWithManager(mgr); err != nil {
+			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
+		}
+		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released}
+		if err := sc.SetupWithManager(mgr); err != nil {
+			return nil, fmt.Errorf("setting up status controller for %s: %w", gvk, err)
+		}
+	}
+	return mgr, nil
+}
+
+func actionClientGetter(mgr ctrl.Manager, t release.Timeouts) (helmclient.ActionClientGetter, error) {
+	cg, err := helmclient.NewActionConfigGetter(mgr.GetConfig(), mgr.GetRESTMapper())
+	if err != nil {
+		return nil, fmt.Errorf("helm action config: %w", err)
+	}
+	return helmclient.NewActionClientGetter(cg, t.Options()...)
+}
+
+// translator checks that obj is the one resource of its kind allowed to
+// act and turns its spec into chart values.
+func translator(c client.Client, gvk schema.GroupVersionKind, in values.Inputs) helmvalues.Translator {
+	return helmvalues.TranslatorFunc(func(ctx context.Context, obj *unstructured.Unstructured) (chartutil.Values, error) {
+		if err := onlyOne(ctx, c, gvk, obj); err != nil {
+			return nil, err
+		}
+		spec, _, _ := unstructured.NestedMap(obj.Object, "spec")
+		return values.Translate(spec, in)
+	})
+}
+
+// onlyOne allows one resource per cluster: every release runs an agent on
+// every node with the same host ports and writes the same hosts.toml
+// files, so two would fight over each node. The oldest resource wins; a
+// later one, in any namespace, is refused until the first is deleted.
+func onlyOne(ctx context.Context, c client.Client, gvk schema.GroupVersionKind, obj *unstructured.Unstructured) error {
+	list := &unstructured.UnstructuredList{}
+	list.SetGroupVersionKind(gvk.GroupVersion().WithKind(gvk.Kind + "List"))
+	if err := c.List(ctx, list); err != nil {
+		return fmt.Errorf("listing %s resources: %w", gvk.Kind, err)
+	}
+	items := list.Items
+	sort.Slice(items, func(i, j int) bool {
+		ti, tj := items[i].GetCreationTimestamp(), items[j].GetCreationTimestamp()
+		if !ti.Equal(&tj) {
+			return ti.Before(&tj)
+		}
+		return items[i].GetNamespace()+"/"+items[i].GetName() < items[j].GetNamespace()+"/"+items[j].GetName()
+	})
+	if len(items) == 0 || items[0].GetUID() == obj.GetUID() {
+		return nil
+	}
+	first := items[0]
+	return fmt.Errorf("only one %s is allowed per cluster (each runs an agent on every node with the same host ports and hosts.toml files): %s/%s already manages the nodes; delete %s/%s, or delete %s/%s first",
+		gvk.Kind, first.GetNamespace(), first.GetName(), obj.GetNamespace(), obj.GetName(), first.GetNamespace(), first.GetName())
+}
+
+// loadWatches reads watches.yaml, resolving chart paths against its folder.
+func loadWatches(path string) ([]watches.Watch, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("watches file: %w", err)
+	}
+	var raw []map[string]any
+	if err := yaml.Unmarshal(b, &raw); err != nil {
+		return nil, fmt.Errorf("watches file %s: %w", path, err)
+	}
+	if len(raw) == 0 {
+		return nil, fmt.Errorf("watches file %s: no entries; want at least one group/version/kind and chart", path)
+	}
+	for _, w := range raw {
+		if p, ok := w["chart"].(string); ok && !filepath.IsAbs(p) {
+			w["chart"] = filepath.Join(filepath.Dir(path), p)
+		}
+	}
+	b, err = yaml.Marshal(raw)
+	if err != nil {
+		return nil, err
+	}
+	ws, err := watches.LoadReader(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("watches file %s: %w", path, err)
+	}
+	return ws, nil
+}

@@ -1,0 +1,130 @@
+// Package release wraps the Helm action client the reconciler uses: events
+// for install, upgrade and uninstall, time limits on every action, and
+// recovery of a release left pending by an operator that died mid-way.
+package release
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"helm.sh/helm/v3/pkg/action"
+	"helm.sh/helm/v3/pkg/chart"
+	"helm.sh/helm/v3/pkg/release"
+	"helm.sh/helm/v3/pkg/storage/driver"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/tools/record"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	helmclient "github.com/operator-framework/helm-operator-plugins/pkg/client"
+)
+
+// Timeouts bound Helm's waits on hooks, so a hook that never finishes (a
+// node whose cleanup pod cannot start) fails the action instead of holding
+// the worker.
+type Timeouts struct {
+	Install, Upgrade, Uninstall time.Duration
+}
+
+// Options returns the action client getter options that apply t.
+func (t Timeouts) Options() []helmclient.ActionClientGetterOption {
+	return []helmclient.ActionClientGetterOption{
+		helmclient.AppendInstallOptions(func(i *action.Install) error { i.Timeout = t.Install; return nil }),
+		helmclient.AppendUpgradeOptions(func(u *action.Upgrade) error { u.Timeout = t.Upgrade; return nil }),
+		helmclient.AppendUninstallOptions(func(u *action.Uninstall) error { u.Timeout = t.Uninstall; return nil }),
+		helmclient.AppendInstallFailureUninstallOptions(func(u *action.Uninstall) error { u.Timeout = t.Uninstall; return nil }),
+	}
+}
+
+// Getter wraps an ActionClientGetter.
+type Getter struct {
+	Next     helmclient.ActionClientGetter
+	Recorder record.EventRecorder
+}
+
+// ActionClientFor implements helmclient.ActionClientGetter. Before handing
+// out the client it marks a pending release of obj as failed: the workqueue
+// never runs two reconciles of one resource at once and leader election
+// keeps other operators out, so a pending release at this point belongs to
+// an operator that is gone, and Helm would refuse every later action.
+func (g Getter) ActionClientFor(ctx context.Context, obj client.Object) (helmclient.ActionInterface, error) {
+	ac, err := g.Next.ActionClientFor(ctx, obj)
+	if err != nil {
+		return nil, err
+	}
+	if err := RecoverPending(ac.Config(), obj.GetName()); err != nil {
+		return nil, err
+	}
+	return actionClient{ActionInterface: ac, obj: obj, rec: g.Recorder}, nil
+}
+
+// RecoverPending marks the last revision of release name failed if it is
+// pending, so the next upgrade can replace it.
+func RecoverPending(cfg *action.Configuration, name string) error {
+	last, err := cfg.Releases.Last(name)
+	if errors.Is(err, driver.ErrReleaseNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading release %s: %w", name, err)
+	}
+	if !last.Info.Status.IsPending() {
+		return nil
+	}
+	was := last.Info.Status
+	last.SetStatus(release.StatusFailed, fmt.Sprintf("marked failed by the operator: left %s by an interrupted operation", was))
+	if err := cfg.Releases.Update(last); err != nil {
+		return fmt.Errorf("marking release %s revision %d (%s) failed: %w", name, last.Version, was, err)
+	}
+	cfg.Log("release %s revision %d was %s; marked failed so it can be upgraded", name, last.Version, was)
+	return nil
+}
+
+type actionClient struct {
+	helmclient.ActionInterface
+	obj client.Object
+	rec record.EventRecorder
+}
+
+func (c actionClient) Install(name, ns string, chrt *chart.Chart, vals map[string]any, opts ...helmclient.InstallOption) (*release.Release, error) {
+	rel, err := c.ActionInterface.Install(name, ns, chrt, vals, opts...)
+	if err != nil {
+		c.rec.Eventf(c.obj, corev1.EventTypeWarning, "InstallFailed", "installing release %s: %v", name, err)
+		return rel, err
+	}
+	c.rec.Eventf(c.obj, corev1.EventTypeNormal, "Installed", "release %s revision %d installed", name, rel.Version)
+	return rel, nil
+}
+
+func (c actionClient) Upgrade(name, ns string, chrt *chart.Chart, vals map[string]any, opts ...helmclient.UpgradeOption) (*release.Release, error) {
+	// The reconciler also calls Upgrade as a server-side dry run to see
+	// whether anything changed: no event for that one.
+	probe := &action.Upgrade{}
+	for _, o := range opts {
+		_ = o(probe)
+	}
+	dry := probe.DryRun
+	rel, err := c.ActionInterface.Upgrade(name, ns, chrt, vals, opts...)
+	switch {
+	case err != nil && dry:
+		c.rec.Eventf(c.obj, corev1.EventTypeWarning, "RenderFailed", "rendering release %s: %v", name, err)
+	case err != nil:
+		c.rec.Eventf(c.obj, corev1.EventTypeWarning, "UpgradeFailed", "upgrading release %s: %v", name, err)
+	case !dry:
+		c.rec.Eventf(c.obj, corev1.EventTypeNormal, "Upgraded", "release %s upgraded to revision %d", name, rel.Version)
+	}
+	return rel, err
+}
+
+func (c actionClient) Uninstall(name string, opts ...helmclient.UninstallOption) (*release.UninstallReleaseResponse, error) {
+	resp, err := c.ActionInterface.Uninstall(name, opts...)
+	switch {
+	case errors.Is(err, driver.ErrReleaseNotFound):
+	case err != nil:
+		c.rec.Eventf(c.obj, corev1.EventTypeWarning, "UninstallFailed", "uninstalling release %s: %v", name, err)
+	default:
+		c.rec.Eventf(c.obj, corev1.EventTypeNormal, "Uninstalled", "release %s uninstalled; node mirror configuration restored", name)
+	}
+	return resp, err
+}

@@ -1,0 +1,191 @@
+package status
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
+)
+
+// Released records the generation of each resource whose release last
+// succeeded. The Helm reconciler's post hook writes it; the status
+// controller turns it into status.observedGeneration and is woken up.
+type Released struct {
+	mu   sync.Mutex
+	gens map[types.NamespacedName]int64
+	ch   chan event.GenericEvent
+}
+
+// NewReleased returns an empty record.
+func NewReleased() *Released {
+	return &Released{gens: map[types.NamespacedName]int64{}, ch: make(chan event.GenericEvent, 64)}
+}
+
+// Mark records that obj's current generation was released.
+func (r *Released) Mark(obj *unstructured.Unstructured) {
+	r.mu.Lock()
+	r.gens[client.ObjectKeyFromObject(obj)] = obj.GetGeneration()
+	r.mu.Unlock()
+	select {
+	case r.ch <- event.GenericEvent{Object: obj.DeepCopy()}:
+	default: // a periodic resync catches up
+	}
+}
+
+// Generation returns the last released generation of key, or 0.
+func (r *Released) Generation(key types.NamespacedName) int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.gens[key]
+}
+
+// Forget drops key once its resource is gone.
+func (r *Released) Forget(key types.NamespacedName) {
+	r.mu.Lock()
+	delete(r.gens, key)
+	r.mu.Unlock()
+}
+
+// Controller keeps the Ready condition, status.nodes and
+// status.observedGeneration of every Spegel resource current. It writes
+// with optimistic locking so it never overwrites the Helm reconciler's
+// conditions; the Helm reconciler rewrites status with its own fields
+// only, and the resulting update event brings this controller back.
+type Controller struct {
+	Client   client.Client
+	GVK      schema.GroupVersionKind
+	Released *Released
+	// Resync re-reads every resource this often (default 5m).
+	Resync time.Duration
+}
+
+// SetupWithManager registers the controller.
+func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
+	if c.Resync == 0 {
+		c.Resync = 5 * time.Minute
+	}
+	cr := &unstructured.Unstructured{}
+	cr.SetGroupVersionKind(c.GVK)
+	toOwner := handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
+		l := o.GetLabels()
+		if l["app.kubernetes.io/part-of"] != "fleetmirror" || l["app.kubernetes.io/instance"] == "" {
+			return nil
+		}
+		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: l["app.kubernetes.io/instance"]}}}
+	})
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("spegel-status").
+		For(cr, builder.WithPredicates(predicate.Funcs{})).
+		Watches(&appsv1.DaemonSet{}, toOwner).
+		WatchesRawSource(source.Channel(c.Released.ch, &handler.EnqueueRequestForObject{})).
+		Complete(c)
+}
+
+// Reconcile implements reconcile.Reconciler.
+func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	obj := &unstructured.Unstructured{}
+	obj.SetGroupVersionKind(c.GVK)
+	if err := c.Client.Get(ctx, req.NamespacedName, obj); err != nil {
+		if apierrors.IsNotFound(err) {
+			c.Released.Forget(req.NamespacedName)
+			return reconcile.Result{}, nil
+		}
+		return reconcile.Result{}, err
+	}
+	if obj.GetDeletionTimestamp() != nil {
+		return reconcile.Result{}, nil
+	}
+	var list appsv1.DaemonSetList
+	if err := c.Client.List(ctx, &list, client.InNamespace(req.Namespace), client.MatchingLabels{
+		"app.kubernetes.io/part-of": "fleetmirror", "app.kubernetes.io/instance": req.Name,
+	}); err != nil {
+		return reconcile.Result{}, fmt.Errorf("listing DaemonSets of %s: %w", req, err)
+	}
+	want := []string{ComponentAgent}
+	if on, _, _ := unstructured.NestedBool(obj.Object, "spec", "containerdPrep", "enabled"); on {
+		want = append(want, ComponentPrep)
+	}
+	rd := Evaluate(list.Items, want)
+	conds, _, _ := unstructured.NestedSlice(obj.Object, "status", "conditions")
+	if !conditionTrue(conds, "Deployed") {
+		rd.Ready, rd.Reason, rd.Message = false, "NotDeployed", "the release is not deployed; see the Deployed and ReleaseFailed conditions"
+	}
+
+	orig := obj.DeepCopy()
+	st, _, _ := unstructured.NestedMap(obj.Object, "status")
+	if st == nil {
+		st = map[string]any{}
+	}
+	st["conditions"] = setCondition(conds, "Ready", rd.Ready, rd.Reason, rd.Message)
+	st["nodes"] = map[string]any{"desired": rd.Nodes.Desired, "updated": rd.Nodes.Updated, "ready": rd.Nodes.Ready}
+	if g := c.Released.Generation(req.NamespacedName); g > 0 {
+		st["observedGeneration"] = g
+	}
+	obj.Object["status"] = st
+	patch := client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
+	if data, err := patch.Data(obj); err == nil && string(data) == "{}" {
+		return reconcile.Result{RequeueAfter: c.Resync}, nil
+	}
+	if err := c.Client.Status().Patch(ctx, obj, patch); err != nil {
+		if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+			return reconcile.Result{Requeue: true}, nil
+		}
+		return reconcile.Result{}, fmt.Errorf("updating status of %s: %w", req, err)
+	}
+	return reconcile.Result{RequeueAfter: c.Resync}, nil
+}
+
+func conditionTrue(conds []any, typ string) bool {
+	for _, c := range conds {
+		m, _ := c.(map[string]any)
+		if m["type"] == typ {
+			return m["status"] == "True"
+		}
+	}
+	return false
+}
+
+// setCondition returns conds with typ set, keeping lastTransitionTime when
+// the status did not change. The shape matches the Helm reconciler's
+// conditions, which it reads back and keeps.
+func setCondition(conds []any, typ string, ok bool, reason, msg string) []any {
+	s := "False"
+	if ok {
+		s = "True"
+	}
+	out := make([]any, 0, len(conds)+1)
+	var found bool
+	for _, c := range conds {
+		m, _ := c.(map[string]any)
+		if m["type"] != typ {
+			out = append(out, c)
+			continue
+		}
+		found = true
+		n := map[string]any{"type": typ, "status": s, "reason": reason, "message": msg, "lastTransitionTime": m["lastTransitionTime"]}
+		if m["status"] != s || m["lastTransitionTime"] == nil {
+			n["lastTransitionTime"] = metav1.Now().UTC().Format(time.RFC3339)
+		}
+		out = append(out, n)
+	}
+	if !found {
+		out = append(out, map[string]any{"type": typ, "status": s, "reason": reason, "message": msg,
+			"lastTransitionTime": metav1.Now().UTC().Format(time.RFC3339)})
+	}
+	return out
+}

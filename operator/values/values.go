@@ -1,0 +1,145 @@
+// Package values turns a Spegel resource's spec into the values of the
+// helm-charts/spegel chart. Spec fields are named like the chart's values,
+// so the spec is copied as it is; what the operator adds are the images:
+// defaults from the images map and the imageMirror rewrite.
+package values
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/runtime"
+
+	"github.com/fleetmirror/fleetmirror/operator/imageref"
+)
+
+// Image keys of the images map.
+const (
+	AgentImage    = "agent"
+	OperatorImage = "operator"
+)
+
+// Inputs are what the operator adds to every resource's spec.
+type Inputs struct {
+	// Images maps AgentImage and OperatorImage to full references
+	// (ghcr.io/fleetmirror/agent:v0.1.0).
+	Images map[string]string
+	// Mirror is imageMirror, "host[:port][/prefix]": every image rendered
+	// is pulled from there. Empty: images are pulled as named.
+	Mirror string
+}
+
+// Validate says what is missing from the inputs.
+func (in Inputs) Validate() error {
+	for _, k := range []string{AgentImage, OperatorImage} {
+		if in.Images[k] == "" {
+			return fmt.Errorf("images map: no %q image; set images.%s", k, k)
+		}
+		if _, err := imageref.Parse(in.Images[k]); err != nil {
+			return fmt.Errorf("images map: images.%s: %w", k, err)
+		}
+	}
+	if in.Mirror != "" {
+		if _, err := imageref.ParseMirror(in.Mirror); err != nil {
+			return fmt.Errorf("imageMirror: %w", err)
+		}
+	}
+	return nil
+}
+
+// Translate returns the chart values for spec (the resource's .spec, as
+// decoded JSON). Errors name the spec field that is wrong.
+func Translate(spec map[string]any, in Inputs) (map[string]any, error) {
+	if err := in.Validate(); err != nil {
+		return nil, err
+	}
+	vals := map[string]any{}
+	if spec != nil {
+		vals = runtime.DeepCopyJSON(spec)
+	}
+
+	img, _ := vals["image"].(map[string]any)
+	if img == nil {
+		img = map[string]any{}
+	}
+	repo, _ := img["repository"].(string)
+	tag, _ := img["tag"].(string)
+	ref := in.Images[AgentImage]
+	field := "images." + AgentImage
+	if repo != "" {
+		field = "spec.image"
+		if tag == "" {
+			// The agent of the operator's own release.
+			def, _ := imageref.Parse(in.Images[AgentImage])
+			tag = def.Tag
+		}
+		ref = joinRef(repo, tag)
+	} else if tag != "" {
+		return nil, errors.New("spec.image.tag is set without spec.image.repository: set both, or neither to use the operator's agent image")
+	}
+	r, err := place(ref, in.Mirror, field)
+	if err != nil {
+		return nil, err
+	}
+	img["repository"] = r.Name()
+	img["tag"] = tagOf(r)
+	vals["image"] = img
+
+	if prep, ok := vals["containerdPrep"].(map[string]any); ok {
+		if s, _ := prep["image"].(string); s != "" {
+			r, err := place(s, in.Mirror, "spec.containerdPrep.image")
+			if err != nil {
+				return nil, err
+			}
+			prep["image"] = r.String()
+		}
+	}
+
+	cleanup, _ := vals["cleanup"].(map[string]any)
+	if cleanup == nil {
+		cleanup = map[string]any{}
+	}
+	w, err := place(in.Images[OperatorImage], in.Mirror, "images."+OperatorImage)
+	if err != nil {
+		return nil, err
+	}
+	cleanup["waitImage"] = w.String()
+	vals["cleanup"] = cleanup
+	return vals, nil
+}
+
+// place parses ref and puts it under the mirror, if any.
+func place(ref, mirror, field string) (imageref.Reference, error) {
+	if mirror != "" {
+		m, err := imageref.Mirror(mirror, ref)
+		if err != nil {
+			return imageref.Reference{}, fmt.Errorf("%s: %w", field, err)
+		}
+		ref = m
+	}
+	r, err := imageref.Parse(ref)
+	if err != nil {
+		return imageref.Reference{}, fmt.Errorf("%s: %w", field, err)
+	}
+	return r, nil
+}
+
+func joinRef(repo, tag string) string {
+	if strings.HasPrefix(tag, "@") {
+		return repo + tag
+	}
+	return repo + ":" + tag
+}
+
+// tagOf is the chart's image.tag: the tag, the digest, or both.
+func tagOf(r imageref.Reference) string {
+	switch {
+	case r.Digest == "":
+		return r.Tag
+	case r.Tag == "":
+		return "@" + r.Digest
+	default:
+		return r.Tag + "@" + r.Digest
+	}
+}
