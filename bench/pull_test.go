@@ -31,7 +31,7 @@ const (
 	shapedLatency = 20 * time.Millisecond
 )
 
-func images(b *testing.B) []workload.Spec {
+func benchImages(b *testing.B) []workload.Spec {
 	spec := os.Getenv("FLEETMIRROR_BENCH_IMAGES")
 	if spec == "" {
 		spec = "10MB/1,100MB/1,1GB/4"
@@ -91,7 +91,7 @@ func BenchmarkPull(b *testing.B) {
 	c := benchCluster(b)
 	ctx := context.Background()
 	n1, n2, n3 := c.Node(1), c.Node(2), c.Node(3)
-	for i, bi := range images(b) {
+	for i, bi := range benchImages(b) {
 		g, err := cluster.GenerateImage(int64(1000+i), bi.Size, bi.Layers)
 		if err != nil {
 			b.Fatal(err)

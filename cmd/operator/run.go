@@ -10,14 +10,16 @@ import (
 
 	"github.com/fleetmirror/fleetmirror/agent/version"
 	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
+	"github.com/fleetmirror/fleetmirror/operator/config"
 	"github.com/fleetmirror/fleetmirror/operator/manager"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
 func runCommand(fs *flag.FlagSet) func(context.Context) error {
 	o := manager.Options{}
-	var agentImage, operatorImage, logLevel string
+	var agentImage, operatorImage, logLevel, configFile string
 	fs.StringVar(&o.WatchesFile, "watches-file", "watches.yaml", "kinds and the charts they are reconciled into")
+	fs.StringVar(&configFile, "config", "", "the operator chart's configuration file (images map, imageMirror, provider override, nodeReadiness); flags given explicitly win over it")
 	// The images map's defaults until the operator chart passes its own.
 	fs.StringVar(&agentImage, "agent-image", "ghcr.io/fleetmirror/agent:"+version.Version, "agent image, used when a resource names none")
 	fs.StringVar(&operatorImage, "operator-image", "ghcr.io/fleetmirror/operator:"+version.Version, "operator image, for the uninstall hook that waits for node cleanup")
@@ -38,6 +40,24 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 		}
 		o.Log = log
 		o.Inputs.Images = map[string]string{values.AgentImage: agentImage, values.OperatorImage: operatorImage}
+		if configFile != "" {
+			c, err := config.Load(configFile)
+			if err != nil {
+				return fmt.Errorf("--config: %w", err)
+			}
+			set := map[string]bool{}
+			fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+			for k, v := range c.Images {
+				if !set[k+"-image"] {
+					o.Inputs.Images[k] = v
+				}
+			}
+			if !set["image-mirror"] {
+				o.Inputs.Mirror = c.ImageMirror
+			}
+			o.Provider, o.Inputs.Defaults = c.Provider.Name, c.Provider.Spegel
+			o.NodeReadiness, o.ReportAfter = c.NodeReadiness.Enabled, c.ReportAfter()
+		}
 		cfg, err := ctrl.GetConfig()
 		if err != nil {
 			return fmt.Errorf("kubeconfig: %w", err)
@@ -46,7 +66,8 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 		if err != nil {
 			return err
 		}
-		log.Info("starting operator", "version", version.Version, "watches", o.WatchesFile)
+		log.Info("starting operator", "version", version.Version, "watches", o.WatchesFile, "provider", o.Provider,
+			"imageMirror", o.Inputs.Mirror, "nodeReadiness", o.NodeReadiness)
 		return mgr.Start(ctx)
 	}
 }

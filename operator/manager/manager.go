@@ -16,11 +16,14 @@ import (
 
 	"github.com/go-logr/logr"
 	"helm.sh/helm/v3/pkg/chartutil"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/yaml"
@@ -33,6 +36,7 @@ import (
 
 	helmrelease "helm.sh/helm/v3/pkg/release"
 
+	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/operator/release"
 	"github.com/fleetmirror/fleetmirror/operator/status"
 	"github.com/fleetmirror/fleetmirror/operator/values"
@@ -60,7 +64,16 @@ type Options struct {
 	// ReconcilePeriod re-renders every release this often even without
 	// events, putting back what was changed by hand. 0: only on events.
 	ReconcilePeriod time.Duration
-	Log             *slog.Logger
+	// Provider names the provider override in force (its values are
+	// Inputs.Defaults); shown in each resource's ProviderOverride condition.
+	Provider string
+	// NodeReadiness runs the startup-taint controller (package readiness);
+	// ReportAfter is how long a node may be held before a warning event.
+	NodeReadiness bool
+	ReportAfter   time.Duration
+	// SkipNameValidation lets one process start several managers (tests).
+	SkipNameValidation bool
+	Log                *slog.Logger
 }
 
 // New returns a manager, not yet started, with every controller added.
@@ -73,6 +86,9 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	}
 	if o.Timeouts.Uninstall <= 0 || o.Timeouts.Install <= 0 || o.Timeouts.Upgrade <= 0 {
 		return nil, errors.New("manager: install, upgrade and uninstall timeouts must be more than 0")
+	}
+	if o.NodeReadiness && o.ReportAfter <= 0 {
+		return nil, errors.New("manager: node readiness needs a report-after duration more than 0")
 	}
 	if o.Log == nil {
 		o.Log = slog.Default()
@@ -93,6 +109,9 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		LeaderElectionNamespace: o.LeaderElectionNamespace,
 		// Give up a lost lease at once rather than keep acting on it.
 		LeaderElectionReleaseOnCancel: true,
+		Controller:                    config.Controller{SkipNameValidation: &o.SkipNameValidation},
+		// Node readiness reads agent pods only: never cache every pod.
+		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{&corev1.Pod{}: {Label: readiness.AgentPods}}},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("creating manager: %w", err)
@@ -135,9 +154,15 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		if err := r.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
 		}
-		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released}
+		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Provider: o.Provider}
 		if err := sc.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up status controller for %s: %w", gvk, err)
+		}
+		if o.NodeReadiness {
+			rc := &readiness.Controller{Client: mgr.GetClient(), GVK: gvk, Recorder: mgr.GetEventRecorderFor("spegel-node-readiness"), ReportAfter: o.ReportAfter}
+			if err := rc.SetupWithManager(mgr); err != nil {
+				return nil, fmt.Errorf("setting up node readiness for %s: %w", gvk, err)
+			}
 		}
 	}
 	return mgr, nil

@@ -20,6 +20,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
+
+	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
 // Released records the generation of each resource whose release last
@@ -72,6 +74,12 @@ type Controller struct {
 	Released *Released
 	// Resync re-reads every resource this often (default 5m).
 	Resync time.Duration
+	// Defaults are the provider override's values under every spec: they
+	// decide, with the spec, whether the prep DaemonSet is wanted.
+	Defaults map[string]any
+	// Provider names the override in force, shown in the ProviderOverride
+	// condition; empty: none.
+	Provider string
 }
 
 // SetupWithManager registers the controller.
@@ -117,7 +125,8 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		return reconcile.Result{}, fmt.Errorf("listing DaemonSets of %s: %w", req, err)
 	}
 	want := []string{ComponentAgent}
-	if on, _, _ := unstructured.NestedBool(obj.Object, "spec", "containerdPrep", "enabled"); on {
+	spec, _, _ := unstructured.NestedMap(obj.Object, "spec")
+	if on, _, _ := unstructured.NestedBool(values.Merge(c.Defaults, spec), "containerdPrep", "enabled"); on {
 		want = append(want, ComponentPrep)
 	}
 	rd := Evaluate(list.Items, want)
@@ -131,7 +140,14 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	if st == nil {
 		st = map[string]any{}
 	}
-	st["conditions"] = setCondition(conds, "Ready", rd.Ready, rd.Reason, rd.Message)
+	conds = setCondition(conds, "Ready", rd.Ready, rd.Reason, rd.Message)
+	if c.Provider != "" {
+		conds = setCondition(conds, "ProviderOverride", true, "Applied", fmt.Sprintf(
+			"provider override %q is in force: its values lie under this spec (chart defaults < provider override < spec < images map)", c.Provider))
+	} else {
+		conds = setCondition(conds, "ProviderOverride", false, "None", "no provider override: the chart's defaults lie under this spec")
+	}
+	st["conditions"] = conds
 	st["nodes"] = map[string]any{"desired": rd.Nodes.Desired, "updated": rd.Nodes.Updated, "ready": rd.Nodes.Ready}
 	if g := c.Released.Generation(req.NamespacedName); g > 0 {
 		st["observedGeneration"] = g
@@ -188,4 +204,9 @@ func setCondition(conds []any, typ string, ok bool, reason, msg string) []any {
 			"lastTransitionTime": metav1.Now().UTC().Format(time.RFC3339)})
 	}
 	return out
+}
+
+// SetCondition is setCondition for the operator's other controllers.
+func SetCondition(conds []any, typ string, ok bool, reason, msg string) []any {
+	return setCondition(conds, typ, ok, reason, msg)
 }

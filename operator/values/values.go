@@ -1,7 +1,13 @@
 // Package values turns a Spegel resource's spec into the values of the
 // helm-charts/spegel chart. Spec fields are named like the chart's values,
-// so the spec is copied as it is; what the operator adds are the images:
-// defaults from the images map and the imageMirror rewrite.
+// so the spec is copied as it is, over the provider override's values;
+// what the operator adds are the images: defaults from the images map and
+// the imageMirror rewrite.
+//
+// Precedence, lowest first: the chart's values.yaml < the provider
+// override (Inputs.Defaults) < the resource's spec < the images map,
+// which fills only the images the spec leaves out; imageMirror then
+// rewrites every image, given or filled.
 package values
 
 import (
@@ -28,6 +34,9 @@ type Inputs struct {
 	// Mirror is imageMirror, "host[:port][/prefix]": every image rendered
 	// is pulled from there. Empty: images are pulled as named.
 	Mirror string
+	// Defaults are the provider override's values (overrides/<provider>.yaml),
+	// spec-shaped; every resource's spec is merged over them.
+	Defaults map[string]any
 }
 
 // Validate says what is missing from the inputs.
@@ -54,10 +63,7 @@ func Translate(spec map[string]any, in Inputs) (map[string]any, error) {
 	if err := in.Validate(); err != nil {
 		return nil, err
 	}
-	vals := map[string]any{}
-	if spec != nil {
-		vals = runtime.DeepCopyJSON(spec)
-	}
+	vals := Merge(in.Defaults, spec)
 
 	img, _ := vals["image"].(map[string]any)
 	if img == nil {
@@ -142,4 +148,23 @@ func tagOf(r imageref.Reference) string {
 	default:
 		return r.Tag + "@" + r.Digest
 	}
+}
+
+// Merge returns over laid on base, both left as they are: maps merge key
+// by key, anything else in over (lists included) replaces base's value.
+func Merge(base, over map[string]any) map[string]any {
+	out := map[string]any{}
+	if base != nil {
+		out = runtime.DeepCopyJSON(base)
+	}
+	for k, v := range over {
+		bm, bok := out[k].(map[string]any)
+		om, ook := v.(map[string]any)
+		if bok && ook {
+			out[k] = Merge(bm, om)
+			continue
+		}
+		out[k] = runtime.DeepCopyJSONValue(v)
+	}
+	return out
 }

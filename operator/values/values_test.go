@@ -74,3 +74,50 @@ func TestInputsValidate(t *testing.T) {
 		t.Fatalf("missing operator image: %v", err)
 	}
 }
+
+// TestPrecedence: chart defaults < provider override < spec < images map
+// for images the spec leaves out; imageMirror rewrites all of them.
+func TestPrecedence(t *testing.T) {
+	defaults := map[string]any{
+		"containerdPrep": map[string]any{"enabled": true, "unit": "containerd.service"},
+		"resources":      map[string]any{"requests": map[string]any{"memory": "128Mi"}, "limits": map[string]any{"memory": "256Mi"}},
+		"tolerations":    []any{map[string]any{"operator": "Exists"}},
+		"logLevel":       "warn",
+	}
+	spec := map[string]any{
+		"containerdPrep": map[string]any{"enabled": false},
+		"resources":      map[string]any{"limits": map[string]any{"memory": "512Mi"}},
+		"tolerations":    []any{map[string]any{"key": "a", "operator": "Exists"}},
+	}
+	got, err := Translate(spec, Inputs{Images: images, Defaults: defaults, Mirror: "m.corp"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{
+		// the spec wins key by key inside maps...
+		"containerdPrep": map[string]any{"enabled": false, "unit": "containerd.service"},
+		"resources":      map[string]any{"requests": map[string]any{"memory": "128Mi"}, "limits": map[string]any{"memory": "512Mi"}},
+		// ...and replaces lists whole
+		"tolerations": []any{map[string]any{"key": "a", "operator": "Exists"}},
+		// the override fills what the spec leaves out
+		"logLevel": "warn",
+		// the images map fills the image, under the mirror
+		"image": map[string]any{"repository": "m.corp/ghcr.io/fleetmirror/agent", "tag": "v0.1.0"},
+	}
+	for k, v := range want {
+		if !reflect.DeepEqual(got[k], v) {
+			t.Errorf("%s = %#v, want %#v", k, got[k], v)
+		}
+	}
+	if defaults["logLevel"] != "warn" || len(defaults["containerdPrep"].(map[string]any)) != 2 || spec["image"] != nil {
+		t.Error("Translate changed its inputs")
+	}
+	// An image in the spec wins over the map, and is still mirrored.
+	got, err = Translate(map[string]any{"image": map[string]any{"repository": "registry.corp/agent", "tag": "v2"}}, Inputs{Images: images, Defaults: defaults, Mirror: "m.corp"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img := got["image"].(map[string]any); img["repository"] != "m.corp/registry.corp/agent" || img["tag"] != "v2" {
+		t.Errorf("spec image: %v", img)
+	}
+}

@@ -155,6 +155,7 @@ func TestOperator(t *testing.T) {
 		ProbeAddr:               "127.0.0.1:0",
 		LeaderElection:          true,
 		LeaderElectionNamespace: "fm",
+		SkipNameValidation:      true, // other tests start managers too
 		// stderr, not t.Log: the manager may log after the test returned.
 		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})),
 	})

@@ -71,10 +71,16 @@ imagePullSecrets:
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.tolerations }}
+{{- /* The operator's startup taint (node readiness) holds a new node until
+its agent is ready, so the agent and prep pods tolerate it whatever the
+tolerations value says. */}}
 tolerations:
+  - key: fleetmirror.dev/agent-not-ready
+    operator: Exists
+    effect: NoSchedule
+  {{- with .Values.tolerations }}
   {{- toYaml . | nindent 2 }}
-{{- end }}
+  {{- end }}
 {{- with .Values.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}

@@ -1,0 +1,82 @@
+// Package config reads the operator's configuration file, which the
+// operator chart renders into a ConfigMap: the images map, imageMirror,
+// the provider override in force with its values, and node readiness.
+package config
+
+import (
+	"fmt"
+	"os"
+	"regexp"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/fleetmirror/fleetmirror/operator/values"
+)
+
+// Config is the file's content.
+type Config struct {
+	// Images is the flat images map: key to full reference.
+	Images map[string]string `json:"images"`
+	// ImageMirror is "host[:port][/prefix]", or empty.
+	ImageMirror string `json:"imageMirror"`
+	// Provider is the provider override in force.
+	Provider Provider `json:"provider"`
+	// NodeReadiness holds new nodes back until their agent is ready.
+	NodeReadiness NodeReadiness `json:"nodeReadiness"`
+}
+
+// Provider names the override file in force (overrides/<name>.yaml) and
+// carries its values for every Spegel resource.
+type Provider struct {
+	Name string `json:"name"`
+	// Spegel values lie under every resource's spec.
+	Spegel map[string]any `json:"spegel"`
+}
+
+// NodeReadiness configures the startup taint.
+type NodeReadiness struct {
+	Enabled bool `json:"enabled"`
+	// ReportAfter is how long a node may wait for its agent before a
+	// warning event says why it is still held.
+	ReportAfter metav1.Duration `json:"reportAfter"`
+}
+
+var providerName = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+// Load reads and validates path. Unknown keys are refused, so a typo
+// names itself instead of being ignored.
+func Load(path string) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("operator config: %w", err)
+	}
+	var c Config
+	if err := yaml.UnmarshalStrict(b, &c); err != nil {
+		return Config{}, fmt.Errorf("operator config %s: %w", path, err)
+	}
+	if err := c.Validate(); err != nil {
+		return Config{}, fmt.Errorf("operator config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Validate says what is wrong, naming the chart value to fix.
+func (c Config) Validate() error {
+	if c.Provider.Name != "" && !providerName.MatchString(c.Provider.Name) {
+		return fmt.Errorf("provider.name %q: want a lower-case name like nebius or cks", c.Provider.Name)
+	}
+	if c.NodeReadiness.ReportAfter.Duration < 0 {
+		return fmt.Errorf("nodeReadiness.reportAfter %s: must not be negative", c.NodeReadiness.ReportAfter.Duration)
+	}
+	return values.Inputs{Images: c.Images, Mirror: c.ImageMirror}.Validate()
+}
+
+// ReportAfter is NodeReadiness.ReportAfter, 5 minutes when unset.
+func (c Config) ReportAfter() time.Duration {
+	if d := c.NodeReadiness.ReportAfter.Duration; d > 0 {
+		return d
+	}
+	return 5 * time.Minute
+}

@@ -1,0 +1,361 @@
+// Package readiness holds new nodes back until their agent is ready.
+// A node that joins without a ready agent gets the startup taint (or
+// registers with it), so the scheduler keeps other pods off it and they
+// do not pull from upstream before the node mirrors. The taint comes off
+// once the agent pod on that node is Ready: its readiness probe passes
+// only with the mirror configuration written and, with containerd-prep,
+// the prep check passing. A node that stays held is named, with the
+// reason, in the Spegel resource's NodesReady condition and, after
+// ReportAfter, in a warning event.
+package readiness
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/record"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"github.com/fleetmirror/fleetmirror/operator/status"
+)
+
+const (
+	// TaintKey is the startup taint (effect NoSchedule). The spegel
+	// chart's pods tolerate it whatever tolerations a resource sets. Node
+	// pools may register with it: --register-with-taints=fleetmirror.dev/agent-not-ready=:NoSchedule
+	TaintKey = "fleetmirror.dev/agent-not-ready"
+	// ReadyAnnotation marks a node whose agent has been ready once. Such
+	// a node is never tainted again: an agent upgrade or restart must not
+	// hold a working node back.
+	ReadyAnnotation = "fleetmirror.dev/agent-ready"
+	// ConditionType is the Spegel status condition naming held nodes.
+	ConditionType  = "NodesReady"
+	componentLabel = "app.kubernetes.io/component"
+	nameLabel      = "app.kubernetes.io/name"
+	partOfLabel    = "app.kubernetes.io/part-of"
+	instanceLabel  = "app.kubernetes.io/instance"
+	maxNamed       = 10
+)
+
+// Taint is the startup taint.
+var Taint = corev1.Taint{Key: TaintKey, Effect: corev1.TaintEffectNoSchedule}
+
+// AgentPods selects the agent pods (and DaemonSets) of every
+// helm-charts/spegel release; the manager caches only these pods.
+var AgentPods = labels.SelectorFromSet(labels.Set{nameLabel: "spegel", componentLabel: status.ComponentAgent})
+
+// Controller taints and releases nodes. It acts on the one Spegel
+// resource that manages the nodes (the oldest); with none, or none
+// deployed, it takes its taint off every node so nothing waits forever.
+type Controller struct {
+	Client   client.Client
+	GVK      schema.GroupVersionKind
+	Recorder record.EventRecorder
+	// ReportAfter: a node held this long gets a warning event.
+	ReportAfter time.Duration
+	// Resync re-checks this often while nodes are held (default 30s).
+	Resync time.Duration
+
+	mu       sync.Mutex
+	reported map[string]bool
+}
+
+var everything = types.NamespacedName{Name: "nodes"}
+
+// SetupWithManager registers the controller: any change of a node, an
+// agent pod, a DaemonSet or a Spegel resource runs one pass over all
+// nodes.
+func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
+	if c.Resync == 0 {
+		c.Resync = 30 * time.Second
+	}
+	c.reported = map[string]bool{}
+	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
+		return []reconcile.Request{{NamespacedName: everything}}
+	})
+	cr := &unstructured.Unstructured{}
+	cr.SetGroupVersionKind(c.GVK)
+	agents := predicate.NewPredicateFuncs(func(o client.Object) bool { return AgentPods.Matches(labels.Set(o.GetLabels())) })
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("node-readiness").
+		Watches(&corev1.Node{}, all).
+		Watches(&corev1.Pod{}, all, builder.WithPredicates(agents)).
+		Watches(&appsv1.DaemonSet{}, all, builder.WithPredicates(agents)).
+		Watches(cr, all).
+		Complete(c)
+}
+
+// held is a node kept tainted, and why.
+type held struct {
+	node   string
+	reason string
+	since  time.Time
+}
+
+// Reconcile implements reconcile.Reconciler: one pass over every node.
+func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconcile.Result, error) {
+	owner, ds, err := c.active(ctx)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	var nodes corev1.NodeList
+	if err := c.Client.List(ctx, &nodes); err != nil {
+		return reconcile.Result{}, fmt.Errorf("listing nodes: %w", err)
+	}
+	if ds == nil {
+		// Nothing would ever make these nodes ready: let them go.
+		for i := range nodes.Items {
+			if err := c.setNode(ctx, &nodes.Items[i], false, false); err != nil {
+				return reconcile.Result{}, err
+			}
+		}
+		return reconcile.Result{}, nil
+	}
+	pods, err := c.agentPods(ctx, ds)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	sel := labels.SelectorFromSet(ds.Spec.Template.Spec.NodeSelector)
+	var holding []held
+	var released []string
+	for i := range nodes.Items {
+		n := &nodes.Items[i]
+		if !sel.Matches(labels.Set(n.Labels)) {
+			// The agent never runs there: not ours to hold.
+			if err := c.setNode(ctx, n, false, false); err != nil {
+				return reconcile.Result{}, err
+			}
+			continue
+		}
+		pod := pods[n.Name]
+		if ready, _ := podReady(pod); ready {
+			if hasTaint(n) {
+				released = append(released, n.Name)
+			}
+			if err := c.setNode(ctx, n, false, true); err != nil {
+				return reconcile.Result{}, err
+			}
+			continue
+		}
+		if n.Annotations[ReadyAnnotation] != "" {
+			continue // was ready once: never held again
+		}
+		_, why := podReady(pod)
+		holding = append(holding, held{node: n.Name, reason: why, since: n.CreationTimestamp.Time})
+		if err := c.setNode(ctx, n, true, false); err != nil {
+			return reconcile.Result{}, err
+		}
+	}
+	for _, n := range released {
+		c.Recorder.Eventf(owner, corev1.EventTypeNormal, "NodeReleased", "node %s: agent ready, startup taint %s removed", n, TaintKey)
+	}
+	next := c.report(owner, holding)
+	if err := c.writeCondition(ctx, owner, holding); err != nil {
+		return reconcile.Result{}, err
+	}
+	if len(holding) == 0 {
+		return reconcile.Result{}, nil
+	}
+	return reconcile.Result{RequeueAfter: min(next, c.Resync)}, nil
+}
+
+// active returns the Spegel resource that manages the nodes and its agent
+// DaemonSet, or nil when there is none yet (not deployed).
+func (c *Controller) active(ctx context.Context) (*unstructured.Unstructured, *appsv1.DaemonSet, error) {
+	list := &unstructured.UnstructuredList{}
+	list.SetGroupVersionKind(c.GVK.GroupVersion().WithKind(c.GVK.Kind + "List"))
+	if err := c.Client.List(ctx, list); err != nil {
+		return nil, nil, fmt.Errorf("listing %s resources: %w", c.GVK.Kind, err)
+	}
+	items := list.Items
+	sort.Slice(items, func(i, j int) bool {
+		ti, tj := items[i].GetCreationTimestamp(), items[j].GetCreationTimestamp()
+		if !ti.Equal(&tj) {
+			return ti.Before(&tj)
+		}
+		return items[i].GetNamespace()+"/"+items[i].GetName() < items[j].GetNamespace()+"/"+items[j].GetName()
+	})
+	if len(items) == 0 || items[0].GetDeletionTimestamp() != nil {
+		return nil, nil, nil
+	}
+	owner := &items[0]
+	var dss appsv1.DaemonSetList
+	if err := c.Client.List(ctx, &dss, client.InNamespace(owner.GetNamespace()), client.MatchingLabels{
+		partOfLabel: "fleetmirror", instanceLabel: owner.GetName(), componentLabel: status.ComponentAgent,
+	}); err != nil {
+		return nil, nil, fmt.Errorf("listing the agent DaemonSet: %w", err)
+	}
+	if len(dss.Items) == 0 {
+		return owner, nil, nil
+	}
+	return owner, &dss.Items[0], nil
+}
+
+// agentPods maps node name to the agent pod there.
+func (c *Controller) agentPods(ctx context.Context, ds *appsv1.DaemonSet) (map[string]*corev1.Pod, error) {
+	var pods corev1.PodList
+	if err := c.Client.List(ctx, &pods, client.InNamespace(ds.Namespace), client.MatchingLabels(ds.Spec.Selector.MatchLabels)); err != nil {
+		return nil, fmt.Errorf("listing agent pods: %w", err)
+	}
+	out := map[string]*corev1.Pod{}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		if p.Spec.NodeName == "" || p.DeletionTimestamp != nil {
+			continue
+		}
+		// Of two (during a rolling update), a ready one counts.
+		if prev, ok := out[p.Spec.NodeName]; ok {
+			if r, _ := podReady(prev); r {
+				continue
+			}
+		}
+		out[p.Spec.NodeName] = p
+	}
+	return out, nil
+}
+
+// podReady says whether the agent pod is Ready and, if not, why.
+func podReady(p *corev1.Pod) (bool, string) {
+	if p == nil {
+		return false, "no agent pod on the node yet (the agent DaemonSet has not scheduled one; check its tolerations and the node's taints)"
+	}
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			if c.Status == corev1.ConditionTrue {
+				return true, ""
+			}
+			why := fmt.Sprintf("agent pod %s not ready", p.Name)
+			if c.Message != "" {
+				why += ": " + c.Message
+			}
+			for _, cs := range append(p.Status.InitContainerStatuses, p.Status.ContainerStatuses...) {
+				if w := cs.State.Waiting; w != nil && w.Reason != "" {
+					why += fmt.Sprintf("; %s %s", cs.Name, w.Reason)
+					if w.Message != "" {
+						why += " (" + w.Message + ")"
+					}
+				}
+			}
+			return false, why + " (see its readiness probe: hosts.toml written, containerd-prep check)"
+		}
+	}
+	return false, fmt.Sprintf("agent pod %s is %s and has not reported readiness yet", p.Name, p.Status.Phase)
+}
+
+func hasTaint(n *corev1.Node) bool {
+	for _, t := range n.Spec.Taints {
+		if t.Key == TaintKey {
+			return true
+		}
+	}
+	return false
+}
+
+// setNode puts the taint on or off and, when ready, the ready annotation;
+// it writes only when something changes, with optimistic locking.
+func (c *Controller) setNode(ctx context.Context, n *corev1.Node, taint, ready bool) error {
+	orig := n.DeepCopy()
+	var ts []corev1.Taint
+	for _, t := range n.Spec.Taints {
+		if t.Key != TaintKey {
+			ts = append(ts, t)
+		}
+	}
+	if taint {
+		ts = append(ts, Taint)
+	}
+	n.Spec.Taints = ts
+	if ready && n.Annotations[ReadyAnnotation] == "" {
+		if n.Annotations == nil {
+			n.Annotations = map[string]string{}
+		}
+		n.Annotations[ReadyAnnotation] = time.Now().UTC().Format(time.RFC3339)
+	}
+	if hasTaint(orig) == taint && (!ready || orig.Annotations[ReadyAnnotation] != "") {
+		return nil
+	}
+	err := c.Client.Patch(ctx, n, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("updating node %s (startup taint %v): %w", n.Name, taint, err)
+	}
+	return nil
+}
+
+// report emits one warning per node held longer than ReportAfter and
+// returns when the next one is due.
+func (c *Controller) report(owner *unstructured.Unstructured, holding []held) time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	next := c.Resync
+	still := map[string]bool{}
+	for _, h := range holding {
+		still[h.node] = true
+		waited := now.Sub(h.since)
+		if waited < c.ReportAfter {
+			next = min(next, c.ReportAfter-waited)
+			continue
+		}
+		if !c.reported[h.node] {
+			c.reported[h.node] = true
+			c.Recorder.Eventf(owner, corev1.EventTypeWarning, "NodeHeld", "node %s kept its startup taint %s for %s: %s",
+				h.node, TaintKey, waited.Round(time.Second), h.reason)
+		}
+	}
+	for n := range c.reported {
+		if !still[n] {
+			delete(c.reported, n)
+		}
+	}
+	return max(next, time.Second)
+}
+
+func (c *Controller) writeCondition(ctx context.Context, owner *unstructured.Unstructured, holding []held) error {
+	ok, reason, msg := true, "NoNodeHeld", "no node waits for its agent"
+	if len(holding) > 0 {
+		sort.Slice(holding, func(i, j int) bool { return holding[i].node < holding[j].node })
+		var parts []string
+		for i, h := range holding {
+			if i == maxNamed {
+				parts = append(parts, fmt.Sprintf("and %d more", len(holding)-maxNamed))
+				break
+			}
+			parts = append(parts, h.node+": "+h.reason)
+		}
+		ok, reason = false, "NodesHeld"
+		msg = fmt.Sprintf("%d node(s) keep the startup taint %s until their agent is ready: %s", len(holding), TaintKey, strings.Join(parts, "; "))
+	}
+	orig := owner.DeepCopy()
+	conds, _, _ := unstructured.NestedSlice(owner.Object, "status", "conditions")
+	if err := unstructured.SetNestedSlice(owner.Object, status.SetCondition(conds, ConditionType, ok, reason, msg), "status", "conditions"); err != nil {
+		return err
+	}
+	patch := client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
+	if data, err := patch.Data(owner); err == nil && string(data) == "{}" {
+		return nil
+	}
+	err := c.Client.Status().Patch(ctx, owner, patch)
+	if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+		return fmt.Errorf("status of %s/%s changed meanwhile; retrying", owner.GetNamespace(), owner.GetName())
+	}
+	return err
+}
