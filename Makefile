@@ -8,7 +8,7 @@ export GOFLAGS ?= -buildvcs=false
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/fleetmirror/fleetmirror/agent/version.Version=$(VERSION)
 
-.PHONY: all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test
+.PHONY: all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e
 
 all: build
 
@@ -80,10 +80,15 @@ e2e: tools build
 ## operator's manager against a real kube-apiserver and etcd (envtest);
 ## golden files: go test ./test/operator -run TestChartGolden -update
 operator-test: tools
-	$(GO) test -count=1 -timeout 10m ./operator/values/ ./operator/status/ ./operator/release/ ./operator/manager/ ./cmd/operator/ ./test/operator/
+	$(GO) test -count=1 -timeout 10m ./operator/values/ ./operator/status/ ./operator/release/ ./operator/manager/ ./operator/config/ ./operator/imagecheck/ ./operator/readiness/ ./cmd/operator/ ./test/operator/
+
+## kube-e2e: a real 3-node Kubernetes cluster (control plane, kubelets,
+## containerd 2.x, CNI) in network namespaces; DaemonSets on every node
+kube-e2e: tools
+	$(GO) test -count=1 -timeout 15m ./test/kube/ -v 2>&1 | tee kube-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
 
 ## test: everything CI runs
-test: lint unit operator-test images-check e2e
+test: lint unit operator-test images-check e2e kube-e2e
 
 ## demo: a 3-node cluster, a pull on node 1 then nodes 2 and 3; Ctrl-C ends it
 demo: tools build
@@ -97,4 +102,4 @@ bench: tools build
 	$(GO) run ./bench/rollout -agent $(CURDIR)/bin/agent -out bench/results
 
 clean:
-	rm -rf bin e2e.log bench.txt
+	rm -rf bin e2e.log kube-e2e.log bench.txt

@@ -62,13 +62,14 @@ module_tool "$TOOLS/etcd-$ETCD_VERSION" etcd
 # The version stamp is what `helm` sees as the cluster's version (a chart's
 # kubeVersion check); without it the server says v0.0.0-master.
 kv=${KUBE_VERSION#v}
-module_tool "$TOOLS/kube-$KUBE_VERSION" kube-apiserver "-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION \
+kube_ldflags="-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION \
 -X k8s.io/component-base/version.gitMajor=${kv%%.*} -X k8s.io/component-base/version.gitMinor=$(echo "$kv" | cut -d. -f2) \
 -X k8s.io/component-base/version.gitTreeState=clean"
+module_tool "$TOOLS/kube-$KUBE_VERSION" kube-apiserver "$kube_ldflags"
 
 # The rest of a Kubernetes cluster for test/kube: kubelet,
 # kube-controller-manager and kube-scheduler (the commands of the tools
-# module hack/tools/kube-node, ~1.5 min warm, ~6 min cold), the runc shim
+# module hack/tools/kube-node, ~7 min cold), the runc shim
 # for containerd 2.x (runc itself is Debian's, a dependency of containerd),
 # and the CNI plugins for pod networking.
 CNI_PLUGINS_VERSION=v1.9.1
@@ -76,7 +77,7 @@ if [ ! -f "$TOOLS/kube-node-$KUBE_VERSION/.done" ]; then
 	log "building hack/tools/kube-node into $TOOLS/kube-node-$KUBE_VERSION"
 	mkdir -p "$TOOLS/kube-node-$KUBE_VERSION/bin"
 	(cd "$(dirname "$0")/tools/kube-node" &&
-		GOFLAGS=-buildvcs=false CGO_ENABLED=0 go build -trimpath -o "$TOOLS/kube-node-$KUBE_VERSION/bin/" ./cmd/... >&2)
+		GOFLAGS=-buildvcs=false CGO_ENABLED=0 go build -trimpath -ldflags "$kube_ldflags" -o "$TOOLS/kube-node-$KUBE_VERSION/bin/" ./cmd/... >&2)
 	touch "$TOOLS/kube-node-$KUBE_VERSION/.done"
 fi
 go_tool "$TOOLS/containerd-shim-$CONTAINERD2_VERSION" \
@@ -85,5 +86,8 @@ go_tool "$TOOLS/cni-plugins-$CNI_PLUGINS_VERSION" \
 	"github.com/containernetworking/plugins/plugins/main/bridge@$CNI_PLUGINS_VERSION" \
 	"github.com/containernetworking/plugins/plugins/ipam/host-local@$CNI_PLUGINS_VERSION" \
 	"github.com/containernetworking/plugins/plugins/main/loopback@$CNI_PLUGINS_VERSION"
+# Cluster DNS for test/kube: CoreDNS with its kubernetes plugin only.
+COREDNS_VERSION=v1.12.3
+module_tool "$TOOLS/coredns-$COREDNS_VERSION" coredns
 
 echo "$TOOLS"

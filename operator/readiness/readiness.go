@@ -73,7 +73,7 @@ type Controller struct {
 	Resync time.Duration
 
 	mu       sync.Mutex
-	reported map[string]bool
+	reported map[string]string // node → the reason its warning gave
 }
 
 var everything = types.NamespacedName{Name: "nodes"}
@@ -85,7 +85,7 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 	if c.Resync == 0 {
 		c.Resync = 30 * time.Second
 	}
-	c.reported = map[string]bool{}
+	c.reported = map[string]string{}
 	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
 		return []reconcile.Request{{NamespacedName: everything}}
 	})
@@ -300,8 +300,9 @@ func (c *Controller) setNode(ctx context.Context, n *corev1.Node, taint, ready b
 	return nil
 }
 
-// report emits one warning per node held longer than ReportAfter and
-// returns when the next one is due.
+// report emits a warning for each node held longer than ReportAfter, once
+// per reason (a node first without an agent pod, then with an unready one,
+// is told both ways), and returns when the next one is due.
 func (c *Controller) report(owner *unstructured.Unstructured, holding []held) time.Duration {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -315,8 +316,8 @@ func (c *Controller) report(owner *unstructured.Unstructured, holding []held) ti
 			next = min(next, c.ReportAfter-waited)
 			continue
 		}
-		if !c.reported[h.node] {
-			c.reported[h.node] = true
+		if c.reported[h.node] != h.reason {
+			c.reported[h.node] = h.reason
 			c.Recorder.Eventf(owner, corev1.EventTypeWarning, "NodeHeld", "node %s kept its startup taint %s for %s: %s",
 				h.node, TaintKey, waited.Round(time.Second), h.reason)
 		}

@@ -37,6 +37,8 @@ type Options struct {
 	UpstreamRate int64
 	// UpstreamLatency is added before every upstream response.
 	UpstreamLatency time.Duration
+	// Pods, when set, makes every containerd able to run pods (test/kube).
+	Pods *PodRuntime
 }
 
 // Cluster is a running test bed. Close removes all of it.
@@ -77,6 +79,11 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	bin, err := ContainerdBinary(opts.Containerd)
 	if err != nil {
 		return nil, err
+	}
+	if opts.Pods != nil {
+		if err := opts.Pods.check(); err != nil {
+			return nil, err
+		}
 	}
 	if opts.AgentBin != "" {
 		if opts.AgentBin, err = filepath.Abs(opts.AgentBin); err != nil {
@@ -201,6 +208,7 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 		ConfigPath:    filepath.Join(dir, "containerd.toml"),
 		ContainerdLog: filepath.Join(dir, "containerd.log"),
 		AgentLog:      filepath.Join(dir, "agent.log"),
+		CNIConfDir:    filepath.Join(dir, "cni", "net.d"),
 		cluster:       c,
 		link:          h.hostVeth + "p",
 		containerdBin: bin,
@@ -212,8 +220,15 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 		Socket:  n.Socket,
 		Opt:     filepath.Join(dir, "opt"),
 		Certs:   n.CertsDir,
-		CNIConf: filepath.Join(dir, "cni", "net.d"),
+		CNIConf: n.CNIConfDir,
 		CNIBin:  filepath.Join(dir, "cni", "bin"),
+		Pods:    c.opts.Pods,
+	}
+	if p := c.opts.Pods; p != nil {
+		paths.CNIBin = p.CNIBinDir
+		if c.opts.Containerd != Containerd16 {
+			n.containerdEnv = []string{"PATH=" + p.ShimDir + ":" + os.Getenv("PATH")}
+		}
 	}
 	for _, d := range []string{paths.Root, paths.State, paths.Opt, paths.Certs, paths.CNIConf, paths.CNIBin} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
@@ -302,6 +317,9 @@ func (c *Cluster) Close() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	if err := removeRunLeftovers(c.ID, c.Dir, c.sockDir); err != nil {
+		errs = append(errs, err)
+	}
 	if err := removeRunObjects(ctx, c.ID); err != nil {
 		errs = append(errs, err)
 	}

@@ -48,6 +48,7 @@ func ContainerdBinary(version string) (string, error) {
 // containerdPaths are the per-node locations a config refers to.
 type containerdPaths struct {
 	Root, State, Socket, Opt, Certs, CNIConf, CNIBin string
+	Pods                                             *PodRuntime
 }
 
 // Both configs: own root/state/sockets/opt so nodes share nothing; debug and
@@ -56,7 +57,13 @@ type containerdPaths struct {
 // quick and quiet; CRI keeps unpacked layers (discard_unpacked_layers =
 // false) because the agent serves layers from the content store; registry
 // hosts come from the node's certs.d. CNI points at empty per-node dirs: no
-// pods run, and CRI only logs that it has no network config.
+// pods run, and CRI only logs that it has no network config. With
+// Options.Pods the sections marked {{if .Pods}} make containerd run pods
+// here: the sandbox image, runc via the v2 shim, the CNI plugins, and
+// restrict_oom_score_adj (test machines may lack CAP_SYS_RESOURCE, without
+// which every pod sandbox fails to lower its oom_score_adj) and
+// netns_mounts_under_state_dir (pod network namespaces are mounted under
+// the run's state dir, which Close unmounts).
 //
 // 2.x uses config version 3 (what clusters upgraded from 1.x carry; 2.4
 // migrates it in memory): CRI image settings live in
@@ -101,8 +108,20 @@ disabled_plugins = [
     discard_unpacked_layers = false
     [plugins."io.containerd.cri.v1.images".registry]
       config_path = "{{.Certs}}"
+{{- if .Pods}}
+    [plugins."io.containerd.cri.v1.images".pinned_images]
+      sandbox = "{{.Pods.SandboxImage}}"
+{{- end}}
 
   [plugins."io.containerd.cri.v1.runtime"]
+{{- if .Pods}}
+    restrict_oom_score_adj = true
+    netns_mounts_under_state_dir = true
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "{{.Pods.Runc}}"
+{{- end}}
     [plugins."io.containerd.cri.v1.runtime".cni]
       bin_dirs = ["{{.CNIBin}}"]
       conf_dir = "{{.CNIConf}}"
@@ -147,9 +166,20 @@ disabled_plugins = [
 
   [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
+{{- if .Pods}}
+    sandbox_image = "{{.Pods.SandboxImage}}"
+    restrict_oom_score_adj = true
+    netns_mounts_under_state_dir = true
+{{- end}}
     [plugins."io.containerd.grpc.v1.cri".containerd]
       snapshotter = "overlayfs"
       discard_unpacked_layers = false
+{{- if .Pods}}
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+          BinaryName = "{{.Pods.Runc}}"
+{{- end}}
     [plugins."io.containerd.grpc.v1.cri".registry]
       config_path = "{{.Certs}}"
     [plugins."io.containerd.grpc.v1.cri".cni]
@@ -162,7 +192,11 @@ func containerdConfig(version string, p containerdPaths) ([]byte, error) {
 	if version == Containerd16 {
 		t = containerd16Config
 	}
-	for _, s := range []string{p.Root, p.State, p.Socket, p.Opt, p.Certs, p.CNIConf, p.CNIBin} {
+	check := []string{p.Root, p.State, p.Socket, p.Opt, p.Certs, p.CNIConf, p.CNIBin}
+	if p.Pods != nil {
+		check = append(check, p.Pods.SandboxImage, p.Pods.Runc)
+	}
+	for _, s := range check {
 		if strings.ContainsAny(s, "\"\\\n") {
 			return nil, fmt.Errorf("containerd config: path %q cannot go into TOML unquoted", s)
 		}

@@ -315,6 +315,9 @@ func CleanupLeftovers(ctx context.Context, logf func(string, ...any)) {
 		}
 		logf("cluster: removing leftovers of run %s (owner pid %d is gone)", s.ID, s.PID)
 		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		if err := removeRunLeftovers(s.ID, s.Dir, s.SockDir); err != nil {
+			logf("cluster: leftovers of run %s: %v", s.ID, err)
+		}
 		if err := removeRunObjects(cctx, s.ID); err != nil {
 			logf("cluster: leftovers of run %s: %v", s.ID, err)
 		}

@@ -38,6 +38,7 @@ type Node struct {
 	Socket     string // containerd gRPC socket (CRI and containerd API)
 	ContentDir string // root/io.containerd.content.v1.content
 	ConfigPath string // containerd config file
+	CNIConfDir string // containerd's CNI config dir
 
 	ContainerdLog string
 	AgentLog      string
@@ -45,6 +46,7 @@ type Node struct {
 	cluster       *Cluster
 	link          string // the node's end of its veth
 	containerdBin string
+	containerdEnv []string
 	version       string
 
 	mu         sync.Mutex
@@ -91,7 +93,7 @@ func (n *Node) StartContainerd(ctx context.Context) error {
 	// A socket left by a killed containerd would make the readiness check
 	// talk to nothing; containerd removes and recreates it anyway.
 	_ = os.Remove(n.Socket)
-	p, err := startInNetns(n.NS, n.ContainerdLog, n.containerdBin, "--config", n.ConfigPath)
+	p, err := startInNetns(n.NS, n.ContainerdLog, n.containerdEnv, n.containerdBin, "--config", n.ConfigPath)
 	if err != nil {
 		return err
 	}
@@ -205,7 +207,7 @@ func (n *Node) StartAgent(ctx context.Context) error {
 		n.mu.Unlock()
 		return err
 	}
-	p, err := startInNetns(n.NS, n.AgentLog, bin, n.AgentArgs()...)
+	p, err := startInNetns(n.NS, n.AgentLog, nil, bin, n.AgentArgs()...)
 	if err != nil {
 		n.mu.Unlock()
 		return err

@@ -22,8 +22,9 @@ type proc struct {
 // startInNetns runs bin with args in network namespace ns via nsenter, which
 // execs the binary so the pid we hold is the daemon itself. nsenter --net
 // (unlike `ip netns exec`) keeps the host mount namespace, so the node's
-// containerd and agent see the same files the harness sees.
-func startInNetns(ns, logPath, bin string, args ...string) (*proc, error) {
+// containerd and agent see the same files the harness sees. env (may be
+// nil) is added to the harness's environment.
+func startInNetns(ns, logPath string, env []string, bin string, args ...string) (*proc, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
@@ -31,6 +32,9 @@ func startInNetns(ns, logPath, bin string, args ...string) (*proc, error) {
 	defer logf.Close()
 	cmd := exec.Command("nsenter", append([]string{"--net=" + nsPath(ns), "--", bin}, args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	// Own process group so a terminal's ^C reaches only the harness, which
 	// then cleans up; Pdeathsig so a crashed harness leaves no daemons.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
