@@ -36,6 +36,7 @@ import (
 
 	helmrelease "helm.sh/helm/v3/pkg/release"
 
+	"github.com/fleetmirror/fleetmirror/operator/hitratio"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/operator/release"
 	"github.com/fleetmirror/fleetmirror/operator/status"
@@ -71,6 +72,12 @@ type Options struct {
 	// ReportAfter is how long a node may be held before a warning event.
 	NodeReadiness bool
 	ReportAfter   time.Duration
+	// HitRatioWindow is the window of the cluster peer hit ratio in each
+	// resource's status, scraped from the agents' metrics; 0 turns it off.
+	// AgentMetricsPort is where agents serve them when a resource's values
+	// do not say (the chart's default, 30022).
+	HitRatioWindow   time.Duration
+	AgentMetricsPort int
 	// SkipNameValidation lets one process start several managers (tests).
 	SkipNameValidation bool
 	Log                *slog.Logger
@@ -154,7 +161,11 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		if err := r.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
 		}
-		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Provider: o.Provider}
+		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Provider: o.Provider,
+			AgentMetricsPort: o.AgentMetricsPort}
+		if o.HitRatioWindow > 0 {
+			sc.HitRatio = hitratio.New(o.HitRatioWindow, nil)
+		}
 		if err := sc.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up status controller for %s: %w", gvk, err)
 		}

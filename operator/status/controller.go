@@ -3,10 +3,13 @@ package status
 import (
 	"context"
 	"fmt"
+	"net"
+	"strconv"
 	"sync"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -17,10 +20,12 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
+	"github.com/fleetmirror/fleetmirror/operator/hitratio"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
@@ -80,7 +85,15 @@ type Controller struct {
 	// Provider names the override in force, shown in the ProviderOverride
 	// condition; empty: none.
 	Provider string
+	// HitRatio, when set, puts the cluster's peer hit ratio over its window
+	// in status.peerHits, scraped from the agent pods' metrics on
+	// AgentMetricsPort (default 30022) unless the values name another port.
+	HitRatio         *hitratio.Sampler
+	AgentMetricsPort int
 }
+
+// hitRatioPeriod is how often the hit ratio is sampled.
+const hitRatioPeriod = time.Minute
 
 // SetupWithManager registers the controller.
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
@@ -96,12 +109,16 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 		}
 		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: l["app.kubernetes.io/instance"]}}}
 	})
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr).
 		Named("spegel-status").
 		For(cr, builder.WithPredicates(predicate.Funcs{})).
 		Watches(&appsv1.DaemonSet{}, toOwner).
-		WatchesRawSource(source.Channel(c.Released.ch, &handler.EnqueueRequestForObject{})).
-		Complete(c)
+		WatchesRawSource(source.Channel(c.Released.ch, &handler.EnqueueRequestForObject{}))
+	if c.HitRatio != nil {
+		// Agent pods coming and going change who is scraped.
+		b = b.Watches(&corev1.Pod{}, toOwner)
+	}
+	return b.Complete(c)
 }
 
 // Reconcile implements reconcile.Reconciler.
@@ -149,13 +166,22 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	}
 	st["conditions"] = conds
 	st["nodes"] = map[string]any{"desired": rd.Nodes.Desired, "updated": rd.Nodes.Updated, "ready": rd.Nodes.Ready}
+	resync := c.Resync
+	if c.HitRatio != nil {
+		if hits, err := c.peerHits(ctx, req, values.Merge(c.Defaults, spec)); err == nil {
+			st["peerHits"] = hits
+		} else {
+			log.FromContext(ctx).V(1).Info("peer hit ratio unavailable", "err", err.Error())
+		}
+		resync = min(resync, hitRatioPeriod)
+	}
 	if g := c.Released.Generation(req.NamespacedName); g > 0 {
 		st["observedGeneration"] = g
 	}
 	obj.Object["status"] = st
 	patch := client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
 	if data, err := patch.Data(obj); err == nil && string(data) == "{}" {
-		return reconcile.Result{RequeueAfter: c.Resync}, nil
+		return reconcile.Result{RequeueAfter: resync}, nil
 	}
 	if err := c.Client.Status().Patch(ctx, obj, patch); err != nil {
 		if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
@@ -163,7 +189,54 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		}
 		return reconcile.Result{}, fmt.Errorf("updating status of %s: %w", req, err)
 	}
-	return reconcile.Result{RequeueAfter: c.Resync}, nil
+	return reconcile.Result{RequeueAfter: resync}, nil
+}
+
+// peerHits scrapes the resource's agent pods and tells the cluster's peer
+// hit ratio: of the requests containerd sent its agent and a peer or the
+// upstream answered, the share peers answered.
+func (c *Controller) peerHits(ctx context.Context, req reconcile.Request, vals map[string]any) (map[string]any, error) {
+	var pods corev1.PodList
+	if err := c.Client.List(ctx, &pods, client.InNamespace(req.Namespace), client.MatchingLabels{
+		"app.kubernetes.io/instance": req.Name, "app.kubernetes.io/component": ComponentAgent,
+	}); err != nil {
+		return nil, fmt.Errorf("listing agent pods: %w", err)
+	}
+	port := c.AgentMetricsPort
+	if p, ok, _ := unstructured.NestedFieldNoCopy(vals, "ports", "metrics"); ok {
+		switch n := p.(type) {
+		case int64:
+			port = int(n)
+		case int:
+			port = n
+		case float64:
+			port = int(n)
+		}
+	}
+	if port == 0 {
+		port = 30022
+	}
+	var urls []string
+	for _, p := range pods.Items {
+		if p.Status.PodIP != "" && p.DeletionTimestamp == nil {
+			urls = append(urls, "http://"+net.JoinHostPort(p.Status.PodIP, strconv.Itoa(port))+"/metrics")
+		}
+	}
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	r, err := c.HitRatio.Observe(sctx, urls)
+	if err != nil {
+		return nil, err
+	}
+	hits := map[string]any{
+		"requests": int64(r.Requests),
+		"window":   r.Window.Round(time.Second).String(),
+		"agents":   fmt.Sprintf("%d/%d", r.Reached, r.Total),
+	}
+	if r.Requests > 0 {
+		hits["ratio"] = strconv.FormatFloat(r.Value, 'f', 2, 64)
+	}
+	return hits, nil
 }
 
 func conditionTrue(conds []any, typ string) bool {

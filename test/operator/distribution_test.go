@@ -349,7 +349,7 @@ type operatorRun struct {
 	done   chan error
 }
 
-func startOperator(t *testing.T, manifests string, c config.Config, reportAfter time.Duration) *operatorRun {
+func startOperator(t *testing.T, manifests string, c config.Config, reportAfter time.Duration, tweaks ...func(*manager.Options)) *operatorRun {
 	t.Helper()
 	var sa, ns string
 	for _, o := range decodeAll(t, manifests) {
@@ -368,7 +368,7 @@ func startOperator(t *testing.T, manifests string, c config.Config, reportAfter 
 	if reportAfter == 0 {
 		reportAfter = c.ReportAfter()
 	}
-	mgr, err := manager.New(as, manager.Options{
+	o := manager.Options{
 		WatchesFile:             filepath.Join(repoRoot, "watches.yaml"),
 		Inputs:                  inputs(c),
 		Provider:                c.Provider.Name,
@@ -381,7 +381,11 @@ func startOperator(t *testing.T, manifests string, c config.Config, reportAfter 
 		LeaderElectionNamespace: ns,
 		SkipNameValidation:      true,
 		Log:                     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})),
-	})
+	}
+	for _, tw := range tweaks {
+		tw(&o)
+	}
+	mgr, err := manager.New(as, o)
 	if err != nil {
 		t.Fatal(err)
 	}
