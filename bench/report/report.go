@@ -145,49 +145,60 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 
 func sec(d time.Duration) string { return fmt.Sprintf("%.2fs", d.Seconds()) }
 
-// WritePlots writes one box plot per scenario into dir: pull times by
-// image, baseline beside fleetmirror.
+// WritePlots writes a box plot per scenario and image size into dir
+// (rollout-update-1GB.png): pull times of each layer count, baseline beside
+// fleetmirror, on an axis that suits the size.
 func (r *Results) WritePlots(dir string) ([]string, error) {
 	var files []string
 	modes := r.keys(func(p Pull) string { return p.Mode })
-	images := r.keys(func(p Pull) string { return p.Image })
+	sizes := r.keys(func(p Pull) string { size, _, _ := strings.Cut(p.Image, "-"); return size })
 	for _, sc := range r.keys(func(p Pull) string { return p.Scenario }) {
-		p := plot.New()
-		p.Title.Text = "pull time per node, " + sc + ": " + strings.Join(modes, " (white), ") + " (blue)"
-		p.Y.Label.Text = "seconds"
-		p.Y.Min = 0
-		width := vg.Points(14)
-		var names []string
-		for i, img := range images {
-			names = append(names, img)
-			for j, mode := range modes {
-				ds := r.durations(mode, sc, img)
-				if len(ds) == 0 {
-					continue
+		for _, size := range sizes {
+			var images []string
+			for _, img := range r.keys(func(p Pull) string { return p.Image }) {
+				if strings.HasPrefix(img, size+"-") {
+					images = append(images, img)
 				}
-				vals := make(plotter.Values, len(ds))
-				for k, d := range ds {
-					vals[k] = d.Seconds()
-				}
-				box, err := plotter.NewBoxPlot(width, float64(i), vals)
-				if err != nil {
-					return nil, err
-				}
-				box.Offset = vg.Length(float64(j)-float64(len(modes)-1)/2) * (width + 2)
-				if mode != "baseline" {
-					box.FillColor = plotColor
-				}
-				p.Add(box)
 			}
+			file := filepath.Join(dir, "rollout-"+sc+"-"+size+".png")
+			if err := r.plot(file, sc, size, modes, images); err != nil {
+				return nil, err
+			}
+			files = append(files, file)
 		}
-		p.NominalX(names...)
-		file := filepath.Join(dir, "rollout-"+sc+".png")
-		if err := p.Save(vg.Length(120+110*len(images)), 9*vg.Centimeter, file); err != nil {
-			return nil, err
-		}
-		files = append(files, file)
 	}
 	return files, nil
+}
+
+func (r *Results) plot(file, scenario, size string, modes, images []string) error {
+	p := plot.New()
+	p.Title.Text = "pull time per node, " + scenario + ", " + size + ": " + strings.Join(modes, " (white), ") + " (blue)"
+	p.Y.Label.Text = "seconds"
+	p.Y.Min = 0
+	width := vg.Points(18)
+	for i, img := range images {
+		for j, mode := range modes {
+			ds := r.durations(mode, scenario, img)
+			if len(ds) == 0 {
+				continue
+			}
+			vals := make(plotter.Values, len(ds))
+			for k, d := range ds {
+				vals[k] = d.Seconds()
+			}
+			box, err := plotter.NewBoxPlot(width, float64(i), vals)
+			if err != nil {
+				return err
+			}
+			box.Offset = vg.Length(float64(j)-float64(len(modes)-1)/2) * (width + 2)
+			if mode != "baseline" {
+				box.FillColor = plotColor
+			}
+			p.Add(box)
+		}
+	}
+	p.NominalX(images...)
+	return p.Save(vg.Length(160+140*len(images)), 8*vg.Centimeter, file)
 }
 
 // WriteAll writes results.csv, summary.md and the plots into dir.

@@ -73,6 +73,8 @@ func run(ctx context.Context, c config) error {
 	}
 	defer cl.Close()
 
+	// Pushing is setup, not measured: unshaped, then the shaping is on.
+	cl.Upstream.SetShaping(0, 0)
 	var imgs []image
 	for i, s := range specs {
 		img := image{spec: s}
@@ -82,7 +84,6 @@ func run(ctx context.Context, c config) error {
 				return err
 			}
 			*dst = cl.Upstream.Ref(fmt.Sprintf("rollout/%s:v%d", strings.ToLower(s.Name), v+1))
-			cl.Upstream.SetShaping(0, 0) // pushing is setup, not measured
 			if err := cl.Upstream.Push(ctx, *dst, g.Image); err != nil {
 				return err
 			}
@@ -94,6 +95,7 @@ func run(ctx context.Context, c config) error {
 		}
 		imgs = append(imgs, img)
 	}
+	cl.Upstream.SetShaping(c.rate, c.latency)
 
 	res := &report.Results{Setup: []string{
 		fmt.Sprintf("%d nodes, containerd %s, each node a network namespace on one %d-core machine", c.nodes, c.containerd, numCPU()),
