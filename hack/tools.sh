@@ -17,7 +17,6 @@ command -v nsenter >/dev/null || need_apt+=(util-linux)
 command -v dbus-daemon >/dev/null || need_apt+=(dbus)
 # Headless Chromium for the debug page's browser test (test/e2e/web_test.go).
 command -v chromium >/dev/null || need_apt+=(chromium)
-command -v helm >/dev/null || true
 if [ ${#need_apt[@]} -gt 0 ]; then
 	log "apt-get install ${need_apt[*]}"
 	export DEBIAN_FRONTEND=noninteractive

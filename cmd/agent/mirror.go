@@ -13,6 +13,7 @@ import (
 	"os"
 	"runtime/debug"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -151,19 +152,7 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	if err != nil {
 		return err
 	}
-	var boot routing.Bootstrapper
-	switch {
-	case len(c.bootstrapPeers) > 0:
-		boot = routing.StaticBootstrapper{Entries: c.bootstrapPeers}
-	case c.bootstrapDNS != "":
-		boot = routing.DNSBootstrapper{Name: c.bootstrapDNS, Port: port}
-	}
-	ropts := []routing.Option{routing.WithListenAddr(c.routerAddr), routing.WithRegistryPort(port),
-		routing.WithDataDir(c.dataDir), routing.WithLogger(log.With("component", "routing"))}
-	if boot != nil {
-		ropts = append(ropts, routing.WithBootstrapper(boot))
-	}
-	router, err := routing.NewP2P(ctx, ropts...)
+	router, err := c.router(ctx, port, log)
 	if err != nil {
 		return err
 	}
@@ -175,7 +164,9 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	if err != nil {
 		return err
 	}
-	hostsWritten := !c.mirrorAdd
+	// Read by /readyz handlers while the main goroutine writes hosts.toml.
+	var hostsWritten atomic.Bool
+	hostsWritten.Store(!c.mirrorAdd)
 	ready := func(ctx context.Context) error {
 		if err := st.Ready(); err != nil {
 			return err
@@ -183,7 +174,7 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		if ok, err := router.Ready(ctx); !ok {
 			return fmt.Errorf("router has not joined its peers yet: %v", err)
 		}
-		if !hostsWritten {
+		if !hostsWritten.Load() {
 			return errors.New("hosts.toml not written yet")
 		}
 		if c.prepCheckConfig != "" {
@@ -212,25 +203,9 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		metricsMux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	}
 	if c.debugWeb {
-		wopts := []web.Option{web.WithRouter(router), web.WithStore(st), web.WithGatherer(m.Registry),
-			web.WithLogger(log.With("component", "web")), web.WithConfig(web.Config{
-				RegistryURL:        localURL(c.registryAddr),
-				MirroredRegistries: hostsOf(regs),
-				MirrorTargets:      c.mirrorTargets,
-				ResolveTimeout:     c.resolveTimeout,
-				ResolveRetries:     c.resolveRetries,
-				Version:            version.Version,
-			})}
-		// Without --prep-check-config the page says "not configured".
-		if c.prepCheckConfig != "" {
-			wopts = append(wopts, web.WithPrepStatus(c.prepStatus))
-		}
-		dw, err := web.New(wopts...)
-		if err != nil {
+		if err := c.mountDebugPage(metricsMux, router, st, m, regs, log); err != nil {
 			return err
 		}
-		metricsMux.Handle("/debug/web", dw.Handler())
-		metricsMux.Handle(web.Path, dw.Handler())
 	}
 
 	regLn, err := net.Listen("tcp", c.registryAddr)
@@ -263,10 +238,48 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		if err := hosts.Write(c.hostsConfig()); err != nil {
 			return fmt.Errorf("writing hosts.toml under %s: %w", c.certsDir, err)
 		}
-		hostsWritten = true
+		hostsWritten.Store(true)
 		log.Info("wrote containerd mirror configuration", "certsDir", c.certsDir, "targets", c.mirrorTargets.String())
 	}
 	return g.Wait()
+}
+
+// router starts the libp2p router, bootstrapping from the static peers or
+// the DNS name when one is given.
+func (c *mirrorConfig) router(ctx context.Context, port uint16, log *slog.Logger) (*routing.P2P, error) {
+	opts := []routing.Option{routing.WithListenAddr(c.routerAddr), routing.WithRegistryPort(port),
+		routing.WithDataDir(c.dataDir), routing.WithLogger(log.With("component", "routing"))}
+	switch {
+	case len(c.bootstrapPeers) > 0:
+		opts = append(opts, routing.WithBootstrapper(routing.StaticBootstrapper{Entries: c.bootstrapPeers}))
+	case c.bootstrapDNS != "":
+		opts = append(opts, routing.WithBootstrapper(routing.DNSBootstrapper{Name: c.bootstrapDNS, Port: port}))
+	}
+	return routing.NewP2P(ctx, opts...)
+}
+
+// mountDebugPage serves /debug/web on mux.
+func (c *mirrorConfig) mountDebugPage(mux *http.ServeMux, router *routing.P2P, st *store.Containerd, m *metrics.Metrics, regs []hosts.Registry, log *slog.Logger) error {
+	opts := []web.Option{web.WithRouter(router), web.WithStore(st), web.WithGatherer(m.Registry),
+		web.WithLogger(log.With("component", "web")), web.WithConfig(web.Config{
+			RegistryURL:        localURL(c.registryAddr),
+			MirroredRegistries: hostsOf(regs),
+			MirrorTargets:      c.mirrorTargets,
+			ResolveTimeout:     c.resolveTimeout,
+			ResolveRetries:     c.resolveRetries,
+			Version:            version.Version,
+		})}
+	// Without --prep-check-config the page says "not configured".
+	if c.prepCheckConfig != "" {
+		opts = append(opts, web.WithPrepStatus(c.prepStatus))
+	}
+	dw, err := web.New(opts...)
+	if err != nil {
+		return err
+	}
+	mux.Handle("/debug/web", dw.Handler())
+	mux.Handle(web.Path, dw.Handler())
+	return nil
 }
 
 // prepStatus is the containerd-prep check as the debug page shows it.
