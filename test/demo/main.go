@@ -93,7 +93,7 @@ func run(ctx context.Context, agent string, nodes int, containerd string, size i
 
 	fmt.Println()
 	for _, n := range c.Nodes {
-		say("%s: metrics %s  ready http://%s/readyz  agent log %s", n.Name, n.MetricsURL(), n.RegistryAddr(), n.AgentLog)
+		say("%s: debug page http://%s:%d/debug/web  metrics %s  agent log %s", n.Name, n.IP, cluster.AgentMetricsPort, n.MetricsURL(), n.AgentLog)
 	}
 	if !wait {
 		return nil
