@@ -39,6 +39,12 @@ type Options struct {
 	UpstreamLatency time.Duration
 	// Pods, when set, makes every containerd able to run pods (test/kube).
 	Pods *PodRuntime
+	// PrivateMounts gives every node a mount namespace of its own in which
+	// the node's dirs sit at /etc/containerd, /var/lib/containerd,
+	// /run/containerd, /var/lib/fleetmirror and /run/dbus, and containerd
+	// reads /etc/containerd/config.toml, so that hostPath volumes of pods
+	// (test/kube) reach the node's files, never the machine's. See mounts.go.
+	PrivateMounts bool
 }
 
 // Cluster is a running test bed. Close removes all of it.
@@ -214,6 +220,7 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 		containerdBin: bin,
 		version:       c.opts.Containerd,
 	}
+	n.configArg = n.ConfigPath
 	paths := containerdPaths{
 		Root:    filepath.Join(dir, "root"),
 		State:   filepath.Join(run, "state"),
@@ -230,7 +237,11 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 			n.containerdEnv = []string{"PATH=" + p.ShimDir + ":" + os.Getenv("PATH")}
 		}
 	}
-	for _, d := range []string{paths.Root, paths.State, paths.Opt, paths.Certs, paths.CNIConf, paths.CNIBin} {
+	hostDirs := []string{paths.Root, paths.State, paths.Opt, paths.Certs, paths.CNIConf, paths.CNIBin}
+	if c.opts.PrivateMounts {
+		hostDirs = c.privateLayout(n, run, &paths)
+	}
+	for _, d := range hostDirs {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, err
 		}
@@ -241,6 +252,11 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 	}
 	if err := os.WriteFile(n.ConfigPath, cfg, 0o644); err != nil {
 		return nil, err
+	}
+	if c.opts.PrivateMounts {
+		if err := c.makeMountNS(ctx, n); err != nil {
+			return nil, err
+		}
 	}
 	if err := c.Upstream.addAltClient(n.NS, n.IP); err != nil {
 		return nil, err

@@ -43,7 +43,16 @@ type Node struct {
 	ContainerdLog string
 	AgentLog      string
 
+	// With Options.PrivateMounts: the file pinning the node's own mount
+	// namespace, where its containerd and kubelet run and its dirs sit at
+	// the standard paths (see HostPath), and the harness's view of the
+	// node's /run/dbus. Both "" otherwise.
+	MountNS string
+	DBusDir string
+
 	cluster       *Cluster
+	binds         []bind
+	configArg     string // --config as containerd sees it
 	link          string // the node's end of its veth
 	containerdBin string
 	containerdEnv []string
@@ -93,7 +102,7 @@ func (n *Node) StartContainerd(ctx context.Context) error {
 	// A socket left by a killed containerd would make the readiness check
 	// talk to nothing; containerd removes and recreates it anyway.
 	_ = os.Remove(n.Socket)
-	p, err := startInNetns(n.NS, n.ContainerdLog, n.containerdEnv, n.containerdBin, "--config", n.ConfigPath)
+	p, err := startInNamespaces(n.NS, n.MountNS, n.ContainerdLog, n.containerdEnv, n.containerdBin, "--config", n.configArg)
 	if err != nil {
 		return err
 	}

@@ -25,12 +25,22 @@ type proc struct {
 // containerd and agent see the same files the harness sees. env (may be
 // nil) is added to the harness's environment.
 func startInNetns(ns, logPath string, env []string, bin string, args ...string) (*proc, error) {
+	return startInNamespaces(ns, "", logPath, env, bin, args...)
+}
+
+// startInNamespaces is startInNetns that also enters the persistent mount
+// namespace pinned at mntns (see Options.PrivateMounts) unless it is "".
+func startInNamespaces(ns, mntns, logPath string, env []string, bin string, args ...string) (*proc, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close()
-	cmd := exec.Command("nsenter", append([]string{"--net=" + nsPath(ns), "--", bin}, args...)...)
+	nsArgs := []string{"--net=" + nsPath(ns)}
+	if mntns != "" {
+		nsArgs = append(nsArgs, "--mount="+mntns)
+	}
+	cmd := exec.Command("nsenter", append(append(nsArgs, "--", bin), args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if len(env) > 0 {
 		cmd.Env = append(os.Environ(), env...)

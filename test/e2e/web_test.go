@@ -257,7 +257,7 @@ func browse(t *testing.T, e *env, n1, n2 *cluster.Node, img image) {
 	// and nothing runs in the background.
 	opts := []chromedp.ExecAllocatorOption{
 		chromedp.ExecPath(bin),
-		chromedp.UserDataDir(t.TempDir()),
+		chromedp.UserDataDir(profileDir(t)),
 		chromedp.WindowSize(1366, 900),
 		chromedp.Flag("headless", true),
 		chromedp.Flag("no-sandbox", true),
@@ -356,4 +356,24 @@ func browse(t *testing.T, e *env, n1, n2 *cluster.Node, img image) {
 		t.Fatal(err)
 	}
 	t.Logf("screenshot of %s: %s", page, path)
+}
+
+// profileDir is a fresh Chromium profile. Not t.TempDir: Chromium's helper
+// processes can still write into it for a moment after the browser exits,
+// which fails TempDir's cleanup; so removal is retried briefly here.
+func profileDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "fleetmirror-chromium-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for range 50 {
+			if os.RemoveAll(dir) == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Logf("could not remove the Chromium profile %s", dir)
+	})
+	return dir
 }

@@ -19,6 +19,15 @@
 // Services, headless ones included, resolve; other names do not. The sandbox image is the sleeper built here and imported
 // into every node: nothing is pulled from the internet.
 //
+// Nodes share the machine's filesystem unless Options.PrivateMounts gives
+// each its own mount namespace (test/cluster/mounts.go): then a pod's
+// hostPath /etc/containerd, /var/lib/containerd, /run/containerd,
+// /var/lib/fleetmirror or /run/dbus is its node's own (Node.HostPath says
+// where the harness finds it), containerd reads /etc/containerd/config.toml
+// there, and each node has a bus at /run/dbus/system_bus_socket whose
+// stand-in systemd restarts that node's containerd (nodebus.go), so the
+// product's DaemonSets can run unchanged without touching the machine.
+//
 // Everything is named for the run (fm-<id>-...) and removed by Close, or by
 // the next run's leftover cleanup if this process dies.
 package kube
@@ -53,6 +62,13 @@ type Options struct {
 	Dir        string // work dir; default a temp dir removed by Close
 	KeepDir    bool   // keep a temp Dir after Close, to read logs
 	Logf       func(format string, args ...any)
+	// PrivateMounts gives each node its own mount namespace, in which its
+	// containerd and kubelet run and the node's dirs sit at
+	// /etc/containerd, /var/lib/containerd, /run/containerd,
+	// /var/lib/fleetmirror and /run/dbus (cluster.Options.PrivateMounts),
+	// and its own system bus there (Buses). Off: nodes share the machine's
+	// filesystem, so hostPath volumes reach the machine's real paths.
+	PrivateMounts bool
 }
 
 // Cluster is a running Kubernetes cluster. The embedded test/cluster gives
@@ -66,6 +82,7 @@ type Cluster struct {
 	Config     *rest.Config
 	Client     kubernetes.Interface
 	Kubelets   []*Kubelet
+	Buses      []*NodeBus // with Options.PrivateMounts, one per node
 	// SleeperImage is the sleeper pushed to the upstream, for workloads.
 	SleeperImage string
 	// Timings of Start: "cluster" (namespaces, containerds, upstream),
@@ -120,11 +137,12 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	c = &Cluster{logf: logf, bins: bins, Timings: map[string]time.Duration{}}
 	t0 := time.Now()
 	c.Cluster, err = cluster.Start(ctx, cluster.Options{
-		Nodes:      opts.Nodes,
-		Containerd: opts.Containerd,
-		Dir:        opts.Dir,
-		KeepDir:    opts.KeepDir,
-		Logf:       logf,
+		Nodes:         opts.Nodes,
+		Containerd:    opts.Containerd,
+		Dir:           opts.Dir,
+		KeepDir:       opts.KeepDir,
+		Logf:          logf,
+		PrivateMounts: opts.PrivateMounts,
 		Pods: &cluster.PodRuntime{
 			SandboxImage: SandboxImage,
 			ShimDir:      bins.shimDir,
@@ -155,6 +173,16 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	}
 	if err = c.parallel(func(n *cluster.Node) error { return importImage(ctx, n.Socket, SandboxImage, sandbox) }); err != nil {
 		return c, err
+	}
+
+	if opts.PrivateMounts {
+		for _, n := range c.Nodes {
+			b, err := c.startBus(ctx, n)
+			if err != nil {
+				return c, err
+			}
+			c.Buses = append(c.Buses, b)
+		}
 	}
 
 	t1 := time.Now()
@@ -216,6 +244,11 @@ func (c *Cluster) Healthy() error {
 			return err
 		}
 	}
+	for _, b := range c.Buses {
+		if done, err := b.proc.Exited(); done {
+			return fmt.Errorf("kube: %s: dbus-daemon exited (%v); log tail:\n%s", b.Node.Name, err, cluster.TailFile(b.Log, 20))
+		}
+	}
 	return nil
 }
 
@@ -275,6 +308,9 @@ func (c *Cluster) LogTail(lines int) string {
 		fmt.Fprintf(&b, "--- %s kubelet\n%s", k.Name, cluster.TailFile(k.Log, lines))
 		fmt.Fprintf(&b, "--- %s containerd\n%s", k.Name, cluster.TailFile(k.Node.ContainerdLog, lines))
 	}
+	for _, bus := range c.Buses {
+		fmt.Fprintf(&b, "--- %s dbus-daemon\n%s", bus.Node.Name, cluster.TailFile(bus.Log, lines))
+	}
 	return b.String()
 }
 
@@ -293,6 +329,11 @@ func (c *Cluster) Close() error {
 			})
 		}
 		wg.Wait()
+		for _, b := range c.Buses {
+			if err := b.close(); err != nil {
+				errs = append(errs, fmt.Errorf("%s bus: %w", b.Node.Name, err))
+			}
+		}
 		// Reverse start order: the scheduler and controllers before the
 		// API server, the API server before etcd.
 		for i := len(c.components) - 1; i >= 0; i-- {

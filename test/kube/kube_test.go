@@ -320,14 +320,16 @@ func assertNothingLeft(t *testing.T, id, dir string, pids []int) {
 
 // TestLeftoversOfCrashedRun kills a process that runs a 1-node cluster with
 // a pod, then checks that the next run's leftover cleanup removes the pod's
-// processes, mounts and cgroups with the namespaces and files.
+// processes, mounts and cgroups with the namespaces and files; once with
+// the machine's mounts, once with Options.PrivateMounts (the node's pinned
+// mount namespace and its bus must go too).
 func TestLeftoversOfCrashedRun(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: network namespaces, cgroups, containerd, kubelet")
 	}
 	if os.Getenv("FM_KUBE_CRASH_HELPER") == "1" {
 		ctx := context.Background()
-		c, err := Start(ctx, Options{Nodes: 1})
+		c, err := Start(ctx, Options{Nodes: 1, PrivateMounts: os.Getenv("FM_KUBE_CRASH_PRIVATE") == "1"})
 		if err != nil {
 			fmt.Println("START-ERROR", err)
 			os.Exit(1)
@@ -349,8 +351,17 @@ func TestLeftoversOfCrashedRun(t *testing.T) {
 		time.Sleep(time.Minute) // to be killed
 		os.Exit(2)
 	}
+	for _, private := range []bool{false, true} {
+		t.Run(fmt.Sprintf("PrivateMounts=%v", private), func(t *testing.T) { crashAndClean(t, private) })
+	}
+}
+
+func crashAndClean(t *testing.T, private bool) {
 	cmd := exec.Command(os.Args[0], "-test.run=^TestLeftoversOfCrashedRun$")
 	cmd.Env = append(os.Environ(), "FM_KUBE_CRASH_HELPER=1")
+	if private {
+		cmd.Env = append(cmd.Env, "FM_KUBE_CRASH_PRIVATE=1")
+	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -382,9 +393,15 @@ func TestLeftoversOfCrashedRun(t *testing.T) {
 	if left, _ := filepath.Glob("/sys/fs/cgroup/pids/fm-" + id + "-*/*/*/*/cgroup.procs"); len(left) == 0 {
 		t.Fatalf("the crashed run left no pod cgroups")
 	}
+	// Pod mounts sit in the machine's namespace, or (private) in the
+	// node's, which its pinned nsfs file keeps alive.
+	left := dir
+	if private {
+		left = "/run/fm-" + id + "/mntns/n1"
+	}
 	mounts, _ := os.ReadFile("/proc/self/mountinfo")
-	if !strings.Contains(string(mounts), dir) {
-		t.Fatalf("the crashed run left no mounts under %s", dir)
+	if !strings.Contains(string(mounts), left) {
+		t.Fatalf("the crashed run left no mounts under %s", left)
 	}
 	cluster.CleanupLeftovers(context.Background(), t.Logf)
 	assertNothingLeft(t, id, dir, nil)

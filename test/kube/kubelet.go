@@ -158,7 +158,9 @@ func (c *Cluster) startKubelet(ctx context.Context, i int, n *cluster.Node) (*Ku
 	if err := os.WriteFile(config, []byte(b.String()), 0o644); err != nil {
 		return nil, err
 	}
-	k.proc, err = cluster.StartProcess(n.NS, k.Log, nil, c.bins.kubelet,
+	// In the node's mount namespace (if it has one), as hostPath volumes
+	// and the mounts kubelet makes for pods must be what containerd sees.
+	k.proc, err = n.StartProcess(k.Log, nil, c.bins.kubelet,
 		"--config="+config,
 		"--kubeconfig="+kubeconfig,
 		"--root-dir="+k.RootDir,

@@ -3,7 +3,10 @@
 // SIGTERM or SIGINT. With the argument -api it also resolves the API
 // server's Service name through cluster DNS and calls the API server the
 // way in-cluster clients do (Service env, service account token and CA),
-// printing both answers. Static, so an image of this one file runs anywhere.
+// printing both answers. With -write=PATH it writes "node=<NODE_NAME>" to
+// PATH (making its parent dirs), and with -ls=DIR it prints DIR's entries,
+// for tests of hostPath volumes without a shell in the image. Static, so
+// an image of this one file runs anywhere.
 package main
 
 import (
@@ -15,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -33,6 +37,23 @@ func main() {
 			fmt.Printf("sleeper: DNS kubernetes.default = %v (err %v)\n", addrs, err)
 			fmt.Println("sleeper: " + checkAPI())
 		}()
+	}
+	for _, a := range os.Args[1:] {
+		if p, ok := strings.CutPrefix(a, "-write="); ok {
+			err := os.MkdirAll(filepath.Dir(p), 0o755)
+			if err == nil {
+				err = os.WriteFile(p, []byte("node="+os.Getenv("NODE_NAME")+"\n"), 0o644)
+			}
+			fmt.Printf("sleeper: write %s: err %v\n", p, err)
+		}
+		if d, ok := strings.CutPrefix(a, "-ls="); ok {
+			var names []string
+			entries, err := os.ReadDir(d)
+			for _, e := range entries {
+				names = append(names, e.Name())
+			}
+			fmt.Printf("sleeper: ls %s: %v (err %v)\n", d, names, err)
+		}
 	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
