@@ -359,6 +359,13 @@ func (p *P2P) Lookup(ctx context.Context, key string, count int) (<-chan netip.A
 			}
 			ip, ok := p.peerIP(ai)
 			if !ok {
+				// A provider this node never met comes without addresses
+				// when the record holder had none to hand on: ask the DHT.
+				if found, err := p.dht.FindPeer(lctx, ai.ID); err == nil {
+					ip, ok = p.peerIP(found)
+				}
+			}
+			if !ok {
 				p.log.Debug("provider without usable address", "peer", ai.ID.String())
 				continue
 			}
@@ -399,9 +406,10 @@ func (p *P2P) Peers() []Peer {
 	return out
 }
 
-// peerIP picks the IP to reach a peer's registry on. The address we are
-// connected to it on is known to work, so it wins; then advertised addresses.
-// Loopback is a last resort, since on a real cluster it would point at us.
+// peerIP picks the IP to reach a peer's registry on: the addresses it
+// advertises (its --router-addr, the node IP) first, then the address of a
+// connection to it. Loopback is a last resort, since on a real cluster it
+// would point at us.
 func (p *P2P) peerIP(ai peer.AddrInfo) (netip.Addr, bool) {
 	var fallback netip.Addr
 	pick := func(addrs []ma.Multiaddr) (netip.Addr, bool) {
@@ -424,7 +432,9 @@ func (p *P2P) peerIP(ai peer.AddrInfo) (netip.Addr, bool) {
 	for _, c := range p.host.Network().ConnsToPeer(ai.ID) {
 		conns = append(conns, c.RemoteMultiaddr())
 	}
-	for _, set := range [][]ma.Multiaddr{conns, ai.Addrs, p.host.Peerstore().Addrs(ai.ID)} {
+	// A connection's address is its source address, which a multi-homed
+	// node (or loopback in tests) can pick apart from where it listens.
+	for _, set := range [][]ma.Multiaddr{ai.Addrs, p.host.Peerstore().Addrs(ai.ID), conns} {
 		if ip, ok := pick(set); ok {
 			return ip, true
 		}
