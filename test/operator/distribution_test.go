@@ -29,6 +29,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/yaml"
 
@@ -407,18 +408,35 @@ func (r *operatorRun) stop(t *testing.T) {
 // create the cluster's one resource.
 func forget(t *testing.T, cl client.Client, ns, name string) {
 	t.Helper()
-	ctx := context.Background()
-	u := spegel(ns, name, nil)
-	if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
+	if !updateSpegel(t, cl, ns, name, func(u *unstructured.Unstructured) { u.SetFinalizers(nil) }) {
 		return
 	}
-	u.SetFinalizers(nil)
-	if err := cl.Update(ctx, u); err != nil {
+	if err := cl.Delete(context.Background(), spegel(ns, name, nil)); err != nil && !apierrors.IsNotFound(err) {
 		t.Fatal(err)
 	}
-	if err := cl.Delete(ctx, u); err != nil && !apierrors.IsNotFound(err) {
+}
+
+// updateSpegel changes a Spegel resource, reading it again when the operator
+// wrote it in between; it reports false when there is no such resource.
+func updateSpegel(t *testing.T, cl client.Client, ns, name string, mutate func(*unstructured.Unstructured)) bool {
+	t.Helper()
+	found := true
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		u := spegel(ns, name, nil)
+		if err := cl.Get(context.Background(), client.ObjectKeyFromObject(u), u); err != nil {
+			if apierrors.IsNotFound(err) {
+				found = false
+				return nil
+			}
+			return err
+		}
+		mutate(u)
+		return cl.Update(context.Background(), u)
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
+	return found
 }
 
 // TestOperatorInstall: `helm install -f overrides/nebius.yaml --set

@@ -146,6 +146,12 @@ func TestOperator(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A failure part way must not leave the cluster's one resource behind
+	// for the next test.
+	t.Cleanup(func() {
+		forget(t, cl, "fm", "spegel")
+		forget(t, cl, "other", "spegel")
+	})
 
 	mgr, err := manager.New(cfg, manager.Options{
 		WatchesFile:             filepath.Join(repoRoot, "watches.yaml"),
@@ -230,11 +236,9 @@ func TestOperator(t *testing.T) {
 
 	// Unchanged: a reconcile without a spec change makes no new revision.
 	n0, s0 := reconcileStats(t)
-	u := get("fm", "spegel")
-	u.SetAnnotations(map[string]string{"example.com/touch": "1"})
-	if err := cl.Update(ctx, u); err != nil {
-		t.Fatal(err)
-	}
+	updateSpegel(t, cl, "fm", "spegel", func(u *unstructured.Unstructured) {
+		u.SetAnnotations(map[string]string{"example.com/touch": "1"})
+	})
 	eventually(t, "a reconcile after the touch", 30*time.Second, func() error {
 		if n, _ := reconcileStats(t); n < n0+1 {
 			return fmt.Errorf("%d reconciles", n)
@@ -267,13 +271,11 @@ func TestOperator(t *testing.T) {
 	// A spec change upgrades.
 	setSpec := func(path []string, v any) {
 		t.Helper()
-		u := get("fm", "spegel")
-		if err := unstructured.SetNestedField(u.Object, v, append([]string{"spec"}, path...)...); err != nil {
-			t.Fatal(err)
-		}
-		if err := cl.Update(ctx, u); err != nil {
-			t.Fatal(err)
-		}
+		updateSpegel(t, cl, "fm", "spegel", func(u *unstructured.Unstructured) {
+			if err := unstructured.SetNestedField(u.Object, v, append([]string{"spec"}, path...)...); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 	setSpec([]string{"mirrorResolveTimeout"}, "50ms")
 	eventually(t, "upgrade to 50ms", 30*time.Second, func() error {
@@ -350,11 +352,9 @@ func TestOperator(t *testing.T) {
 	readyIs("True", "RolloutComplete", 2)
 
 	// Pause: spec changes wait until the annotation is gone.
-	u = get("fm", "spegel")
-	u.SetAnnotations(map[string]string{manager.PauseAnnotation: "true"})
-	if err := cl.Update(ctx, u); err != nil {
-		t.Fatal(err)
-	}
+	updateSpegel(t, cl, "fm", "spegel", func(u *unstructured.Unstructured) {
+		u.SetAnnotations(map[string]string{manager.PauseAnnotation: "true"})
+	})
 	eventually(t, "Paused condition", 20*time.Second, func() error {
 		if s, _, _ := condition(get("fm", "spegel"), "Paused"); s != "True" {
 			return fmt.Errorf("Paused=%s", s)
@@ -366,11 +366,7 @@ func TestOperator(t *testing.T) {
 	if ds, _ := agentDS(); agentEnv(ds, "FLEETMIRROR_MIRROR_RESOLVE_TIMEOUT") != "50ms" {
 		t.Fatalf("a paused resource was upgraded: %q", agentEnv(ds, "FLEETMIRROR_MIRROR_RESOLVE_TIMEOUT"))
 	}
-	u = get("fm", "spegel")
-	u.SetAnnotations(nil)
-	if err := cl.Update(ctx, u); err != nil {
-		t.Fatal(err)
-	}
+	updateSpegel(t, cl, "fm", "spegel", func(u *unstructured.Unstructured) { u.SetAnnotations(nil) })
 	eventually(t, "upgrade after unpausing", 30*time.Second, func() error {
 		ds, err := agentDS()
 		if err != nil {
