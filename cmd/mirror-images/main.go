@@ -82,21 +82,29 @@ func lintCommand(fs *flag.FlagSet, c *common) func(context.Context) error {
 	}
 }
 
-func toFlag(fs *flag.FlagSet) *string {
-	return fs.String("to", "", "target registry host[:port][/prefix]; images land at imageMirror's paths under it")
+// toFlag registers --to and returns a getter that refuses it empty.
+func toFlag(fs *flag.FlagSet) func() (string, error) {
+	to := fs.String("to", "", "target registry host[:port][/prefix]; images land at imageMirror's paths under it")
+	return func() (string, error) {
+		if *to == "" {
+			return "", errors.New("--to is required, e.g. --to registry.corp:5000/mirror")
+		}
+		return *to, nil
+	}
 }
 
 func planCommand(fs *flag.FlagSet, c *common) func(context.Context) error {
-	to := toFlag(fs)
+	target := toFlag(fs)
 	return func(ctx context.Context) error {
-		if *to == "" {
-			return errors.New("--to is required, e.g. --to registry.corp:5000/mirror")
+		to, err := target()
+		if err != nil {
+			return err
 		}
 		s, err := c.load()
 		if err != nil {
 			return err
 		}
-		steps, err := mirrorset.Plan(ctx, s, *to, c.opts)
+		steps, err := mirrorset.Plan(ctx, s, to, c.opts)
 		if err != nil {
 			return err
 		}
@@ -115,16 +123,17 @@ func planCommand(fs *flag.FlagSet, c *common) func(context.Context) error {
 }
 
 func pushCommand(fs *flag.FlagSet, c *common) func(context.Context) error {
-	to := toFlag(fs)
+	target := toFlag(fs)
 	return func(ctx context.Context) error {
-		if *to == "" {
-			return errors.New("--to is required, e.g. --to registry.corp:5000/mirror")
+		to, err := target()
+		if err != nil {
+			return err
 		}
 		s, err := c.load()
 		if err != nil {
 			return err
 		}
-		steps, err := mirrorset.Push(ctx, s, *to, c.opts)
+		steps, err := mirrorset.Push(ctx, s, to, c.opts)
 		for _, st := range steps {
 			fmt.Printf("%-8s %-12s %s\n", st.Action, st.Image.Name, st.Target)
 		}

@@ -229,13 +229,7 @@ func TestClusterRunsDaemonSets(t *testing.T) {
 	}
 
 	// What Close must remove.
-	var pids []int
-	for _, comp := range c.components {
-		pids = append(pids, comp.proc.Pid())
-	}
-	for _, k := range c.Kubelets {
-		pids = append(pids, k.proc.Pid())
-	}
+	pids := clusterPIDs(c)
 	id, dir := c.ID, c.Dir
 	closed = true
 	t1 := time.Now()
@@ -405,4 +399,20 @@ func crashAndClean(t *testing.T, private bool) {
 	}
 	cluster.CleanupLeftovers(context.Background(), t.Logf)
 	assertNothingLeft(t, id, dir, nil)
+}
+
+// clusterPIDs are the processes Close must end: control plane, buses and
+// kubelets.
+func clusterPIDs(c *Cluster) []int {
+	var pids []int
+	for _, comp := range c.components {
+		pids = append(pids, comp.proc.Pid())
+	}
+	for _, b := range c.Buses {
+		pids = append(pids, b.proc.Pid())
+	}
+	for _, k := range c.Kubelets {
+		pids = append(pids, k.proc.Pid())
+	}
+	return pids
 }

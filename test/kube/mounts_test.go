@@ -205,13 +205,7 @@ func TestPrivateMountsPerNode(t *testing.T) {
 		fail("%v", err)
 	}
 
-	var pids []int
-	for _, b := range c.Buses {
-		pids = append(pids, b.proc.Pid())
-	}
-	for _, k := range c.Kubelets {
-		pids = append(pids, k.proc.Pid())
-	}
+	pids := clusterPIDs(c)
 	id, dir := c.ID, c.Dir
 	closed = true
 	if err := c.Close(); err != nil {

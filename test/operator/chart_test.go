@@ -69,9 +69,12 @@ func loadCases(t *testing.T) []chartCase {
 	return out
 }
 
-func loadChart(t *testing.T) *chart.Chart {
+func loadChart(t *testing.T) *chart.Chart { return loadRepoChart(t, "spegel") }
+
+// loadRepoChart loads helm-charts/<name> from the repository.
+func loadRepoChart(t *testing.T, name string) *chart.Chart {
 	t.Helper()
-	ch, err := loader.Load(filepath.Join(repoRoot, "helm-charts", "spegel"))
+	ch, err := loader.Load(filepath.Join(repoRoot, "helm-charts", name))
 	if err != nil {
 		t.Fatal(err)
 	}

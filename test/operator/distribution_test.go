@@ -15,7 +15,6 @@ import (
 	"github.com/go-logr/logr"
 	"helm.sh/helm/v3/pkg/action"
 	"helm.sh/helm/v3/pkg/chart"
-	"helm.sh/helm/v3/pkg/chart/loader"
 	"helm.sh/helm/v3/pkg/chartutil"
 	"helm.sh/helm/v3/pkg/lint"
 	"helm.sh/helm/v3/pkg/lint/support"
@@ -47,14 +46,7 @@ const testMirror = "registry.corp:5000/mirror"
 // overrideNames are the provider override files, "" for none.
 var overrideNames = []string{"", "nebius", "cks", "eks", "gke"}
 
-func loadOperatorChart(t *testing.T) *chart.Chart {
-	t.Helper()
-	ch, err := loader.Load(filepath.Join(repoRoot, "helm-charts", "operator"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ch
-}
+func loadOperatorChart(t *testing.T) *chart.Chart { return loadRepoChart(t, "operator") }
 
 // operatorValues are the values `helm install -f overrides/<provider>.yaml
 // --set imageMirror=<mirror>` gives, plus extra.
