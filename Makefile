@@ -8,7 +8,7 @@ export GOFLAGS ?= -buildvcs=false
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/fleetmirror/fleetmirror/agent/version.Version=$(VERSION)
 
-.PHONY: all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e
+.PHONY: all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e system-e2e
 
 all: build
 
@@ -88,11 +88,19 @@ kube-e2e: tools
 	$(GO) test -count=1 -timeout 15m ./test/kube/ -v 2>&1 | tee kube-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
 
 ## test: everything CI runs
-test: lint unit operator-test images-check e2e kube-e2e
+## system-e2e: the whole product on that cluster, as `make demo` narrates
+## it (test/system): helm install, prep, peer pulls, faults, uninstall
+system-e2e: tools
+	$(GO) test -count=1 -timeout 25m ./test/system/ -v 2>&1 | tee system-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go|\s+system.go)' ; exit $${PIPESTATUS[0]}
 
-## demo: a 3-node cluster, a pull on node 1 then nodes 2 and 3; Ctrl-C ends it
-demo: tools build
-	$(GO) run ./test/demo -agent $(CURDIR)/bin/agent
+test: lint unit operator-test images-check e2e kube-e2e system-e2e
+
+## demo: the whole product on a local 3-node Kubernetes cluster, narrated
+## (test/system): helm install, prep, peer pulls in a rollout, faults,
+## uninstall, the rollout without the addon; ends by itself
+demo: tools
+	@mkdir -p bin
+	$(GO) run ./test/demo
 
 ## bench: pull benchmarks on a local cluster and micro benchmarks (benchstat-friendly);
 ## FLEETMIRROR_BENCH_IMAGES=10MB/1,100MB/1,1GB/4 picks the images
@@ -102,4 +110,4 @@ bench: tools build
 	$(GO) run ./bench/rollout -agent $(CURDIR)/bin/agent -out bench/results
 
 clean:
-	rm -rf bin e2e.log kube-e2e.log bench.txt
+	rm -rf bin e2e.log kube-e2e.log system-e2e.log bench.txt

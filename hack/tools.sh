@@ -89,4 +89,9 @@ go_tool "$TOOLS/cni-plugins-$CNI_PLUGINS_VERSION" \
 COREDNS_VERSION=v1.12.3
 module_tool "$TOOLS/coredns-$COREDNS_VERSION" coredns
 
+# helm, to install the operator chart the way users do (test/system, the
+# demo).
+HELM_VERSION=v3.22.0
+go_tool "$TOOLS/helm-$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+
 echo "$TOOLS"

@@ -45,6 +45,13 @@ type Options struct {
 	// reads /etc/containerd/config.toml, so that hostPath volumes of pods
 	// (test/kube) reach the node's files, never the machine's. See mounts.go.
 	PrivateMounts bool
+	// Unprepared writes containerd 2.x configs the way many managed node
+	// images ship them: no registry config_path (2.x then reads
+	// /etc/containerd/certs.d, so the upstream still works) and
+	// discard_unpacked_layers = true, so that the product's containerd-prep
+	// has something to patch. Needs PrivateMounts (the default certs.d
+	// path must be the node's own) and containerd 2.x.
+	Unprepared bool
 }
 
 // Cluster is a running test bed. Close removes all of it.
@@ -85,6 +92,9 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	bin, err := ContainerdBinary(opts.Containerd)
 	if err != nil {
 		return nil, err
+	}
+	if opts.Unprepared && (!opts.PrivateMounts || opts.Containerd != Containerd2) {
+		return nil, errors.New("cluster: Unprepared needs PrivateMounts and containerd 2.x: only then is containerd's default certs.d the node's own")
 	}
 	if opts.Pods != nil {
 		if err := opts.Pods.check(); err != nil {
@@ -230,6 +240,8 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 		CNIConf: n.CNIConfDir,
 		CNIBin:  filepath.Join(dir, "cni", "bin"),
 		Pods:    c.opts.Pods,
+
+		Unprepared: c.opts.Unprepared,
 	}
 	if p := c.opts.Pods; p != nil {
 		paths.CNIBin = p.CNIBinDir
@@ -266,6 +278,35 @@ func (c *Cluster) newNode(ctx context.Context, i int, bin string) (*Node, error)
 	// config that the agent later prepends its mirror to.
 	if err := n.WriteHostsTOML(c.Upstream.Host(), UpstreamHostsTOML(c.Upstream)); err != nil {
 		return nil, err
+	}
+	return n, nil
+}
+
+// AddNode adds one more node, as a node pool scaling up would: it starts
+// its containerd and, with Options.AgentBin, its agent.
+func (c *Cluster) AddNode(ctx context.Context) (*Node, error) {
+	c.closeMu.Lock()
+	defer c.closeMu.Unlock()
+	if c.closed {
+		return nil, errors.New("cluster: AddNode after Close")
+	}
+	bin, err := ContainerdBinary(c.opts.Containerd)
+	if err != nil {
+		return nil, err
+	}
+	n, err := c.newNode(ctx, len(c.Nodes)+1, bin)
+	if err != nil {
+		return nil, err
+	}
+	// Listed before it runs, so Close stops whatever did start.
+	c.Nodes = append(c.Nodes, n)
+	if err := n.StartContainerd(ctx); err != nil {
+		return n, err
+	}
+	if c.opts.AgentBin != "" {
+		if err := n.StartAgent(ctx); err != nil {
+			return n, err
+		}
 	}
 	return n, nil
 }

@@ -49,6 +49,8 @@ func ContainerdBinary(version string) (string, error) {
 type containerdPaths struct {
 	Root, State, Socket, Opt, Certs, CNIConf, CNIBin string
 	Pods                                             *PodRuntime
+	// Unprepared leaves out what containerd-prep sets (Options.Unprepared).
+	Unprepared bool
 }
 
 // Both configs: own root/state/sockets/opt so nodes share nothing; debug and
@@ -105,9 +107,13 @@ disabled_plugins = [
 
   [plugins."io.containerd.cri.v1.images"]
     snapshotter = "overlayfs"
+{{- if .Unprepared}}
+    discard_unpacked_layers = true
+{{- else}}
     discard_unpacked_layers = false
     [plugins."io.containerd.cri.v1.images".registry]
       config_path = "{{.Certs}}"
+{{- end}}
 {{- if .Pods}}
     [plugins."io.containerd.cri.v1.images".pinned_images]
       sandbox = "{{.Pods.SandboxImage}}"
@@ -129,8 +135,11 @@ disabled_plugins = [
   [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
 
+{{- if not .Unprepared}}
+
   [plugins."io.containerd.transfer.v1.local"]
     config_path = "{{.Certs}}"
+{{- end}}
 `))
 
 // 1.6 understands config version 2 only; everything CRI sits under

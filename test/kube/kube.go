@@ -52,6 +52,9 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
@@ -69,6 +72,10 @@ type Options struct {
 	// and its own system bus there (Buses). Off: nodes share the machine's
 	// filesystem, so hostPath volumes reach the machine's real paths.
 	PrivateMounts bool
+	// Unprepared starts nodes whose containerd config lacks what
+	// containerd-prep sets (cluster.Options.Unprepared); needs
+	// PrivateMounts.
+	Unprepared bool
 }
 
 // Cluster is a running Kubernetes cluster. The embedded test/cluster gives
@@ -91,6 +98,9 @@ type Cluster struct {
 
 	logf       func(string, ...any)
 	bins       binaries
+	sandbox    v1.Image
+	sleeper    v1.Image // the sleeper as a workload, for Workload
+	private    bool
 	pki        *pki
 	cpNS       string
 	cpIP       netip.Addr
@@ -134,7 +144,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		return nil, err
 	}
 
-	c = &Cluster{logf: logf, bins: bins, Timings: map[string]time.Duration{}}
+	c = &Cluster{logf: logf, bins: bins, sandbox: sandbox, sleeper: workload, Timings: map[string]time.Duration{}}
 	t0 := time.Now()
 	c.Cluster, err = cluster.Start(ctx, cluster.Options{
 		Nodes:         opts.Nodes,
@@ -143,6 +153,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		KeepDir:       opts.KeepDir,
 		Logf:          logf,
 		PrivateMounts: opts.PrivateMounts,
+		Unprepared:    opts.Unprepared,
 		Pods: &cluster.PodRuntime{
 			SandboxImage: SandboxImage,
 			ShimDir:      bins.shimDir,
@@ -184,6 +195,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 			c.Buses = append(c.Buses, b)
 		}
 	}
+	c.private = opts.PrivateMounts
 
 	t1 := time.Now()
 	ns, ip, err := c.AddHost(ctx, "cp", 3)
@@ -222,6 +234,52 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		c.ID, len(c.Nodes), c.Server, c.Kubeconfig, c.Timings["cluster"].Round(time.Millisecond),
 		c.Timings["control-plane"].Round(time.Millisecond), c.Timings["nodes"].Round(time.Millisecond))
 	return c, nil
+}
+
+// Workload is a runnable image of about size bytes: the sleeper's layer
+// (entrypoint /sleeper) plus layers of seeded random bytes
+// (cluster.Image), so a different seed gives layers no node holds yet.
+func (c *Cluster) Workload(seed, size int64, layers int) (v1.Image, error) {
+	random, err := cluster.Image(seed, size, layers)
+	if err != nil {
+		return nil, err
+	}
+	ls, err := random.Layers()
+	if err != nil {
+		return nil, err
+	}
+	return mutate.AppendLayers(c.sleeper, ls...)
+}
+
+// AddNode joins one more worker node, as a node pool scaling up would:
+// namespace, containerd with the sandbox image, its bus with PrivateMounts,
+// kubelet; it returns once the node is Ready.
+func (c *Cluster) AddNode(ctx context.Context) (*Kubelet, error) {
+	t0 := time.Now()
+	n, err := c.Cluster.AddNode(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := importImage(ctx, n.Socket, SandboxImage, c.sandbox); err != nil {
+		return nil, err
+	}
+	if c.private {
+		b, err := c.startBus(ctx, n)
+		if err != nil {
+			return nil, err
+		}
+		c.Buses = append(c.Buses, b)
+	}
+	k, err := c.startKubelet(ctx, len(c.Nodes), n)
+	if err != nil {
+		return nil, err
+	}
+	c.Kubelets = append(c.Kubelets, k)
+	if err := c.WaitNodesReady(ctx, 2*time.Minute); err != nil {
+		return k, err
+	}
+	c.logf("kube %s: %s joined, Ready in %v", c.ID, n.Name, time.Since(t0).Round(time.Millisecond))
+	return k, nil
 }
 
 func (c *Cluster) parallel(f func(*cluster.Node) error) error {

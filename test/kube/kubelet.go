@@ -24,7 +24,7 @@ const (
 type Kubelet struct {
 	Node    *cluster.Node
 	Name    string // the Kubernetes node name (the harness node's name)
-	PodCIDR string // the node's bridge CNI range, only routed inside the node
+	PodCIDR string // the node's bridge CNI range, routed from every node and the control plane
 	RootDir string
 	Log     string
 	Cgroup  string // cgroupRoot, "/fm-<id>-<node>" in every v1 hierarchy
@@ -131,6 +131,17 @@ func (c *Cluster) startKubelet(ctx context.Context, i int, n *cluster.Node) (*Ku
 	}
 	if err := run(ctx, "ip", "-n", c.cpNS, "route", "add", k.PodCIDR, "via", n.IP.String()); err != nil {
 		return nil, err
+	}
+	// Pod ranges are routed between nodes, as a cloud's VPC routes do:
+	// pods reach pods and hostNetwork pods of other nodes, and replies
+	// find their way back.
+	for _, other := range c.Kubelets {
+		if err := run(ctx, "ip", "-n", other.Node.NS, "route", "add", k.PodCIDR, "via", n.IP.String()); err != nil {
+			return nil, err
+		}
+		if err := run(ctx, "ip", "-n", n.NS, "route", "add", other.PodCIDR, "via", other.Node.IP.String()); err != nil {
+			return nil, err
+		}
 	}
 	cert, err := c.pki.issue("kubelet-"+n.Name, "system:node:"+n.Name, []string{"system:nodes"}, []net.IP{n.IP.AsSlice()}, nil)
 	if err != nil {

@@ -1,0 +1,53 @@
+package system
+
+import (
+	"fmt"
+	"strings"
+	"time"
+)
+
+// String is the report as the demo prints it and the notes quote it.
+func (r *Report) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Workload: %s\n\nWall times:\n", r.Workload)
+	for _, s := range r.Steps {
+		fmt.Fprintf(&b, "  %-32s %8.1fs\n", s, r.Timings[s].Seconds())
+	}
+	for _, phase := range []string{"rollout", "agent-pod-deleted", "fresh-node", "baseline"} {
+		ps := r.PullsOf(phase)
+		if len(ps) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "\nPulls, %s:\n", phaseTitle[phase])
+		for _, p := range ps {
+			fmt.Fprintf(&b, "  %d. %-3s %7.2fs  upstream %9s  peers %9s\n", p.Order, p.Node, p.Took.Seconds(), mb(p.UpstreamBlobBytes), mb(p.PeerBytes))
+		}
+	}
+	if len(r.MemorySeen) > 0 {
+		fmt.Fprintf(&b, "\nCluster memory (RSS of the control plane, kubelets, containerds, shims, pods):\n")
+		for _, when := range r.MemorySeen {
+			fmt.Fprintf(&b, "  %-40s %6d MiB\n", when, r.Memory[when]>>20)
+		}
+	}
+	return b.String()
+}
+
+var phaseTitle = map[string]string{
+	"rollout":           "rollout with the addon (first node, then the rest at once)",
+	"agent-pod-deleted": "update with an agent pod deleted mid-rollout",
+	"fresh-node":        "fresh node, upstream stopped",
+	"baseline":          "the same rollout without the addon",
+}
+
+// MeanLater is the mean pull time of a phase's pulls after the first.
+func (r *Report) MeanLater(phase string) time.Duration {
+	ps := r.PullsOf(phase)
+	if len(ps) < 2 {
+		return 0
+	}
+	var sum time.Duration
+	for _, p := range ps[1:] {
+		sum += p.Took
+	}
+	return sum / time.Duration(len(ps)-1)
+}
