@@ -412,6 +412,15 @@ func (c *Cluster) Close() error {
 // namespace and by cgroup). The upstream registry runs inside the calling
 // process and is not counted.
 func (c *Cluster) Memory(ctx context.Context) (rssBytes int64, procs int, err error) {
+	byCmd, procs, err := c.MemoryByCommand(ctx)
+	for _, b := range byCmd {
+		rssBytes += b
+	}
+	return rssBytes, procs, err
+}
+
+// MemoryByCommand is Memory split by process name (/proc/<pid>/comm).
+func (c *Cluster) MemoryByCommand(ctx context.Context) (rss map[string]int64, procs int, err error) {
 	pids := map[int]bool{}
 	nss := []string{c.cpNS}
 	for _, n := range c.Nodes {
@@ -420,7 +429,7 @@ func (c *Cluster) Memory(ctx context.Context) (rssBytes int64, procs int, err er
 	for _, ns := range nss {
 		out, err := exec.CommandContext(ctx, "ip", "netns", "pids", ns).Output()
 		if err != nil {
-			return 0, 0, fmt.Errorf("ip netns pids %s: %w", ns, err)
+			return nil, 0, fmt.Errorf("ip netns pids %s: %w", ns, err)
 		}
 		for _, f := range strings.Fields(string(out)) {
 			if pid, err := strconv.Atoi(f); err == nil {
@@ -441,18 +450,23 @@ func (c *Cluster) Memory(ctx context.Context) (rssBytes int64, procs int, err er
 			return nil
 		})
 	}
+	rss = map[string]int64{}
 	for pid := range pids {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 		if err != nil {
 			continue // exited meanwhile
 		}
+		name := ""
 		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "Name:"); ok {
+				name = strings.TrimSpace(v)
+			}
 			if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
 				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-				rssBytes += kb << 10
+				rss[name] += kb << 10
 				procs++
 			}
 		}
 	}
-	return rssBytes, procs, nil
+	return rss, procs, nil
 }

@@ -25,8 +25,11 @@ func (r *Report) String() string {
 	}
 	if len(r.MemorySeen) > 0 {
 		fmt.Fprintf(&b, "\nCluster memory (RSS of the control plane, kubelets, containerds, shims, pods):\n")
-		for _, when := range r.MemorySeen {
+		for i, when := range r.MemorySeen {
 			fmt.Fprintf(&b, "  %-40s %6d MiB\n", when, r.Memory[when]>>20)
+			if i < len(r.MemoryByCommand) {
+				fmt.Fprintf(&b, "    MiB by process: %s\n", r.MemoryByCommand[i])
+			}
 		}
 	}
 	return b.String()

@@ -23,12 +23,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -70,7 +72,7 @@ type Options struct {
 	Nodes          int   // worker nodes at start, >= 2; default 3 (a 4th joins in the fresh-node fault)
 	WorkloadSize   int64 // bytes of the workload image; default 240 MB
 	WorkloadLayers int   // default 4
-	// The upstream's link, shared by every node: default 100 MB/s with
+	// The upstream's link, shared by every node: default 50 MB/s with
 	// 20 ms before each response, a registry across a WAN. Peers are not
 	// shaped.
 	UpstreamRate    int64
@@ -112,7 +114,10 @@ type Report struct {
 	// kubelets, containerds, shims, pods), at points of the scenario.
 	Memory     map[string]int64
 	MemorySeen []string
-	Workload   string // the workload image's reference and size
+	// MemoryByCommand is, for each of MemorySeen, "name MiB, ..." by
+	// process name, largest first.
+	MemoryByCommand []string
+	Workload        string // the workload image's reference and size
 }
 
 func (r *Report) time(step string, d time.Duration) {
@@ -163,7 +168,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		opts.WorkloadLayers = 4
 	}
 	if opts.UpstreamRate == 0 {
-		opts.UpstreamRate = 100 << 20
+		opts.UpstreamRate = 50 << 20
 	}
 	if opts.UpstreamLatency == 0 {
 		opts.UpstreamLatency = 20 * time.Millisecond
@@ -1024,14 +1029,23 @@ func (s *scenario) podLogs(ctx context.Context, ns string, lines int64) string {
 }
 
 func (s *scenario) measureMemory(ctx context.Context, when string) {
-	rss, procs, err := s.c.Memory(ctx)
+	byCmd, procs, err := s.c.MemoryByCommand(ctx)
 	if err != nil {
 		s.say("  (memory not measured: %v)", err)
 		return
 	}
+	cmds := slices.Collect(maps.Keys(byCmd))
+	sort.Slice(cmds, func(i, j int) bool { return byCmd[cmds[i]] > byCmd[cmds[j]] })
+	var rss int64
+	var parts []string
+	for _, cmd := range cmds {
+		rss += byCmd[cmd]
+		parts = append(parts, fmt.Sprintf("%s %d", cmd, byCmd[cmd]>>20))
+	}
 	s.rep.Memory[when] = rss
+	s.rep.MemoryByCommand = append(s.rep.MemoryByCommand, strings.Join(parts, ", "))
 	s.rep.MemorySeen = append(s.rep.MemorySeen, when)
-	s.say("  cluster memory (%s): %d MiB RSS in %d processes", when, rss>>20, procs)
+	s.say("  cluster memory (%s): %d MiB RSS in %d processes (MiB: %s)", when, rss>>20, procs, strings.Join(parts, ", "))
 }
 
 // runHelm runs the helm binary against the cluster, with its own config
