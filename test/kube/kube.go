@@ -15,9 +15,11 @@
 // IPs or headless Services) with one exception: the "kubernetes" Service's
 // ClusterIP reaches the API server (plain routing to an address the
 // control plane namespace holds), so in-cluster clients work. Pod ranges
-// are not routed between nodes. Cluster DNS is CoreDNS (see dns.go):
-// Services, headless ones included, resolve; other names do not. The sandbox image is the sleeper built here and imported
-// into every node: nothing is pulled from the internet.
+// are routed between nodes and from the control plane, as a cloud's VPC
+// routes do. Cluster DNS is CoreDNS (see dns.go): Services, headless ones
+// included, resolve; other names do not. The sandbox image is the sleeper
+// built here and imported into every node: nothing is pulled from the
+// internet. AddNode joins a node later, as a node pool scaling up does.
 //
 // Nodes share the machine's filesystem unless Options.PrivateMounts gives
 // each its own mount namespace (test/cluster/mounts.go): then a pod's

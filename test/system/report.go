@@ -9,7 +9,11 @@ import (
 // String is the report as the demo prints it and the notes quote it.
 func (r *Report) String() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Workload: %s\n\nWall times:\n", r.Workload)
+	fmt.Fprintf(&b, "Workload: %s\n", r.Workload)
+	if r.PeerHits != "" {
+		fmt.Fprintf(&b, "Peer hit ratio (status.peerHits) after the update: %s\n", r.PeerHits)
+	}
+	fmt.Fprintf(&b, "\nWall times:\n")
 	for _, s := range r.Steps {
 		fmt.Fprintf(&b, "  %-32s %8.1fs\n", s, r.Timings[s].Seconds())
 	}

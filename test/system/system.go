@@ -118,6 +118,7 @@ type Report struct {
 	// process name, largest first.
 	MemoryByCommand []string
 	Workload        string // the workload image's reference and size
+	PeerHits        string // status.peerHits.ratio after the update
 }
 
 func (r *Report) time(step string, d time.Duration) {
@@ -445,6 +446,28 @@ func (s *scenario) faultAgentPod(ctx context.Context) error {
 		return fmt.Errorf("after the agent pod was deleted: %w", err)
 	}
 	s.say("  update done in %v: %d pods of %s running; the agent on %s is back and the Spegel resource is Ready again", s.rep.Timings["update with agent pod deleted"].Round(100*time.Millisecond), n, "v2", victim)
+	return s.checkPeerHits(ctx, n)
+}
+
+// checkPeerHits waits for the operator (a pod on the pod network) to have
+// scraped every agent (host network, other nodes) into status.peerHits,
+// the ratio `kubectl get spegel -o wide` shows.
+func (s *scenario) checkPeerHits(ctx context.Context, nodes int) error {
+	want := fmt.Sprintf("%d/%d", nodes, nodes)
+	var hits map[string]any
+	err := s.c.Poll(ctx, 2*time.Minute, func(ctx context.Context) (bool, string, error) {
+		obj, err := s.dyn.Resource(SpegelResource).Namespace(Namespace).Get(ctx, Spegel, metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error(), nil
+		}
+		hits, _, _ = unstructured.NestedMap(obj.Object, "status", "peerHits")
+		return hits["agents"] == want && hits["ratio"] != nil, fmt.Sprintf("status.peerHits = %v, want agents %s and a ratio", hits, want), nil
+	})
+	if err != nil {
+		return err
+	}
+	s.rep.PeerHits = fmt.Sprint(hits["ratio"])
+	s.say("  the operator scraped all %s agents: peer hit ratio %v over %v requests in the last %v (status.peerHits)", want, hits["ratio"], hits["requests"], hits["window"])
 	return nil
 }
 
