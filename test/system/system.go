@@ -104,7 +104,8 @@ type Report struct {
 	// agents ready", "rollout with addon" (scale 1 -> Nodes),
 	// "update with agent pod deleted", "fresh node to Ready", "fresh node
 	// agents ready", "fresh node pod running", "uninstall",
-	// "rollout without addon".
+	// "rollout without addon", "reinstall to agents ready", "helm
+	// uninstall alone".
 	Timings map[string]time.Duration
 	// Order of Timings' keys as they happened.
 	Steps        []string
@@ -206,6 +207,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		{"fresh node while the upstream is down", s.faultFreshNode},
 		{"uninstall", s.uninstall},
 		{"the rollout without the addon", s.baseline},
+		{"reinstall, then helm uninstall alone", s.reinstall},
 	}
 	defer func() {
 		if s.c == nil {
@@ -286,12 +288,7 @@ func (s *scenario) pushImages(ctx context.Context) error {
 // override and imageMirror, then wait for the resource's status.
 func (s *scenario) install(ctx context.Context) error {
 	n := len(s.c.Nodes)
-	args := []string{"install", Release, filepath.Join(s.opts.Module, "helm-charts", "operator"),
-		"--namespace", Namespace, "--create-namespace",
-		"-f", filepath.Join(s.opts.Module, "overrides", "nebius.yaml"),
-		"--set", "imageMirror=" + s.mirror,
-		"--set", "components.spegel.mirroredRegistries={" + s.c.Upstream.URL() + "}",
-		"--wait", "--timeout", "3m"}
+	args := s.installArgs()
 	s.say("Installing: helm %s", strings.Join(args, " "))
 	t0 := time.Now()
 	if out, err := s.runHelm(ctx, args...); err != nil {
@@ -308,6 +305,16 @@ func (s *scenario) install(ctx context.Context) error {
 	s.say("  all agents ready %v after helm install:\n%s", s.rep.Timings["install to agents ready"].Round(100*time.Millisecond), indent(out))
 	s.measureMemory(ctx, "addon installed, "+fmt.Sprint(n)+" nodes")
 	return nil
+}
+
+// installArgs is the README's helm install, pointed at the local mirror.
+func (s *scenario) installArgs() []string {
+	return []string{"install", Release, filepath.Join(s.opts.Module, "helm-charts", "operator"),
+		"--namespace", Namespace, "--create-namespace",
+		"-f", filepath.Join(s.opts.Module, "overrides", "nebius.yaml"),
+		"--set", "imageMirror=" + s.mirror,
+		"--set", "components.spegel.mirroredRegistries={" + s.c.Upstream.URL() + "}",
+		"--wait", "--timeout", "3m"}
 }
 
 // checkPrep checks that prep patched every node's config.toml and
@@ -551,6 +558,24 @@ func (s *scenario) uninstall(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := s.checkNodesRestored(ctx); err != nil {
+		return err
+	}
+	s.say("  DaemonSets gone; every node's certs.d is back to what it had before the install")
+	if _, err := s.runHelm(ctx, "uninstall", Release, "--namespace", Namespace, "--wait", "--timeout", "3m"); err != nil {
+		return err
+	}
+	if err := s.checkNothingLeft(ctx); err != nil {
+		return err
+	}
+	s.rep.time("uninstall", time.Since(t0))
+	s.say("  uninstalled in %v; nothing of the operator or the addon is left (the CRD stays, as Helm never deletes CRDs)", s.rep.Timings["uninstall"].Round(100*time.Millisecond))
+	return nil
+}
+
+// checkNodesRestored checks that the addon's DaemonSets are gone and every
+// node's certs.d is what it was before the install.
+func (s *scenario) checkNodesRestored(ctx context.Context) error {
 	dss, err := s.c.Client.AppsV1().DaemonSets(Namespace).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return err
@@ -571,15 +596,44 @@ func (s *scenario) uninstall(ctx context.Context) error {
 			return fmt.Errorf("%s: certs.d after uninstall = %v, want it restored to %v", n.Name, got, want)
 		}
 	}
-	s.say("  DaemonSets gone; every node's certs.d is back to what it had before the install")
-	if _, err := s.runHelm(ctx, "uninstall", Release, "--namespace", Namespace, "--wait", "--timeout", "3m"); err != nil {
+	return nil
+}
+
+// reinstall installs again on the nodes prep already prepared (no
+// containerd may restart) and removes it with nothing but `helm
+// uninstall`: the operator chart's pre-delete hook must remove the Spegel
+// resource, and with it the addon, before the operator goes.
+func (s *scenario) reinstall(ctx context.Context) error {
+	n := len(s.c.Nodes)
+	s.say("Installing again on the %d prepared nodes, then removing it with `helm uninstall` alone.", n)
+	t0 := time.Now()
+	if _, err := s.runHelm(ctx, s.installArgs()...); err != nil {
+		return err
+	}
+	if err := s.waitSpegelReady(ctx, n, 3*time.Minute); err != nil {
+		return err
+	}
+	s.rep.time("reinstall to agents ready", time.Since(t0))
+	for i, node := range s.c.Nodes {
+		if got := s.c.Buses[i].Systemd.Restarts(kube.ContainerdUnit); got != 1 {
+			return fmt.Errorf("%s: containerd restarted %d times after a reinstall on a prepared node, want still 1", node.Name, got)
+		}
+	}
+	s.say("  all %d agents ready %v after helm install; prep restarted no containerd this time", n, s.rep.Timings["reinstall to agents ready"].Round(100*time.Millisecond))
+	t1 := time.Now()
+	if out, err := s.runHelm(ctx, "uninstall", Release, "--namespace", Namespace, "--wait", "--timeout", "5m"); err != nil {
+		return err
+	} else {
+		s.say("  %s", firstLines(out, 2))
+	}
+	if err := s.checkNodesRestored(ctx); err != nil {
 		return err
 	}
 	if err := s.checkNothingLeft(ctx); err != nil {
 		return err
 	}
-	s.rep.time("uninstall", time.Since(t0))
-	s.say("  uninstalled in %v; nothing of the operator or the addon is left (the CRD stays, as Helm never deletes CRDs)", s.rep.Timings["uninstall"].Round(100*time.Millisecond))
+	s.rep.time("helm uninstall alone", time.Since(t1))
+	s.say("  helm uninstall took %v: its pre-delete hook removed the Spegel resource, the operator restored every node's certs.d, and nothing is left", s.rep.Timings["helm uninstall alone"].Round(100*time.Millisecond))
 	return nil
 }
 
