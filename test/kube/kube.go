@@ -452,6 +452,9 @@ func (c *Cluster) MemoryByCommand(ctx context.Context) (rss map[string]int64, pr
 			return nil
 		})
 	}
+	// This process holds threads in the namespaces (the upstream
+	// registry, listeners) but is the harness, not the cluster.
+	delete(pids, os.Getpid())
 	rss = map[string]int64{}
 	for pid := range pids {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
