@@ -670,13 +670,15 @@ func (p *P2P) bootstrapOnce() bool {
 		return false
 	}
 	var joined atomic.Int64
+	errs := make([]error, len(infos))
 	var wg sync.WaitGroup
-	for _, ai := range infos {
+	for i, ai := range infos {
 		wg.Go(func() {
 			cctx, ccancel := context.WithTimeout(ctx, connectTimeout)
 			defer ccancel()
 			if err := p.host.Connect(cctx, ai); err != nil {
 				p.log.Debug("bootstrap connect failed", "peer", ai.ID.String(), "err", err)
+				errs[i] = fmt.Errorf("%s at %v: %w", ai.ID, ai.Addrs, err)
 				return
 			}
 			joined.Add(1)
@@ -685,7 +687,8 @@ func (p *P2P) bootstrapOnce() bool {
 	wg.Wait()
 	if joined.Load() == 0 {
 		if p.ctx.Err() == nil {
-			p.log.Warn("could not join any bootstrap peer; serving alone until one answers", "candidates", len(infos))
+			// Each candidate's error says why (refused, wrong peer ID, timeout).
+			p.log.Warn("could not join any bootstrap peer; serving alone until one answers", "candidates", len(infos), "err", errors.Join(errs...))
 			p.settleAlone()
 		}
 		return false
