@@ -592,7 +592,7 @@ func (s *scenario) checkNodesRestored(ctx context.Context) error {
 		if !ok { // the fresh node: what it joined with
 			want = map[string]string{s.c.Upstream.Host() + "/hosts.toml": cluster.UpstreamHostsTOML(s.c.Upstream)}
 		}
-		if !mapsEqual(got, want) {
+		if !maps.Equal(got, want) {
 			return fmt.Errorf("%s: certs.d after uninstall = %v, want it restored to %v", n.Name, got, want)
 		}
 	}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -81,8 +80,6 @@ func readCertsDir(dir string) (map[string]string, error) {
 	}
 	return files, err
 }
-
-func mapsEqual(a, b map[string]string) bool { return maps.Equal(a, b) }
 
 // listNames returns the names of a typed list's items (none if err).
 func listNames(list runtime.Object, err error) []string {
