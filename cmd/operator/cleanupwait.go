@@ -34,29 +34,22 @@ func cleanupWaitCommand(fs *flag.FlagSet) func(context.Context) error {
 		if err != nil {
 			return err
 		}
-		ctx, cancel := context.WithTimeout(ctx, timeout)
-		defer cancel()
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
+		onTimeout := fmt.Errorf("cleanup did not finish on every node in %s: see the pods of DaemonSet %s/%s", timeout, ns, name)
+		return pollUntil(ctx, timeout, every, onTimeout, func(ctx context.Context) (bool, error) {
 			ds, err := cs.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
 			switch {
 			case apierrors.IsNotFound(err):
-				return fmt.Errorf("DaemonSet %s/%s is gone: nothing to wait for, was the hook deleted?", ns, name)
+				return false, fmt.Errorf("DaemonSet %s/%s is gone: nothing to wait for, was the hook deleted?", ns, name)
 			case err != nil:
 				slog.Warn("reading cleanup DaemonSet", "err", err)
 			case cleanedUp(ds):
 				slog.Info("node mirror configuration restored", "nodes", ds.Status.DesiredNumberScheduled)
-				return nil
+				return true, nil
 			default:
 				slog.Info("waiting for node cleanup", "ready", ds.Status.NumberReady, "nodes", ds.Status.DesiredNumberScheduled)
 			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("cleanup did not finish on every node in %s: see the pods of DaemonSet %s/%s", timeout, ns, name)
-			case <-t.C:
-			}
-		}
+			return false, nil
+		})
 	}
 }
 

@@ -36,40 +36,33 @@ func uninstallCommand(fs *flag.FlagSet) func(context.Context) error {
 		if err != nil {
 			return err
 		}
-		ctx, cancel := context.WithTimeout(ctx, timeout)
-		defer cancel()
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
+		onTimeout := fmt.Errorf("Spegel resources still there after %s: see their status conditions and the operator's log", timeout)
+		return pollUntil(ctx, timeout, every, onTimeout, func(ctx context.Context) (bool, error) {
 			list, err := dyn.Resource(spegels).List(ctx, metav1.ListOptions{})
 			switch {
 			case apierrors.IsNotFound(err):
 				slog.Info("no Spegel CRD: nothing to remove")
-				return nil
+				return true, nil
 			case err != nil:
 				slog.Warn("listing Spegel resources", "err", err)
+				return false, nil
 			case len(list.Items) == 0:
 				slog.Info("every Spegel resource is gone; node mirror configuration restored")
-				return nil
-			default:
-				var left []string
-				for _, s := range list.Items {
-					left = append(left, s.GetNamespace()+"/"+s.GetName())
-					if s.GetDeletionTimestamp() != nil {
-						continue
-					}
-					err := dyn.Resource(spegels).Namespace(s.GetNamespace()).Delete(ctx, s.GetName(), metav1.DeleteOptions{})
-					if err != nil && !apierrors.IsNotFound(err) {
-						slog.Warn("deleting Spegel resource", "resource", s.GetNamespace()+"/"+s.GetName(), "err", err)
-					}
+				return true, nil
+			}
+			var left []string
+			for _, s := range list.Items {
+				left = append(left, s.GetNamespace()+"/"+s.GetName())
+				if s.GetDeletionTimestamp() != nil {
+					continue
 				}
-				slog.Info("waiting for the operator to uninstall", "resources", strings.Join(left, ", "))
+				err := dyn.Resource(spegels).Namespace(s.GetNamespace()).Delete(ctx, s.GetName(), metav1.DeleteOptions{})
+				if err != nil && !apierrors.IsNotFound(err) {
+					slog.Warn("deleting Spegel resource", "resource", s.GetNamespace()+"/"+s.GetName(), "err", err)
+				}
 			}
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("Spegel resources still there after %s: see their status conditions and the operator's log", timeout)
-			case <-t.C:
-			}
-		}
+			slog.Info("waiting for the operator to uninstall", "resources", strings.Join(left, ", "))
+			return false, nil
+		})
 	}
 }
