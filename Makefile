@@ -74,7 +74,7 @@ mirror-images:
 ## (test artifacts such as the debug page's screenshot: bin/test-artifacts)
 e2e: tools build
 	mkdir -p bin/test-artifacts
-	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -count=1 -timeout 30m -artifacts -outputdir $(CURDIR)/bin/test-artifacts ./test/cluster/ ./test/e2e/ -v 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
+	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -count=1 -timeout 30m -artifacts -outputdir $(CURDIR)/bin/test-artifacts ./test/cluster/ ./test/e2e/ -v 2>&1 | tee e2e.log | awk -f hack/testlog.awk ; exit $${PIPESTATUS[0]}
 
 ## operator-test: the operator's packages, and the addon chart and the
 ## operator's manager against a real kube-apiserver and etcd (envtest);
@@ -85,13 +85,13 @@ operator-test: tools
 ## kube-e2e: a real 3-node Kubernetes cluster (control plane, kubelets,
 ## containerd 2.x, CNI) in network namespaces; DaemonSets on every node
 kube-e2e: tools
-	$(GO) test -count=1 -timeout 15m ./test/kube/ -v 2>&1 | tee kube-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
+	$(GO) test -count=1 -timeout 15m ./test/kube/ -v 2>&1 | tee kube-e2e.log | awk -v extra='babysit\.go' -f hack/testlog.awk ; exit $${PIPESTATUS[0]}
 
 ## test: everything CI runs
 ## system-e2e: the whole product on that cluster, as `make demo` narrates
 ## it (test/system): helm install, prep, peer pulls, faults, uninstall
 system-e2e: tools
-	$(GO) test -count=1 -timeout 25m ./test/system/ -v 2>&1 | tee system-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go|\s+system.go)' ; exit $${PIPESTATUS[0]}
+	$(GO) test -count=1 -timeout 25m ./test/system/ -v 2>&1 | tee system-e2e.log | awk -v extra='(system|babysit)\.go' -f hack/testlog.awk ; exit $${PIPESTATUS[0]}
 
 test: lint unit operator-test images-check e2e kube-e2e system-e2e
 

@@ -71,6 +71,9 @@ func StartProcess(ns, logPath string, env []string, bin string, args ...string) 
 // Pid is the daemon's pid.
 func (p *Process) Pid() int { return p.p.pid() }
 
+// Done is closed when the daemon has exited.
+func (p *Process) Done() <-chan struct{} { return p.p.done }
+
 // Exited reports whether the daemon has exited, and how.
 func (p *Process) Exited() (bool, error) {
 	if !p.p.exited() {

@@ -383,7 +383,7 @@ func (c *Cluster) Close() error {
 		var wg sync.WaitGroup
 		for i, k := range c.Kubelets {
 			wg.Go(func() {
-				if err := k.proc.Stop(10 * time.Second); err != nil {
+				if err := k.sup.stop(10 * time.Second); err != nil {
 					errs[i] = fmt.Errorf("%s kubelet: %w", k.Name, err)
 				}
 			})

@@ -228,6 +228,31 @@ func TestClusterRunsDaemonSets(t *testing.T) {
 		fail("cluster DNS answered for example.com: %v (it must not forward)", got)
 	}
 
+	// A kubelet that dies is started again, as systemd does on a real
+	// node, and takes its node's pods back.
+	k := c.Kubelets[0]
+	old := k.Pid()
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		fail("kill kubelet: %v", err)
+	}
+	err = c.Poll(ctx, time.Minute, func(ctx context.Context) (bool, string, error) {
+		if k.Restarts() != 1 || k.Pid() == old {
+			return false, fmt.Sprintf("%s kubelet: %d restarts, pid %d (killed %d)", k.Name, k.Restarts(), k.Pid(), old), nil
+		}
+		ds, err := c.Client.AppsV1().DaemonSets("default").Get(ctx, "sleeper-pod-net", metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error(), nil
+		}
+		return ds.Status.NumberReady == 3, "pods: " + podSummary(ctx, c, "sleeper-pod-net"), nil
+	})
+	if err != nil {
+		fail("after a kubelet crash: %v", err)
+	}
+	if err := c.WaitNodesReady(ctx, time.Minute); err != nil {
+		fail("after a kubelet crash: %v", err)
+	}
+	t.Logf("%s kubelet killed and started again (pid %d -> %d)", k.Name, old, k.Pid())
+
 	// What Close must remove.
 	pids := clusterPIDs(c)
 	id, dir := c.ID, c.Dir
@@ -412,7 +437,7 @@ func clusterPIDs(c *Cluster) []int {
 		pids = append(pids, b.proc.Pid())
 	}
 	for _, k := range c.Kubelets {
-		pids = append(pids, k.proc.Pid())
+		pids = append(pids, k.Pid())
 	}
 	return pids
 }

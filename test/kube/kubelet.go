@@ -29,7 +29,7 @@ type Kubelet struct {
 	Log     string
 	Cgroup  string // cgroupRoot, "/fm-<id>-<node>" in every v1 hierarchy
 
-	proc *cluster.Process
+	sup *supervisor
 }
 
 // kubeletConfig is the KubeletConfiguration of one node. Everything that
@@ -171,26 +171,30 @@ func (c *Cluster) startKubelet(ctx context.Context, i int, n *cluster.Node) (*Ku
 	}
 	// In the node's mount namespace (if it has one), as hostPath volumes
 	// and the mounts kubelet makes for pods must be what containerd sees.
-	k.proc, err = n.StartProcess(k.Log, nil, c.bins.kubelet,
-		"--config="+config,
-		"--kubeconfig="+kubeconfig,
-		"--root-dir="+k.RootDir,
-		"--cert-dir="+filepath.Join(dir, "pki"),
-		"--hostname-override="+n.Name,
-		"--node-ip="+n.IP.String(),
-		"--v=0",
-	)
+	start := func() (*cluster.Process, error) {
+		return n.StartProcess(k.Log, nil, c.bins.kubelet,
+			"--config="+config,
+			"--kubeconfig="+kubeconfig,
+			"--root-dir="+k.RootDir,
+			"--cert-dir="+filepath.Join(dir, "pki"),
+			"--hostname-override="+n.Name,
+			"--node-ip="+n.IP.String(),
+			"--v=0",
+		)
+	}
+	k.sup, err = supervise("kube "+c.ID+": "+n.Name+": kubelet", k.Log, start, c.logf)
 	if err != nil {
 		return nil, err
 	}
-	c.logf("kube %s: %s: kubelet started (pid %d)", c.ID, n.Name, k.proc.Pid())
+	c.logf("kube %s: %s: kubelet started (pid %d)", c.ID, n.Name, k.sup.pid())
 	return k, nil
 }
 
-// exited reports a kubelet that has died, with its log tail.
-func (k *Kubelet) exited() error {
-	if done, err := k.proc.Exited(); done {
-		return fmt.Errorf("kube: %s: kubelet exited (%v); log tail:\n%s", k.Name, err, cluster.TailFile(k.Log, 20))
-	}
-	return nil
-}
+// exited reports a kubelet that keeps dying, with its log tail.
+func (k *Kubelet) exited() error { return k.sup.failed() }
+
+// Pid is the running kubelet's pid (a restart changes it).
+func (k *Kubelet) Pid() int { return k.sup.pid() }
+
+// Restarts is how often the kubelet died and was started again.
+func (k *Kubelet) Restarts() int { return k.sup.restarts() }
