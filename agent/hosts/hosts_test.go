@@ -398,6 +398,55 @@ func TestCleanup(t *testing.T) {
 	}
 }
 
+// An agent killed between writing a temp file and renaming it leaves the
+// temp behind: cleanup removes it, Write removes it once it is stale, and
+// neither touches other dot files.
+func TestLeftoverTempFiles(t *testing.T) {
+	root := t.TempDir()
+	write(t, filepath.Join(root, "docker.io", FileName), userFile)
+	cfg := Config{CertsDir: root, MirrorTargets: []string{local}, Registries: []string{"https://docker.io"}}
+	if err := Write(cfg); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(root, "docker.io")
+	old := time.Now().Add(-2 * staleTemp)
+	stale := []string{"." + FileName + ".tmp-1234", "." + FileName + BackupSuffix + ".tmp-5678"}
+	for _, n := range stale {
+		write(t, filepath.Join(dir, n), "partial")
+		if err := os.Chtimes(filepath.Join(dir, n), old, old); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fresh := "." + FileName + ".tmp-9999"
+	write(t, filepath.Join(dir, fresh), "in flight")
+	other := ".hosts.toml.swp"
+	write(t, filepath.Join(dir, other), "an editor's")
+
+	if err := Write(cfg); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range stale {
+		if exists(filepath.Join(dir, n)) {
+			t.Errorf("Write left the stale temp file %s", n)
+		}
+	}
+	if !exists(filepath.Join(dir, fresh)) {
+		t.Errorf("Write removed %s, which a writer may still be renaming", fresh)
+	}
+	if err := Cleanup(root); err != nil {
+		t.Fatal(err)
+	}
+	if exists(filepath.Join(dir, fresh)) {
+		t.Errorf("Cleanup left the temp file %s", fresh)
+	}
+	if !exists(filepath.Join(dir, other)) {
+		t.Errorf("Cleanup removed %s, which is not ours", other)
+	}
+	if got := read(t, filepath.Join(dir, FileName)); got != userFile {
+		t.Errorf("user's file not restored: %q", got)
+	}
+}
+
 func TestUserReplacedOurFile(t *testing.T) {
 	root := t.TempDir()
 	p := filepath.Join(root, "docker.io", FileName)

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 )
 
 // Write installs cfg's hosts.toml files under cfg.CertsDir and removes the
@@ -132,6 +133,7 @@ func writeRegistry(cfg Config, mirrors []string, r Registry) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", file, err)
 	}
+	sweepTemps(dir, staleTemp)
 	if curOK && bytes.Equal(cur, content) {
 		return nil
 	}
@@ -152,6 +154,7 @@ func writeRegistry(cfg Config, mirrors []string, r Registry) error {
 
 // cleanupDir restores or removes what we did in one registry directory.
 func cleanupDir(dir string) error {
+	sweepTemps(dir, 0)
 	file := filepath.Join(dir, FileName)
 	backup := file + BackupSuffix
 	cur, curOK, err := readOptional(file)
@@ -190,11 +193,34 @@ func isNotEmpty(dir string) bool {
 	return err == nil && len(entries) > 0
 }
 
+// staleTemp is how old a temp file of writeAtomic must be before Write
+// removes it: an agent killed between create and rename leaves one behind,
+// while a younger one may belong to a writer still at work (the old and
+// the new agent pod overlap during an update).
+const staleTemp = time.Minute
+
+// sweepTemps removes writeAtomic's temp files for hosts.toml and its
+// backup in dir that are at least olderThan old. Nothing else matches.
+func sweepTemps(dir string, olderThan time.Duration) {
+	for _, base := range []string{FileName, FileName + BackupSuffix} {
+		matches, _ := filepath.Glob(filepath.Join(dir, "."+base+tempInfix+"*"))
+		for _, m := range matches {
+			if st, err := os.Lstat(m); err == nil && st.Mode().IsRegular() && time.Since(st.ModTime()) >= olderThan {
+				_ = os.Remove(m)
+			}
+		}
+	}
+}
+
+// tempInfix sits between a file's name and the random part in the names
+// of writeAtomic's temp files.
+const tempInfix = ".tmp-"
+
 // writeAtomic replaces name via a temp file in the same directory and a
 // rename, so containerd, which reads hosts.toml on every pull, never sees a
 // partial file.
 func writeAtomic(name string, data []byte, mode fs.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".tmp-*")
+	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+tempInfix+"*")
 	if err != nil {
 		return err
 	}

@@ -47,6 +47,10 @@ import (
 // status shows a Paused condition.
 const PauseAnnotation = "fleetmirror.dev/pause-reconcile"
 
+// LeaderElectionID names the leader lease, in the operator's namespace
+// unless Options.LeaderElectionNamespace says otherwise.
+const LeaderElectionID = "operator.fleetmirror.dev"
+
 // Options configure New. WatchesFile and Inputs are required.
 type Options struct {
 	// WatchesFile is watches.yaml; relative chart paths in it are read
@@ -112,7 +116,7 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		Metrics:                 metricsserver.Options{BindAddress: o.MetricsAddr},
 		HealthProbeBindAddress:  o.ProbeAddr,
 		LeaderElection:          o.LeaderElection,
-		LeaderElectionID:        "operator.fleetmirror.dev",
+		LeaderElectionID:        LeaderElectionID,
 		LeaderElectionNamespace: o.LeaderElectionNamespace,
 		// Give up a lost lease at once rather than keep acting on it.
 		LeaderElectionReleaseOnCancel: true,

@@ -684,6 +684,8 @@ func (s *scenario) checkNothingLeft(ctx context.Context) error {
 		} else {
 			left = append(left, "spegel: "+err.Error())
 		}
+		leases, err := cs.CoordinationV1().Leases(Namespace).List(ctx, l)
+		add("lease", listNames(leases, err), err)
 		nodes, err := cs.CoreV1().Nodes().List(ctx, l)
 		if err == nil {
 			for _, n := range nodes.Items {
@@ -1010,6 +1012,7 @@ func (s *scenario) waitRollout(ctx context.Context, ref string, want int, timeou
 // waitSpegelReady waits for the Spegel resource's Ready condition with
 // status.nodes.ready == nodes.
 func (s *scenario) waitSpegelReady(ctx context.Context, nodes int, timeout time.Duration) error {
+	t0, last := time.Now(), ""
 	return s.c.Poll(ctx, timeout, func(ctx context.Context) (bool, string, error) {
 		obj, err := s.dyn.Resource(SpegelResource).Namespace(Namespace).Get(ctx, Spegel, metav1.GetOptions{})
 		if err != nil {
@@ -1026,8 +1029,13 @@ func (s *scenario) waitSpegelReady(ctx context.Context, nodes int, timeout time.
 				isReady = true
 			}
 		}
-		return isReady && ready == int64(nodes), fmt.Sprintf("nodes ready %d/%d; conditions: %s; pods: %s",
-			ready, nodes, strings.Join(cs, "; "), s.podSummary(ctx, Namespace)), nil
+		status := fmt.Sprintf("nodes ready %d/%d; conditions: %s; pods: %s",
+			ready, nodes, strings.Join(cs, "; "), s.podSummary(ctx, Namespace))
+		if status != last && s.opts.Logf != nil {
+			s.opts.Logf("spegel status after %v: %s", time.Since(t0).Round(100*time.Millisecond), status)
+			last = status
+		}
+		return isReady && ready == int64(nodes), status, nil
 	})
 }
 
@@ -1042,6 +1050,8 @@ func (s *scenario) podSummary(ctx context.Context, ns string) string {
 		for _, cs := range append(p.Status.InitContainerStatuses, p.Status.ContainerStatuses...) {
 			if w := cs.State.Waiting; w != nil {
 				state += "/" + cs.Name + " " + w.Reason + ": " + w.Message
+			} else if cs.State.Running != nil && !cs.Ready {
+				state += "/" + cs.Name + " not ready"
 			}
 		}
 		st = append(st, fmt.Sprintf("%s@%s %s", p.Name, p.Spec.NodeName, state))
