@@ -1031,8 +1031,8 @@ func (s *scenario) waitSpegelReady(ctx context.Context, nodes int, timeout time.
 		}
 		status := fmt.Sprintf("nodes ready %d/%d; conditions: %s; pods: %s",
 			ready, nodes, strings.Join(cs, "; "), s.podSummary(ctx, Namespace))
-		if status != last && s.opts.Logf != nil {
-			s.opts.Logf("spegel status after %v: %s", time.Since(t0).Round(100*time.Millisecond), status)
+		if status != last {
+			s.logf("spegel status after %v: %s", time.Since(t0).Round(100*time.Millisecond), status)
 			last = status
 		}
 		return isReady && ready == int64(nodes), status, nil

@@ -146,3 +146,12 @@ func firstLines(s string, n int) string {
 	}
 	return strings.Join(lines, "\n  ")
 }
+
+// logf goes to the harness log (Options.Logf), not the narration. It lives
+// here, not in system.go, so test output filters that show system.go's
+// narration leave these lines out.
+func (s *scenario) logf(format string, args ...any) {
+	if s.opts.Logf != nil {
+		s.opts.Logf(format, args...)
+	}
+}
