@@ -38,7 +38,7 @@ func uninstallCommand(fs *flag.FlagSet) func(context.Context) error {
 	var timeout, every time.Duration
 	var namespace, deployment, lease string
 	fs.DurationVar(&timeout, "timeout", 9*time.Minute, "give up after this long")
-	fs.DurationVar(&every, "interval", 2*time.Second, "how often to look")
+	fs.DurationVar(&every, "interval", time.Second, "how often to look")
 	fs.StringVar(&namespace, "namespace", "", "the operator's namespace (for --operator-deployment)")
 	fs.StringVar(&deployment, "operator-deployment", "", "once every Spegel resource is gone, scale this Deployment to 0, wait for its pods to end and delete the leader lease")
 	fs.StringVar(&lease, "lease", manager.LeaderElectionID, "the operator's leader lease, in --namespace")
