@@ -40,6 +40,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseRequest -fuzztime 20s ./agent/oci/
 	$(GO) test -run '^$$' -fuzz FuzzParseImage -fuzztime 20s ./agent/oci/
 	$(GO) test -run '^$$' -fuzz FuzzPatch -fuzztime 20s ./agent/prep/
+	$(GO) test -run '^$$' -fuzz FuzzPrepend -fuzztime 20s ./agent/hosts/
 	$(GO) test -run '^$$' -fuzz FuzzMirror -fuzztime 20s ./operator/imageref/
 
 ## images: our images (agent, operator) built without a Docker daemon into

@@ -25,7 +25,7 @@ func main() {
 		nodes   = flag.Int("nodes", 3, "worker nodes at start (at least 2); one more joins later")
 		size    = flag.Int64("size", 240<<20, "bytes of the generated workload image")
 		layers  = flag.Int("layers", 4, "layers of the workload image")
-		rate    = flag.Int64("upstream-rate", 50<<20, "the upstream's link in bytes/s, shared by all nodes")
+		rate    = flag.Int64("upstream-rate", 40<<20, "the upstream's link in bytes/s, shared by all nodes")
 		logFile = flag.String("log", "bin/demo.log", "where the cluster harness logs")
 	)
 	flag.Parse()

@@ -72,7 +72,7 @@ type Options struct {
 	Nodes          int   // worker nodes at start, >= 2; default 3 (a 4th joins in the fresh-node fault)
 	WorkloadSize   int64 // bytes of the workload image; default 240 MB
 	WorkloadLayers int   // default 4
-	// The upstream's link, shared by every node: default 50 MB/s with
+	// The upstream's link, shared by every node: default 40 MB/s with
 	// 20 ms before each response, a registry across a WAN. Peers are not
 	// shaped.
 	UpstreamRate    int64
@@ -170,7 +170,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		opts.WorkloadLayers = 4
 	}
 	if opts.UpstreamRate == 0 {
-		opts.UpstreamRate = 50 << 20
+		opts.UpstreamRate = 40 << 20
 	}
 	if opts.UpstreamLatency == 0 {
 		opts.UpstreamLatency = 20 * time.Millisecond
