@@ -32,6 +32,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/security/noise"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	"github.com/multiformats/go-base32"
@@ -676,6 +677,7 @@ func (p *P2P) bootstrapOnce() bool {
 		wg.Go(func() {
 			cctx, ccancel := context.WithTimeout(ctx, connectTimeout)
 			defer ccancel()
+			p.forgetFailedDials(ai.ID)
 			if err := p.host.Connect(cctx, ai); err != nil {
 				p.log.Debug("bootstrap connect failed", "peer", ai.ID.String(), "err", err)
 				errs[i] = fmt.Errorf("%s at %v: %w", ai.ID, ai.Addrs, err)
@@ -699,6 +701,17 @@ func (p *P2P) bootstrapOnce() bool {
 	// Fill the routing table beyond the bootstrap peers.
 	_ = p.dht.Bootstrap(p.ctx)
 	return true
+}
+
+// forgetFailedDials drops libp2p's dial backoff for a bootstrap candidate.
+// After a failed dial the swarm refuses to dial that peer again for 5s or
+// more ("dial backoff"), so a peer that was briefly unreachable, say while
+// agents start together, stayed out of reach for several bootstrap rounds
+// although its registry had just answered with its addresses.
+func (p *P2P) forgetFailedDials(id peer.ID) {
+	if s, ok := p.host.Network().(*swarm.Swarm); ok {
+		s.Backoff().Clear(id)
+	}
 }
 
 // settleAlone makes a node whose bootstrap peers are all unreachable ready

@@ -21,7 +21,9 @@ import (
 
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
 	"github.com/multiformats/go-multihash"
 	"go.uber.org/goleak"
 )
@@ -643,4 +645,49 @@ func BenchmarkLookup(b *testing.B) {
 			b.ReportMetric(float64(misses)/float64(b.N), "misses/op")
 		})
 	}
+}
+
+// fixedBootstrapper names one peer, whatever answers at its address.
+type fixedBootstrapper struct{ peer.AddrInfo }
+
+func (b fixedBootstrapper) Peers(context.Context) ([]peer.AddrInfo, error) {
+	return []peer.AddrInfo{b.AddrInfo}, nil
+}
+
+// A bootstrap peer that was unreachable at first is joined as soon as it
+// listens: libp2p's dial backoff (5s and more after a failed dial) must not
+// keep a node alone for rounds after the peer came up.
+func TestBootstrapIgnoresDialBackoff(t *testing.T) {
+	gone, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.MustParseAddrPort(gone.Addr().String())
+	_ = gone.Close() // refused until the peer starts there
+
+	key := genKey(t)
+	id, err := peer.IDFromPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := peer.AddrInfo{ID: id, Addrs: []ma.Multiaddr{ma.StringCast(fmt.Sprintf("/ip4/%s/tcp/%d", addr.Addr(), addr.Port()))}}
+
+	port, lns := reserve(t, 1)
+	n := startNode(t, lns[0], port, fixedBootstrapper{target})
+	// Ready alone means a bootstrap round failed: the swarm now backs off
+	// from the target.
+	waitFor(t, 5*time.Second, "a failed bootstrap round", func() bool { ok, _ := n.Ready(context.Background()); return ok })
+
+	late, err := NewP2P(context.Background(), WithListenAddr(addr.String()), WithRegistryPort(port), WithPrivateKey(key), WithLogger(testLogger()))
+	if err != nil {
+		t.Fatalf("starting the late peer on %s: %v", addr, err)
+	}
+	t.Cleanup(func() { _ = late.Close() })
+	started := time.Now()
+	// Bootstrap rounds come at most 1s apart here; the swarm's backoff
+	// alone would hold the dial back for 5s.
+	waitFor(t, 3*time.Second, "joining the late peer", func() bool {
+		return n.host.Network().Connectedness(id) == network.Connected
+	})
+	t.Logf("joined the late peer %v after it started", time.Since(started).Round(time.Millisecond))
 }
