@@ -374,42 +374,12 @@ func TestLeftoversOfCrashedRun(t *testing.T) {
 			fmt.Println("START-ERROR", err)
 			os.Exit(1)
 		}
-		fmt.Printf("RUN %s %s\n", c.ID, c.Dir)
-		// Wait to be killed.
-		time.Sleep(time.Minute)
-		os.Exit(2)
+		AnnounceRunAndWait(c.ID, c.Dir)
 	}
 	if _, err := ContainerdBinary(Containerd16); err != nil {
 		t.Skip(err)
 	}
-	cmd := exec.Command(os.Args[0], "-test.run=^TestLeftoversOfCrashedRun$")
-	cmd.Env = append(os.Environ(), "FM_CRASH_HELPER=1")
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var id, dir string
-	buf := make([]byte, 4096)
-	var got strings.Builder
-	deadline := time.Now().Add(30 * time.Second)
-	for id == "" && time.Now().Before(deadline) {
-		n, err := out.Read(buf)
-		got.Write(buf[:n])
-		if m := regexp.MustCompile(`RUN ([0-9a-f]{6}) (\S+)\n`).FindStringSubmatch(got.String()); m != nil {
-			id, dir = m[1], m[2]
-		}
-		if err != nil {
-			break
-		}
-	}
-	_ = cmd.Process.Kill()
-	_ = cmd.Wait()
-	if id == "" {
-		t.Fatalf("helper did not start a cluster: %s", got.String())
-	}
+	id, dir := CrashChild(t, "TestLeftoversOfCrashedRun", []string{"FM_CRASH_HELPER=1"}, 30*time.Second)
 	if len(runObjects(t, id)) == 0 {
 		t.Fatalf("the crashed run left nothing to clean up; the test proves nothing")
 	}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -366,9 +365,7 @@ func TestLeftoversOfCrashedRun(t *testing.T) {
 			fmt.Println("START-ERROR", err)
 			os.Exit(1)
 		}
-		fmt.Printf("RUN %s %s\n", c.ID, c.Dir)
-		time.Sleep(time.Minute) // to be killed
-		os.Exit(2)
+		cluster.AnnounceRunAndWait(c.ID, c.Dir)
 	}
 	for _, private := range []bool{false, true} {
 		t.Run(fmt.Sprintf("PrivateMounts=%v", private), func(t *testing.T) { crashAndClean(t, private) })
@@ -376,37 +373,11 @@ func TestLeftoversOfCrashedRun(t *testing.T) {
 }
 
 func crashAndClean(t *testing.T, private bool) {
-	cmd := exec.Command(os.Args[0], "-test.run=^TestLeftoversOfCrashedRun$")
-	cmd.Env = append(os.Environ(), "FM_KUBE_CRASH_HELPER=1")
+	env := []string{"FM_KUBE_CRASH_HELPER=1"}
 	if private {
-		cmd.Env = append(cmd.Env, "FM_KUBE_CRASH_PRIVATE=1")
+		env = append(env, "FM_KUBE_CRASH_PRIVATE=1")
 	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var id, dir string
-	var got strings.Builder
-	buf := make([]byte, 4096)
-	deadline := time.Now().Add(3 * time.Minute)
-	for id == "" && time.Now().Before(deadline) {
-		n, err := out.Read(buf)
-		got.Write(buf[:n])
-		if m := regexp.MustCompile(`RUN ([0-9a-f]{6}) (\S+)\n`).FindStringSubmatch(got.String()); m != nil {
-			id, dir = m[1], m[2]
-		}
-		if err != nil {
-			break
-		}
-	}
-	_ = cmd.Process.Kill()
-	_ = cmd.Wait()
-	if id == "" {
-		t.Fatalf("helper did not start a cluster: %s", got.String())
-	}
+	id, dir := cluster.CrashChild(t, "TestLeftoversOfCrashedRun", env, 3*time.Minute)
 	// The pod outlives its crashed harness: its cgroup and mounts are there
 	// for the cleanup to remove, or this test proves nothing.
 	if left, _ := filepath.Glob("/sys/fs/cgroup/pids/fm-" + id + "-*/*/*/*/cgroup.procs"); len(left) == 0 {
