@@ -11,6 +11,8 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 	"github.com/pelletier/go-toml/v2/unstable"
+
+	"github.com/fleetmirror/fleetmirror/agent/internal/tomlstr"
 )
 
 // markerLine starts every file we write; it is how Write and Cleanup know a
@@ -292,7 +294,7 @@ func renderFile(mirrors []string, dial time.Duration, r Registry, ex *existing, 
 		delete(root, "server")
 	}
 	if server != "" {
-		fmt.Fprintf(&b, "server = %s\n", quote(server))
+		fmt.Fprintf(&b, "server = %s\n", tomlstr.Basic(server))
 	}
 	if len(root) > 0 {
 		enc, err := toml.Marshal(root)
@@ -305,9 +307,9 @@ func renderFile(mirrors []string, dial time.Duration, r Registry, ex *existing, 
 	ours := map[string]bool{}
 	for _, m := range mirrors {
 		ours[m] = true
-		fmt.Fprintf(&b, "\n[host.%s]\n  capabilities = [\"pull\", \"resolve\"]\n", quote(m))
+		fmt.Fprintf(&b, "\n[host.%s]\n  capabilities = [\"pull\", \"resolve\"]\n", tomlstr.Basic(m))
 		if dial > 0 {
-			fmt.Fprintf(&b, "  dial_timeout = %s\n", quote(dial.String()))
+			fmt.Fprintf(&b, "  dial_timeout = %s\n", tomlstr.Basic(dial.String()))
 		}
 	}
 	if ex != nil {
@@ -330,23 +332,4 @@ func renderFile(mirrors []string, dial time.Duration, r Registry, ex *existing, 
 		}
 	}
 	return b.Bytes(), nil
-}
-
-// quote returns s as a TOML basic string.
-func quote(s string) string {
-	var b strings.Builder
-	b.WriteByte('"')
-	for _, r := range s {
-		switch {
-		case r == '"' || r == '\\':
-			b.WriteByte('\\')
-			b.WriteRune(r)
-		case r < 0x20 || r == 0x7f:
-			fmt.Fprintf(&b, "\\u%04X", r)
-		default:
-			b.WriteRune(r)
-		}
-	}
-	b.WriteByte('"')
-	return b.String()
 }

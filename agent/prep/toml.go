@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"github.com/pelletier/go-toml/v2/unstable"
+
+	"github.com/fleetmirror/fleetmirror/agent/internal/tomlstr"
 )
 
 // document is a TOML file as a list of its top-level expressions with their
@@ -202,33 +204,10 @@ func (d *document) renderKey(parts []string) string {
 // renderString writes s as a TOML string: a literal string in files that
 // use single quotes (when s allows it), else a basic string.
 func (d *document) renderString(s string) string {
-	if d.singleQuotes && !strings.ContainsAny(s, "'\n\r") && !hasControl(s) {
+	if d.singleQuotes && !strings.ContainsAny(s, "'\n\r") && !tomlstr.HasControl(s) {
 		return "'" + s + "'"
 	}
-	var b strings.Builder
-	b.WriteByte('"')
-	for _, r := range s {
-		switch {
-		case r == '"' || r == '\\':
-			b.WriteByte('\\')
-			b.WriteRune(r)
-		case r < 0x20 || r == 0x7f:
-			fmt.Fprintf(&b, `\u%04X`, r)
-		default:
-			b.WriteRune(r)
-		}
-	}
-	b.WriteByte('"')
-	return b.String()
-}
-
-func hasControl(s string) bool {
-	for _, r := range s {
-		if r < 0x20 || r == 0x7f {
-			return true
-		}
-	}
-	return false
+	return tomlstr.Basic(s)
 }
 
 // displayTable names a table the way containerd's docs write it.
