@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"sort"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -39,6 +38,7 @@ import (
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/operator/release"
+	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/status"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
@@ -208,23 +208,13 @@ func translator(c client.Client, gvk schema.GroupVersionKind, in values.Inputs) 
 // files, so two would fight over each node. The oldest resource wins; a
 // later one, in any namespace, is refused until the first is deleted.
 func onlyOne(ctx context.Context, c client.Client, gvk schema.GroupVersionKind, obj *unstructured.Unstructured) error {
-	list := &unstructured.UnstructuredList{}
-	list.SetGroupVersionKind(gvk.GroupVersion().WithKind(gvk.Kind + "List"))
-	if err := c.List(ctx, list); err != nil {
-		return fmt.Errorf("listing %s resources: %w", gvk.Kind, err)
+	first, err := spegels.Oldest(ctx, c, gvk)
+	if err != nil {
+		return err
 	}
-	items := list.Items
-	sort.Slice(items, func(i, j int) bool {
-		ti, tj := items[i].GetCreationTimestamp(), items[j].GetCreationTimestamp()
-		if !ti.Equal(&tj) {
-			return ti.Before(&tj)
-		}
-		return items[i].GetNamespace()+"/"+items[i].GetName() < items[j].GetNamespace()+"/"+items[j].GetName()
-	})
-	if len(items) == 0 || items[0].GetUID() == obj.GetUID() {
+	if first == nil || first.GetUID() == obj.GetUID() {
 		return nil
 	}
-	first := items[0]
 	return fmt.Errorf("only one %s is allowed per cluster (each runs an agent on every node with the same host ports and hosts.toml files): %s/%s already manages the nodes; delete %s/%s, or delete %s/%s first",
 		gvk.Kind, first.GetNamespace(), first.GetName(), obj.GetNamespace(), obj.GetName(), first.GetNamespace(), first.GetName())
 }

@@ -32,6 +32,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
+	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/status"
 )
 
@@ -178,23 +179,13 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 // active returns the Spegel resource that manages the nodes and its agent
 // DaemonSet, or nil when there is none yet (not deployed).
 func (c *Controller) active(ctx context.Context) (*unstructured.Unstructured, *appsv1.DaemonSet, error) {
-	list := &unstructured.UnstructuredList{}
-	list.SetGroupVersionKind(c.GVK.GroupVersion().WithKind(c.GVK.Kind + "List"))
-	if err := c.Client.List(ctx, list); err != nil {
-		return nil, nil, fmt.Errorf("listing %s resources: %w", c.GVK.Kind, err)
+	owner, err := spegels.Oldest(ctx, c.Client, c.GVK)
+	if err != nil {
+		return nil, nil, err
 	}
-	items := list.Items
-	sort.Slice(items, func(i, j int) bool {
-		ti, tj := items[i].GetCreationTimestamp(), items[j].GetCreationTimestamp()
-		if !ti.Equal(&tj) {
-			return ti.Before(&tj)
-		}
-		return items[i].GetNamespace()+"/"+items[i].GetName() < items[j].GetNamespace()+"/"+items[j].GetName()
-	})
-	if len(items) == 0 || items[0].GetDeletionTimestamp() != nil {
+	if owner == nil || owner.GetDeletionTimestamp() != nil {
 		return nil, nil, nil
 	}
-	owner := &items[0]
 	var dss appsv1.DaemonSetList
 	if err := c.Client.List(ctx, &dss, client.InNamespace(owner.GetNamespace()), client.MatchingLabels{
 		partOfLabel: "fleetmirror", instanceLabel: owner.GetName(), componentLabel: status.ComponentAgent,
