@@ -56,7 +56,19 @@ func parseDocument(src []byte) (*document, error) {
 	p.Reset(src)
 	var table []string
 	section := -1
+	// The file's quoting style, judged by its quoted keys: strings we
+	// write follow it (see renderString).
 	singles, doubles := 0, 0
+	countQuotes := func(keys []unstable.Range) {
+		for _, k := range keys {
+			switch src[k.Offset] {
+			case '\'':
+				singles++
+			case '"':
+				doubles++
+			}
+		}
+	}
 	stepSeen := false
 	for p.NextExpression() {
 		n := p.Expression()
@@ -64,14 +76,7 @@ func parseDocument(src []byte) (*document, error) {
 		switch n.Kind {
 		case unstable.Table, unstable.ArrayTable:
 			keys, first, last := keyParts(n.Key())
-			for _, k := range keys {
-				switch src[k.Offset] {
-				case '\'':
-					singles++
-				case '"':
-					doubles++
-				}
-			}
+			countQuotes(keys)
 			table = first
 			// The '[' (or '[[') precedes the first key part, maybe
 			// after blanks.
@@ -92,14 +97,7 @@ func parseDocument(src []byte) (*document, error) {
 			e.section = section
 		case unstable.KeyValue:
 			keys, parts, last := keyParts(n.Key())
-			for _, k := range keys {
-				switch src[k.Offset] {
-				case '\'':
-					singles++
-				case '"':
-					doubles++
-				}
-			}
+			countQuotes(keys)
 			start := int(keys[0].Offset)
 			end := int(n.Raw.Offset + n.Raw.Length)
 			eq := bytes.IndexByte(src[last:end], '=')
