@@ -50,6 +50,7 @@ type Mirror struct {
 	spoolDir       string
 	metrics        *metrics.Metrics
 	log            *slog.Logger
+	hints          *hints
 }
 
 // Option configures a Mirror.
@@ -89,6 +90,7 @@ func New(router routing.Router, opts ...Option) (*Mirror, error) {
 		stallTimeout:   5 * time.Second,
 		spoolDir:       os.TempDir(),
 		log:            slog.Default(),
+		hints:          newHints(),
 		client: &http.Client{Transport: &http.Transport{
 			// Peers are on the node network: a peer that cannot be reached
 			// quickly is treated as gone rather than waited for.
@@ -114,37 +116,63 @@ func New(router routing.Router, opts ...Option) (*Mirror, error) {
 // peerSource yields peers holding a key: each wait for the next one is
 // bounded by the resolve timeout, so a miss costs one timeout.
 type peerSource struct {
-	ch      <-chan netip.AddrPort
+	ch      <-chan netip.AddrPort // nil once closed
 	timeout time.Duration
 	cancel  context.CancelFunc
 	tried   int
 	max     int
+	hint    netip.AddrPort // see hints; zero once tried
+	hinted  netip.AddrPort // the hint once it was given out
 }
 
-func (m *Mirror) lookup(ctx context.Context, key string) (*peerSource, error) {
+// lookup finds peers for key; d, when set, is the digest the key names,
+// whose hinted peer is tried when the lookup gives none in time.
+func (m *Mirror) lookup(ctx context.Context, key string, d digest.Digest) (*peerSource, error) {
 	lctx, cancel := context.WithCancel(ctx)
 	ch, err := m.router.Lookup(lctx, key, m.peers)
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("looking up %s: %w", key, err)
 	}
-	return &peerSource{ch: ch, timeout: m.resolveTimeout, cancel: cancel, max: m.peers}, nil
+	src := &peerSource{ch: ch, timeout: m.resolveTimeout, cancel: cancel, max: m.peers}
+	src.hint, _ = m.hints.peer(d)
+	return src, nil
 }
 
+// next returns the next peer to try: one the lookup found within the
+// resolve timeout, else the hint, each peer once.
 func (s *peerSource) next(ctx context.Context) (netip.AddrPort, bool) {
-	if s.tried >= s.max {
-		return netip.AddrPort{}, false
-	}
-	t := time.NewTimer(s.timeout)
-	defer t.Stop()
-	select {
-	case p, ok := <-s.ch:
-		if ok {
-			s.tried++
+	for s.tried < s.max {
+		if s.ch == nil {
+			break
 		}
-		return p, ok
-	case <-t.C:
-	case <-ctx.Done():
+		t := time.NewTimer(s.timeout)
+		select {
+		case p, ok := <-s.ch:
+			t.Stop()
+			if !ok {
+				s.ch = nil
+				continue
+			}
+			if p == s.hinted {
+				continue
+			}
+			if p == s.hint {
+				s.hint = netip.AddrPort{}
+			}
+			s.tried++
+			return p, true
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return netip.AddrPort{}, false
+		}
+		break
+	}
+	if s.tried < s.max && s.hint.IsValid() {
+		s.hinted, s.hint = s.hint, netip.AddrPort{}
+		s.tried++
+		return s.hinted, true
 	}
 	return netip.AddrPort{}, false
 }
@@ -176,7 +204,7 @@ func (m *Mirror) Manifest(ctx context.Context, req oci.Request, head bool) (Mani
 	if key == "" {
 		return Manifest{}, fmt.Errorf("%w: a tag without the ns parameter names no registry", ErrNoSource)
 	}
-	src, err := m.lookup(ctx, key)
+	src, err := m.lookup(ctx, key, req.Digest)
 	if err != nil {
 		return Manifest{}, err
 	}
@@ -185,6 +213,9 @@ func (m *Mirror) Manifest(ctx context.Context, req oci.Request, head bool) (Mani
 	for ; ok; p, ok = src.next(ctx) {
 		man, err := m.manifestFrom(ctx, p, req, head)
 		if err == nil {
+			if man.Body != nil {
+				m.hints.learn(p, man.Body)
+			}
 			return man, nil
 		}
 		m.log.WarnContext(ctx, "peer failed to serve manifest", "peer", p.String(), "key", key, "err", err)
@@ -253,7 +284,7 @@ func descriptorOf(resp *http.Response, want digest.Digest) (ocispec.Descriptor, 
 
 // BlobHead asks peers for a blob's size.
 func (m *Mirror) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descriptor, error) {
-	src, err := m.lookup(ctx, req.Key())
+	src, err := m.lookup(ctx, req.Key(), req.Digest)
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
@@ -291,7 +322,7 @@ type Blob struct {
 // from the next one with a Range request; a blob that fails verification
 // is fetched again from peers that did not serve it.
 func (m *Mirror) Blob(ctx context.Context, req oci.Request) (*Blob, error) {
-	src, err := m.lookup(ctx, req.Key())
+	src, err := m.lookup(ctx, req.Key(), req.Digest)
 	if err != nil {
 		return nil, err
 	}

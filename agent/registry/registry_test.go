@@ -336,3 +336,40 @@ func TestOnlyBadPeerGives404(t *testing.T) {
 		t.Errorf("digest failures = %v", got)
 	}
 }
+
+// A lookup can miss the resolve timeout on a busy node. A blob named by a
+// manifest that a peer just served is then fetched from that peer rather
+// than sent upstream; a blob nobody hinted still misses fast.
+func TestManifestPeerHintsItsBlobs(t *testing.T) {
+	nodes := newNodes(t, 2, nil)
+	layer := randomBytes(t, 1<<20)
+	// In node 1's store but never advertised: no lookup finds it.
+	ld := nodes[1].store.Add(ocispec.MediaTypeImageLayer, layer)
+	manifest := []byte(`{"schemaVersion":2,"mediaType":"` + ocispec.MediaTypeImageManifest + `","config":{"mediaType":"` + ocispec.MediaTypeImageConfig +
+		`","digest":"` + digest.FromString("{}").String() + `","size":2},"layers":[{"mediaType":"` + ocispec.MediaTypeImageLayer +
+		`","digest":"` + ld.String() + `","size":` + fmt.Sprint(len(layer)) + `}]}`)
+	md := nodes[1].hold(t, ocispec.MediaTypeImageManifest, manifest)
+	base := nodes[0].srv.URL
+
+	resp, _ := get(t, "GET", base+"/v2/team/app/blobs/"+ld.String()+"?ns=10.1.2.3:5000")
+	if resp.StatusCode != 404 {
+		t.Fatalf("blob before its manifest was fetched: %d, want a miss", resp.StatusCode)
+	}
+	resp, body := get(t, "GET", base+"/v2/team/app/manifests/"+md.String()+"?ns=10.1.2.3:5000")
+	if resp.StatusCode != 200 || !bytes.Equal(body, manifest) {
+		t.Fatalf("manifest through peer: %d %q", resp.StatusCode, body)
+	}
+	resp, body = get(t, "GET", base+"/v2/team/app/blobs/"+ld.String()+"?ns=10.1.2.3:5000")
+	if resp.StatusCode != 200 || !bytes.Equal(body, layer) {
+		t.Fatalf("hinted blob: %d, %d bytes", resp.StatusCode, len(body))
+	}
+	if got, want := resp.Header.Get(SourceHeader), "peer "+nodes[1].addr.String(); got != want {
+		t.Errorf("%s = %q, want %q", SourceHeader, got, want)
+	}
+	// The config is hinted too, but node 1 lacks it: one 404 from the
+	// hinted peer, then a miss.
+	resp, _ = get(t, "GET", base+"/v2/team/app/blobs/"+digest.FromString("{}").String()+"?ns=10.1.2.3:5000")
+	if resp.StatusCode != 404 {
+		t.Fatalf("hinted blob the peer lacks: %d, want 404", resp.StatusCode)
+	}
+}
