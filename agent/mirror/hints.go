@@ -16,8 +16,8 @@ import (
 // (on 2 cores, hashing and unpacking the other layers of the same pull),
 // and a miss sends the whole blob upstream. So the peer is remembered as
 // a hint for each digest the manifest names, and tried when the lookup
-// gives no peer in time. A wrong hint costs a 404 from that peer and one more resolve wait; the
-// bytes are verified as always.
+// gives no peer in time. A wrong hint costs a 404 from that peer and one
+// more resolve wait; the bytes are verified as always.
 const (
 	maxHints = 4096
 	hintTTL  = 10 * time.Minute
