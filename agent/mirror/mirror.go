@@ -1,22 +1,20 @@
 // Package mirror fetches content this node lacks from the peers that
-// advertise it, and never hands on bytes it has not verified: containerd
-// fails a whole pull on a corrupt 200, but falls back to upstream at once on
-// a 404, so every failure here must happen before the first byte is sent.
+// advertise it. containerd falls back to upstream at once on a 404 but
+// fails a pull on a corrupt 200, so manifests and small blobs are verified
+// before their first byte, and large blobs are streamed with their last
+// bytes held back until the digest verifies (see BlobStream).
 package mirror
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
-	"sync"
+	"slices"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -47,10 +45,10 @@ type Mirror struct {
 	resolveTimeout time.Duration
 	peers          int
 	stallTimeout   time.Duration
-	spoolDir       string
 	metrics        *metrics.Metrics
 	log            *slog.Logger
 	hints          *hints
+	bad            *badPeers
 }
 
 // Option configures a Mirror.
@@ -62,12 +60,9 @@ func WithResolveTimeout(d time.Duration) Option { return func(m *Mirror) { m.res
 // WithPeers sets how many peers are tried before giving up.
 func WithPeers(n int) Option { return func(m *Mirror) { m.peers = n } }
 
-// WithStallTimeout sets how long a peer may send nothing before it is
-// abandoned for the next one.
+// WithStallTimeout sets how long a peer may send (next to) nothing before
+// it is abandoned for the next one.
 func WithStallTimeout(d time.Duration) Option { return func(m *Mirror) { m.stallTimeout = d } }
-
-// WithSpoolDir sets where blobs from peers are held while they are verified.
-func WithSpoolDir(dir string) Option { return func(m *Mirror) { m.spoolDir = dir } }
 
 // WithMetrics records fetches in m.
 func WithMetrics(mt *metrics.Metrics) Option { return func(m *Mirror) { m.metrics = mt } }
@@ -88,9 +83,9 @@ func New(router routing.Router, opts ...Option) (*Mirror, error) {
 		resolveTimeout: 20 * time.Millisecond,
 		peers:          3,
 		stallTimeout:   5 * time.Second,
-		spoolDir:       os.TempDir(),
 		log:            slog.Default(),
 		hints:          newHints(),
+		bad:            newBadPeers(),
 		client: &http.Client{Transport: &http.Transport{
 			// Peers are on the node network: a peer that cannot be reached
 			// quickly is treated as gone rather than waited for.
@@ -123,19 +118,24 @@ type peerSource struct {
 	max     int
 	hint    netip.AddrPort // see hints; zero once tried
 	hinted  netip.AddrPort // the hint once it was given out
+	skip    []netip.AddrPort
 }
 
 // lookup finds peers for key; d, when set, is the digest the key names,
 // whose hinted peer is tried when the lookup gives none in time.
 func (m *Mirror) lookup(ctx context.Context, key string, d digest.Digest) (*peerSource, error) {
 	lctx, cancel := context.WithCancel(ctx)
-	ch, err := m.router.Lookup(lctx, key, m.peers)
+	bad := m.bad.peers(d)
+	// Peers that sent this digest wrong are skipped without using up a try.
+	ch, err := m.router.Lookup(lctx, key, m.peers+len(bad))
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("looking up %s: %w", key, err)
 	}
-	src := &peerSource{ch: ch, timeout: m.resolveTimeout, cancel: cancel, max: m.peers}
-	src.hint, _ = m.hints.peer(d)
+	src := &peerSource{ch: ch, timeout: m.resolveTimeout, cancel: cancel, max: m.peers, skip: bad}
+	if h, ok := m.hints.peer(d); ok && !slices.Contains(bad, h) {
+		src.hint = h
+	}
 	return src, nil
 }
 
@@ -154,7 +154,7 @@ func (s *peerSource) next(ctx context.Context) (netip.AddrPort, bool) {
 				s.ch = nil
 				continue
 			}
-			if p == s.hinted {
+			if p == s.hinted || slices.Contains(s.skip, p) {
 				continue
 			}
 			if p == s.hint {
@@ -307,200 +307,6 @@ func (m *Mirror) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descrip
 		m.fail("digest")
 	}
 	return ocispec.Descriptor{}, fmt.Errorf("blob %s: %w", req.Digest, ErrNoSource)
-}
-
-// Blob is a blob fetched from peers into an unlinked spool file and
-// verified against its digest; nothing of it remains once closed.
-type Blob struct {
-	*os.File
-	Descriptor ocispec.Descriptor
-	// Peers that contributed bytes, for logs and the debug page.
-	Peers []netip.AddrPort
-}
-
-// Blob fetches a whole blob from peers. A peer that breaks off is resumed
-// from the next one with a Range request; a blob that fails verification
-// is fetched again from peers that did not serve it.
-func (m *Mirror) Blob(ctx context.Context, req oci.Request) (*Blob, error) {
-	src, err := m.lookup(ctx, req.Key(), req.Digest)
-	if err != nil {
-		return nil, err
-	}
-	defer src.close()
-	p, ok := m.firstPeer(ctx, src, req.Kind)
-	if !ok {
-		return nil, fmt.Errorf("blob %s: %w", req.Digest, ErrNoSource)
-	}
-	f, err := m.spool()
-	if err != nil {
-		return nil, err
-	}
-	sp := &spool{file: f, hash: sha256.New(), size: -1}
-	for ; ok; p, ok = src.next(ctx) {
-		err := m.blobFrom(ctx, p, req, sp)
-		if err != nil {
-			m.log.WarnContext(ctx, "peer failed to serve blob", "peer", p.String(), "digest", req.Digest, "offset", sp.off, "err", err)
-			continue
-		}
-		if sp.off < sp.size {
-			continue
-		}
-		if got := digest.NewDigest(digest.SHA256, sp.hash); got != req.Digest {
-			m.fail("digest")
-			m.log.WarnContext(ctx, "blob from peers failed verification", "peers", sp.peers, "digest", req.Digest, "got", got)
-			if err := sp.reset(); err != nil {
-				break
-			}
-			continue
-		}
-		if _, err := f.Seek(0, io.SeekStart); err != nil {
-			break
-		}
-		return &Blob{File: f, Peers: sp.peers,
-			Descriptor: ocispec.Descriptor{MediaType: sp.mediaType, Digest: req.Digest, Size: sp.size}}, nil
-	}
-	f.Close()
-	return nil, fmt.Errorf("blob %s: %w", req.Digest, ErrNoSource)
-}
-
-func (m *Mirror) spool() (*os.File, error) {
-	f, err := os.CreateTemp(m.spoolDir, "fleetmirror-blob-*")
-	if err != nil {
-		return nil, fmt.Errorf("creating spool file in %s (set --spool-dir to a writable folder): %w", m.spoolDir, err)
-	}
-	// Unlinked at once: the agent keeps no state, even across a crash.
-	if err := os.Remove(f.Name()); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("unlinking spool file: %w", err)
-	}
-	return f, nil
-}
-
-// spool is a blob being assembled, possibly from several peers.
-type spool struct {
-	file      *os.File
-	hash      hash.Hash
-	off, size int64
-	mediaType string
-	peers     []netip.AddrPort
-}
-
-func (s *spool) reset() error {
-	s.off = 0
-	s.hash.Reset()
-	if err := s.file.Truncate(0); err != nil {
-		return err
-	}
-	_, err := s.file.Seek(0, io.SeekStart)
-	return err
-}
-
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
-
-// blobFrom appends to sp what peer p serves from sp's offset on.
-func (m *Mirror) blobFrom(ctx context.Context, p netip.AddrPort, req oci.Request, sp *spool) error {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	rng := ""
-	if sp.off > 0 {
-		rng = fmt.Sprintf("bytes=%d-", sp.off)
-	}
-	resp, err := m.do(ctx, http.MethodGet, p, req, "blobs", req.Digest.String(), rng)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	size, err := contentSize(resp, sp.off)
-	if err != nil {
-		m.fail("status")
-		return err
-	}
-	if sp.size >= 0 && size != sp.size {
-		m.fail("status")
-		return fmt.Errorf("peer says the blob has %d bytes, another said %d", size, sp.size)
-	}
-	sp.size = size
-	if sp.mediaType == "" {
-		sp.mediaType = resp.Header.Get("Content-Type")
-	}
-	sp.peers = append(sp.peers, p)
-
-	// A peer that stops sending is abandoned after the stall timeout so the
-	// next one can resume; a pull never hangs on one peer.
-	watchdog := time.AfterFunc(m.stallTimeout, func() { cancel(errors.New("peer stalled")) })
-	defer watchdog.Stop()
-
-	// Reading the socket and writing+hashing run side by side: containerd
-	// waits for the verified blob, so both cores can work on it.
-	type chunk struct {
-		buf *[]byte
-		n   int
-	}
-	const depth = 4
-	full := make(chan chunk, depth)
-	free := make(chan *[]byte, depth)
-	for range depth {
-		free <- bufPool.Get().(*[]byte)
-	}
-	defer func() {
-		for range depth {
-			bufPool.Put(<-free)
-		}
-	}()
-	readErr := make(chan error, 1)
-	go func() {
-		defer close(full)
-		remaining := sp.size - sp.off
-		for remaining > 0 {
-			var b *[]byte
-			select {
-			case b = <-free:
-			case <-ctx.Done():
-				readErr <- context.Cause(ctx)
-				return
-			}
-			n, err := resp.Body.Read((*b)[:min(int64(len(*b)), remaining)])
-			if n > 0 {
-				watchdog.Reset(m.stallTimeout)
-				remaining -= int64(n)
-				full <- chunk{b, n}
-			} else {
-				free <- b
-			}
-			if err != nil && remaining > 0 {
-				if c := context.Cause(ctx); c != nil {
-					err = c
-				}
-				readErr <- err
-				return
-			}
-		}
-	}()
-	var werr error
-	for c := range full {
-		if werr == nil {
-			data := (*c.buf)[:c.n]
-			if _, err := sp.file.Write(data); err != nil {
-				werr = fmt.Errorf("writing spool file: %w", err)
-				cancel(werr)
-			} else {
-				sp.hash.Write(data)
-				sp.off += int64(c.n)
-				m.fetched(int64(c.n))
-			}
-		}
-		free <- c.buf
-	}
-	if werr != nil {
-		return werr
-	}
-	select {
-	case err := <-readErr:
-		m.fail("short")
-		return fmt.Errorf("after %d of %d bytes: %w", sp.off, sp.size, err)
-	default:
-	}
-	return nil
 }
 
 // contentSize checks a blob response starts where asked and returns the

@@ -112,6 +112,10 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		notFound(w, oreq)
 		return
 	}
+	if oreq.Kind == oci.KindBlob && req.Method == http.MethodGet {
+		r.streamPeer(w, req, oreq)
+		return
+	}
 	r.servePeer(w, req, oreq)
 }
 
@@ -165,45 +169,32 @@ func (r *Registry) serveLocal(w http.ResponseWriter, req *http.Request, oreq oci
 	return true
 }
 
-// servePeer answers from peers, or with a fast 404 so containerd moves on
-// to the next host. Nothing is written before the content is verified.
+// servePeer answers manifests and blob HEADs from peers, or with a fast
+// 404 so containerd moves on to the next host. Nothing is written before
+// the content is verified.
 func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.Request) {
 	ctx := req.Context()
 	head := req.Method == http.MethodHead
-	label := registryLabel(oreq)
 	var (
 		desc    ocispec.Descriptor
 		content io.ReadSeeker
-		peers   []netip.AddrPort
 		err     error
 	)
-	switch {
-	case oreq.Kind == oci.KindManifest:
+	if oreq.Kind == oci.KindManifest {
 		var man mirror.Manifest
 		man, err = r.mirror.Manifest(ctx, oreq, head)
 		desc = man.Descriptor
 		if err == nil && !head {
 			content = bytes.NewReader(man.Body)
 		}
-	case head:
+	} else {
 		desc, err = r.mirror.BlobHead(ctx, oreq)
-	default:
-		var b *mirror.Blob
-		b, err = r.mirror.Blob(ctx, oreq)
-		if err == nil {
-			defer b.Close()
-			desc, content, peers = b.Descriptor, b.File, b.Peers
-		}
 	}
 	if err != nil {
-		r.metrics.Requests.WithLabelValues(label, string(oreq.Kind), metrics.OutcomeMiss).Inc()
-		r.log.DebugContext(ctx, "mirror miss", "key", oreq.Key(), "err", err)
-		notFound(w, oreq)
+		r.miss(w, oreq, err)
 		return
 	}
-	r.metrics.Requests.WithLabelValues(label, string(oreq.Kind), metrics.OutcomePeer).Inc()
-	r.metrics.LastSuccess.Set(float64(time.Now().Unix()))
-	w.Header().Set(SourceHeader, peerSource(peers))
+	r.hit(w, oreq, nil)
 	if head {
 		setHeaders(w, desc, oreq.Kind)
 		w.Header().Set("Content-Length", strconv.FormatInt(desc.Size, 10))
@@ -212,6 +203,48 @@ func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.
 	}
 	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedBytes.WithLabelValues(metrics.OutcomePeer)}
 	serve(cw, req, desc, oreq.Kind, content)
+}
+
+// streamPeer answers a blob GET from peers as the bytes arrive. A stream
+// that cannot be finished with the right bytes is cut before its end, so
+// containerd never commits it; containerd then asks again from where it
+// got to, and that Range request, which this agent cannot verify, goes to
+// the next host.
+func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci.Request) {
+	ctx := req.Context()
+	if req.Header.Get("Range") != "" {
+		r.miss(w, oreq, errors.New("a range of a blob this node does not hold cannot be verified"))
+		return
+	}
+	bs, err := r.mirror.OpenBlob(ctx, oreq)
+	if err != nil {
+		r.miss(w, oreq, err)
+		return
+	}
+	defer bs.Close()
+	r.hit(w, oreq, bs.Peers)
+	setHeaders(w, bs.Descriptor, oreq.Kind)
+	w.Header().Set("Etag", `"`+bs.Descriptor.Digest.String()+`"`)
+	w.Header().Set("Content-Length", strconv.FormatInt(bs.Descriptor.Size, 10))
+	w.WriteHeader(http.StatusOK)
+	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedBytes.WithLabelValues(metrics.OutcomePeer)}
+	if _, err := io.Copy(cw, bs); err != nil {
+		r.log.WarnContext(ctx, "cutting a blob response that cannot be finished", "digest", oreq.Digest, "peers", bs.Peers, "err", err)
+		// Aborting closes the connection without the final bytes.
+		panic(http.ErrAbortHandler)
+	}
+}
+
+func (r *Registry) miss(w http.ResponseWriter, oreq oci.Request, err error) {
+	r.metrics.Requests.WithLabelValues(registryLabel(oreq), string(oreq.Kind), metrics.OutcomeMiss).Inc()
+	r.log.Debug("mirror miss", "key", oreq.Key(), "err", err)
+	notFound(w, oreq)
+}
+
+func (r *Registry) hit(w http.ResponseWriter, oreq oci.Request, peers []netip.AddrPort) {
+	r.metrics.Requests.WithLabelValues(registryLabel(oreq), string(oreq.Kind), metrics.OutcomePeer).Inc()
+	r.metrics.LastSuccess.Set(float64(time.Now().Unix()))
+	w.Header().Set(SourceHeader, peerSource(peers))
 }
 
 // serve writes content with its headers; http.ServeContent answers HEAD and

@@ -60,7 +60,7 @@ func newNodes(t *testing.T, n int) []*node {
 	for i := range nodes {
 		nd := &node{store: storetest.NewMemory(), metrics: metrics.New(func() int { return 0 }), addr: addrs[i],
 			router: peersRouter{Memory: routers[i]}}
-		mir, err := mirror.New(routers[i], mirror.WithSpoolDir(t.TempDir()), mirror.WithMetrics(nd.metrics),
+		mir, err := mirror.New(routers[i], mirror.WithMetrics(nd.metrics),
 			mirror.WithResolveTimeout(200*time.Millisecond))
 		if err != nil {
 			t.Fatal(err)

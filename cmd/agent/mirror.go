@@ -49,7 +49,6 @@ type mirrorConfig struct {
 	bootstrapPeers      cli.List
 	bootstrapDNS        string
 	dataDir             string
-	spoolDir            string
 	prepCheckConfig     string
 	logLevel            string
 	debugWeb            bool
@@ -76,7 +75,6 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.Var(&c.bootstrapPeers, "bootstrap-peers", "peers to join: host:port of their registries, or multiaddrs ending in /p2p/<id>")
 	fs.StringVar(&c.bootstrapDNS, "bootstrap-dns", "", "DNS name listing the agents (the chart's headless Service)")
 	fs.StringVar(&c.dataDir, "data-dir", "/var/lib/fleetmirror", "where the peer identity key is kept, the agent's only state")
-	fs.StringVar(&c.spoolDir, "spool-dir", os.TempDir(), "where blobs from peers are held (unlinked) while verified")
 	fs.StringVar(&c.prepCheckConfig, "prep-check-config", "",
 		"containerd config.toml (read-only mount) that readiness checks like `agent prep --check`; empty disables the check")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -160,7 +158,7 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 
 	m := metrics.New(func() int { return len(router.Peers()) })
 	mir, err := mirror.New(router, mirror.WithResolveTimeout(c.resolveTimeout), mirror.WithPeers(c.resolveRetries),
-		mirror.WithSpoolDir(c.spoolDir), mirror.WithMetrics(m), mirror.WithLogger(log.With("component", "mirror")))
+		mirror.WithMetrics(m), mirror.WithLogger(log.With("component", "mirror")))
 	if err != nil {
 		return err
 	}
