@@ -30,6 +30,14 @@ import (
 // never loop between agents.
 const PeerHeader = "X-Fleetmirror-Peer"
 
+// WaitHeader asks a peer to wait up to the given duration ("2s") for a
+// blob its containerd is about to fetch to appear in flight, instead of
+// answering 404 at once. Agents that predate it ignore it.
+const WaitHeader = "X-Fleetmirror-Wait"
+
+// MaxWait bounds what WaitHeader may ask for.
+const MaxWait = 5 * time.Second
+
 // ErrNoSource means no peer could serve the content; the registry answers
 // 404 and containerd goes to the next host.
 var ErrNoSource = errors.New("no peer could serve it")
@@ -60,6 +68,9 @@ func WithResolveTimeout(d time.Duration) Option { return func(m *Mirror) { m.res
 // WithPeers sets how many peers are tried before giving up.
 func WithPeers(n int) Option { return func(m *Mirror) { m.peers = n } }
 
+// StallTimeout is how long a peer may send (next to) nothing by default.
+const StallTimeout = 5 * time.Second
+
 // WithStallTimeout sets how long a peer may send (next to) nothing before
 // it is abandoned for the next one.
 func WithStallTimeout(d time.Duration) Option { return func(m *Mirror) { m.stallTimeout = d } }
@@ -82,7 +93,7 @@ func New(router routing.Router, opts ...Option) (*Mirror, error) {
 		router:         router,
 		resolveTimeout: 20 * time.Millisecond,
 		peers:          3,
-		stallTimeout:   5 * time.Second,
+		stallTimeout:   StallTimeout,
 		log:            slog.Default(),
 		hints:          newHints(),
 		bad:            newBadPeers(),

@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -37,6 +38,23 @@ type Registry struct {
 	metrics *metrics.Metrics
 	log     *slog.Logger
 	ready   func(context.Context) error
+	flights *store.InFlight
+	held    Holder
+}
+
+// Holder keeps blobs this node's containerd is fetching advertised as in
+// flight, so peers can stream them as they grow.
+type Holder interface {
+	Hold(key string)
+	Holding(key string) bool
+}
+
+// WithInFlight shares blobs still being written: a blob the node's
+// containerd asked this agent for (and then fetched from peers or
+// upstream) is held in flight by h, and peers are served its bytes from
+// flights as they arrive.
+func WithInFlight(flights *store.InFlight, h Holder) Option {
+	return func(r *Registry) { r.flights, r.held = flights, h }
 }
 
 // Option configures a Registry.
@@ -105,6 +123,9 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	if r.serveLocal(w, req, oreq) {
+		return
+	}
+	if req.Header.Get(mirror.PeerHeader) != "" && r.serveInFlight(w, req, oreq) {
 		return
 	}
 	if req.Header.Get(mirror.PeerHeader) != "" || r.mirror == nil {
@@ -216,6 +237,11 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 		r.miss(w, oreq, errors.New("a range of a blob this node does not hold cannot be verified"))
 		return
 	}
+	// Whether from peers or, after a 404, from upstream, containerd is
+	// about to write this blob: peers may stream it from here meanwhile.
+	if r.held != nil {
+		r.held.Hold(oreq.Digest.String())
+	}
 	bs, err := r.mirror.OpenBlob(ctx, oreq)
 	if err != nil {
 		r.miss(w, oreq, err)
@@ -233,6 +259,58 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 		// Aborting closes the connection without the final bytes.
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// serveInFlight serves a peer a blob this node's containerd is still
+// writing, as it grows, from the offset a Range header asks for. The bytes
+// are what containerd received, not yet verified: the peer verifies them,
+// as it does every blob it streams.
+func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq oci.Request) bool {
+	if r.flights == nil || oreq.Kind != oci.KindBlob || !r.held.Holding(oreq.Digest.String()) {
+		return false
+	}
+	off, ok := rangeStart(req.Header.Get("Range"))
+	if !ok {
+		return false
+	}
+	wait, _ := time.ParseDuration(req.Header.Get(mirror.WaitHeader))
+	g, err := r.flights.Open(req.Context(), oreq.Digest, off, min(max(wait, 0), mirror.MaxWait))
+	if err != nil {
+		r.log.Debug("no blob in flight", "digest", oreq.Digest, "err", err)
+		return false
+	}
+	defer g.Close()
+	setHeaders(w, ocispec.Descriptor{Digest: oreq.Digest}, oci.KindBlob)
+	w.Header().Set(SourceHeader, "in-flight")
+	w.Header().Set("Content-Length", strconv.FormatInt(g.Size()-off, 10))
+	if off > 0 {
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, g.Size()-1, g.Size()))
+		w.WriteHeader(http.StatusPartialContent)
+	} else {
+		w.WriteHeader(http.StatusOK)
+	}
+	if req.Method == http.MethodHead {
+		return true
+	}
+	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedToPeers}
+	if _, err := io.Copy(cw, g); err != nil {
+		r.log.Warn("cutting an in-flight blob response", "digest", oreq.Digest, "err", err)
+		panic(http.ErrAbortHandler)
+	}
+	return true
+}
+
+// rangeStart reads the Range header peers send to resume: "bytes=N-".
+func rangeStart(h string) (int64, bool) {
+	if h == "" {
+		return 0, true
+	}
+	n, ok := strings.CutPrefix(h, "bytes=")
+	if !ok || !strings.HasSuffix(n, "-") {
+		return 0, false
+	}
+	off, err := strconv.ParseInt(strings.TrimSuffix(n, "-"), 10, 64)
+	return off, err == nil && off >= 0
 }
 
 func (r *Registry) miss(w http.ResponseWriter, oreq oci.Request, err error) {

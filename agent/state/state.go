@@ -5,6 +5,7 @@ package state
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
@@ -24,6 +25,64 @@ type Tracker struct {
 	Registries []string
 	// Retry is how soon keys that failed to advertise are tried again.
 	Retry time.Duration
+
+	mu   sync.Mutex
+	held map[string]time.Time // key -> until
+	wake chan struct{}
+}
+
+// HoldFor is how long a key held in flight stays advertised without the
+// store listing it: long enough for a pull of many large layers to finish
+// and its image to be recorded, after which the store's keys take over.
+const HoldFor = 10 * time.Minute
+
+// Hold advertises key now, though the store does not list it: a blob this
+// node's containerd is fetching, which peers can stream as it grows.
+func (t *Tracker) Hold(key string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.held == nil {
+		t.held = map[string]time.Time{}
+	}
+	_, had := t.held[key]
+	t.held[key] = time.Now().Add(HoldFor)
+	if !had {
+		select {
+		case t.wakeup() <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Holding reports whether key is held in flight.
+func (t *Tracker) Holding(key string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	until, ok := t.held[key]
+	return ok && time.Now().Before(until)
+}
+
+func (t *Tracker) wakeup() chan struct{} {
+	if t.wake == nil {
+		t.wake = make(chan struct{}, 1)
+	}
+	return t.wake
+}
+
+// heldKeys returns the keys held in flight, forgetting expired ones.
+func (t *Tracker) heldKeys() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var keys []string
+	now := time.Now()
+	for k, until := range t.held {
+		if now.After(until) {
+			delete(t.held, k)
+			continue
+		}
+		keys = append(keys, k)
+	}
+	return keys
 }
 
 // Run follows the store until ctx is done.
@@ -39,12 +98,16 @@ func (t *Tracker) Run(ctx context.Context) {
 	advertised := map[string]bool{}
 	ticker := time.NewTicker(retry)
 	defer ticker.Stop()
+	t.mu.Lock()
+	wake := t.wakeup()
+	t.mu.Unlock()
 	for {
 		t.sync(ctx, log, advertised)
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.Store.Changed():
+		case <-wake:
 		case <-ticker.C:
 		}
 	}
@@ -56,6 +119,9 @@ func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[str
 		if t.wanted(k) {
 			want[k] = true
 		}
+	}
+	for _, k := range t.heldKeys() {
+		want[k] = true
 	}
 	var add, remove []string
 	for k := range want {

@@ -184,8 +184,10 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		}
 		return nil
 	}
+	tr := &state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs)}
 	reg, err := registry.New(st, registry.WithMirror(mir), registry.WithMetrics(m),
-		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready))
+		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready),
+		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr))
 	if err != nil {
 		return err
 	}
@@ -224,7 +226,6 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		return nil
 	})
 	g.Go(func() error {
-		tr := state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs)}
 		tr.Run(ctx)
 		return nil
 	})

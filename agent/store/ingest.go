@@ -1,0 +1,162 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// InFlight finds blobs this node's containerd is still writing, or has
+// written but not yet tied to an image (the layers of a pull in progress),
+// straight in containerd's content directory, so that peers can stream
+// them as they grow.
+//
+// containerd 1.6 and 2.x lay ingests out alike: <content>/ingest/<dir>/
+// holds `ref` (the writer's ref, "<namespace>/<id>/layer-sha256:<hex>" for
+// a pull), `total` (the expected size) and `data` (the bytes so far). On
+// commit `data` is renamed into blobs/sha256/<hex>, so an open reader keeps
+// reading the same file to its end.
+type InFlight struct {
+	dir   string
+	stall time.Duration
+	poll  time.Duration
+}
+
+// NewInFlight reads ingests under contentDir. A reader that reaches the
+// writer's offset waits for more, and gives up after stall without growth.
+func NewInFlight(contentDir string, stall time.Duration) *InFlight {
+	return &InFlight{dir: contentDir, stall: stall, poll: 5 * time.Millisecond}
+}
+
+// Growing is a blob being written, read from an offset on. Reads wait for
+// the writer and fail once it stopped for the stall timeout.
+type Growing struct {
+	f     *os.File
+	dir   string // the ingest directory; "" when the blob is committed
+	total int64
+	off   int64
+	stall time.Duration
+	poll  time.Duration
+	ctx   context.Context
+}
+
+// Size is the blob's full size.
+func (g *Growing) Size() int64 { return g.total }
+
+// Open finds dgst and positions the reader at off. With wait > 0 it waits
+// that long for the ingest to appear (a peer that agreed to fetch a blob is
+// asked before its containerd has started). ErrNotFound when there is none.
+func (s *InFlight) Open(ctx context.Context, dgst digest.Digest, off int64, wait time.Duration) (*Growing, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		g, err := s.open(dgst)
+		if err == nil {
+			if off > g.total {
+				g.f.Close()
+				return nil, fmt.Errorf("offset %d is past the end of %s (%d bytes)", off, dgst, g.total)
+			}
+			g.off, g.ctx = off, ctx
+			return g, nil
+		}
+		if !errors.Is(err, ErrNotFound) || time.Now().After(deadline) {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(25 * time.Millisecond):
+		}
+	}
+}
+
+func (s *InFlight) open(dgst digest.Digest) (*Growing, error) {
+	g := &Growing{stall: s.stall, poll: s.poll}
+	// A committed blob the index does not list yet: complete, no waiting.
+	if f, err := os.Open(filepath.Join(s.dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())); err == nil {
+		fi, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		g.f, g.total = f, fi.Size()
+		return g, nil
+	}
+	ingests := filepath.Join(s.dir, "ingest")
+	entries, err := os.ReadDir(ingests)
+	if err != nil {
+		return nil, fmt.Errorf("%s in flight: %w", dgst, ErrNotFound)
+	}
+	suffix := "-" + dgst.String()
+	for _, e := range entries {
+		dir := filepath.Join(ingests, e.Name())
+		ref, err := os.ReadFile(filepath.Join(dir, "ref"))
+		if err != nil || !strings.HasSuffix(string(ref), suffix) {
+			continue
+		}
+		// Without a total the size is unknown and the bytes cannot be
+		// offered with a Content-Length.
+		t, err := os.ReadFile(filepath.Join(dir, "total"))
+		if err != nil {
+			continue
+		}
+		total, err := strconv.ParseInt(strings.TrimSpace(string(t)), 10, 64)
+		if err != nil || total <= 0 {
+			continue
+		}
+		f, err := os.Open(filepath.Join(dir, "data"))
+		if err != nil {
+			continue
+		}
+		g.f, g.dir, g.total = f, dir, total
+		return g, nil
+	}
+	return nil, fmt.Errorf("%s in flight: %w", dgst, ErrNotFound)
+}
+
+// Read implements io.Reader.
+func (g *Growing) Read(p []byte) (int, error) {
+	if g.off >= g.total {
+		return 0, io.EOF
+	}
+	p = p[:min(int64(len(p)), g.total-g.off)]
+	var waited time.Duration
+	for {
+		n, err := g.f.ReadAt(p, g.off)
+		if n > 0 {
+			g.off += int64(n)
+			return n, nil
+		}
+		if err != nil && err != io.EOF {
+			return 0, err
+		}
+		// At the writer's offset: wait for it, not forever.
+		if waited >= g.stall {
+			return 0, fmt.Errorf("blob in flight stopped growing at %d of %d bytes for %s", g.off, g.total, g.stall)
+		}
+		if g.dir != "" && waited%(20*g.poll) == 0 {
+			if _, err := os.Stat(g.dir); errors.Is(err, os.ErrNotExist) {
+				// Committed (the file was renamed whole) or abandoned.
+				if fi, err := g.f.Stat(); err == nil && fi.Size() < g.total {
+					return 0, fmt.Errorf("blob in flight was abandoned at %d of %d bytes", fi.Size(), g.total)
+				}
+			}
+		}
+		select {
+		case <-g.ctx.Done():
+			return 0, g.ctx.Err()
+		case <-time.After(g.poll):
+			waited += g.poll
+		}
+	}
+}
+
+// Close implements io.Closer.
+func (g *Growing) Close() error { return g.f.Close() }
