@@ -243,7 +243,7 @@ func (m *Mirror) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Req
 	if req.Digest != "" {
 		ref = req.Digest.String()
 	}
-	resp, err := m.do(ctx, method, p, req, "manifests", ref, "")
+	resp, err := m.do(ctx, method, p, req, "manifests", ref, "", 0)
 	if err != nil {
 		return Manifest{}, err
 	}
@@ -302,7 +302,7 @@ func (m *Mirror) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descrip
 	defer src.close()
 	p, ok := m.firstPeer(ctx, src, req.Kind)
 	for ; ok; p, ok = src.next(ctx) {
-		resp, err := m.do(ctx, http.MethodHead, p, req, "blobs", req.Digest.String(), "")
+		resp, err := m.do(ctx, http.MethodHead, p, req, "blobs", req.Digest.String(), "", 0)
 		if err != nil {
 			continue
 		}
@@ -345,7 +345,7 @@ func contentSize(resp *http.Response, off int64) (int64, error) {
 	return size, nil
 }
 
-func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, kind, ref, rng string) (*http.Response, error) {
+func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, kind, ref, rng string, wait time.Duration) (*http.Response, error) {
 	u := "http://" + p.String() + "/v2/" + req.Repository + "/" + kind + "/" + ref
 	if req.Registry != "" {
 		u += "?ns=" + req.Registry
@@ -357,6 +357,9 @@ func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oc
 	hr.Header.Set(PeerHeader, "1")
 	if rng != "" {
 		hr.Header.Set("Range", rng)
+	}
+	if wait > 0 {
+		hr.Header.Set(WaitHeader, wait.String())
 	}
 	resp, err := m.client.Do(hr)
 	if err != nil {

@@ -58,6 +58,7 @@ type BlobStream struct {
 	cancel context.CancelCauseFunc
 	stop   func() bool
 	err    error
+	wait   time.Duration // for the first request, see WaitHeader
 
 	// For watch: how long reads waited on the current peer since it last
 	// sent minProgress bytes, and when the read in progress began.
@@ -70,12 +71,30 @@ type BlobStream struct {
 // answered with its size, or ErrNoSource. Blobs under WholeBelow are
 // received and verified before it returns. The caller must Close the stream.
 func (m *Mirror) OpenBlob(ctx context.Context, req oci.Request) (*BlobStream, error) {
+	return m.open(ctx, req, netip.AddrPort{}, 0)
+}
+
+// OpenBlobFrom is OpenBlob asking first, waiting up to wait, a peer that
+// agreed to fetch the blob and may not have started yet (see agent/claim);
+// the peers a lookup finds are the fallback.
+func (m *Mirror) OpenBlobFrom(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
+	return m.open(ctx, req, first, min(wait, MaxWait))
+}
+
+func (m *Mirror) open(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
 	src, err := m.lookup(ctx, req.Key(), req.Digest)
 	if err != nil {
 		return nil, err
 	}
-	s := &BlobStream{m: m, ctx: ctx, req: req, src: src, hash: sha256.New(), Descriptor: ocispec.Descriptor{Digest: req.Digest, Size: -1}}
-	p, ok := m.firstPeer(ctx, src, req.Kind)
+	s := &BlobStream{m: m, ctx: ctx, req: req, src: src, hash: sha256.New(), Descriptor: ocispec.Descriptor{Digest: req.Digest, Size: -1}, wait: wait}
+	var p netip.AddrPort
+	var ok bool
+	if first.IsValid() {
+		p, ok = first, true
+		src.skip = append(src.skip, first)
+	} else {
+		p, ok = m.firstPeer(ctx, src, req.Kind)
+	}
 	for ; ok; p, ok = s.next() {
 		if err := s.connect(p); err != nil {
 			m.log.WarnContext(ctx, "peer failed to serve blob", "peer", p.String(), "digest", req.Digest, "err", err)
@@ -122,7 +141,8 @@ func (s *BlobStream) connect(p netip.AddrPort) error {
 	if s.off > 0 {
 		rng = fmt.Sprintf("bytes=%d-", s.off)
 	}
-	resp, err := s.m.do(ctx, http.MethodGet, p, s.req, "blobs", s.req.Digest.String(), rng)
+	resp, err := s.m.do(ctx, http.MethodGet, p, s.req, "blobs", s.req.Digest.String(), rng, s.wait)
+	s.wait = 0
 	if err != nil {
 		cancel(nil)
 		return err

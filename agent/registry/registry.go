@@ -19,6 +19,7 @@ import (
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/fleetmirror/fleetmirror/agent/claim"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/oci"
@@ -40,7 +41,16 @@ type Registry struct {
 	ready   func(context.Context) error
 	flights *store.InFlight
 	held    Holder
+	claims  *claim.Decider
 }
+
+// followWait is how long a node that agreed to follow another waits for it
+// to start: well inside containerd's patience, and the fallback is upstream.
+const followWait = 3 * time.Second
+
+// WithClaims makes nodes that miss a blob at the same moment agree on one
+// of them fetching it upstream (see agent/claim).
+func WithClaims(d *claim.Decider) Option { return func(r *Registry) { r.claims = d } }
 
 // Holder keeps blobs this node's containerd is fetching advertised as in
 // flight, so peers can stream them as they grow.
@@ -237,12 +247,20 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 		r.miss(w, oreq, errors.New("a range of a blob this node does not hold cannot be verified"))
 		return
 	}
-	// Whether from peers or, after a 404, from upstream, containerd is
+	bs, err := r.mirror.OpenBlob(ctx, oreq)
+	if errors.Is(err, mirror.ErrNoSource) && r.claims != nil {
+		// Nobody has it: if other nodes miss it right now too, one of them
+		// fetches it upstream and the rest stream it from that one.
+		if leader, follow := r.claims.Decide(ctx, oreq.Digest.String()); follow {
+			bs, err = r.mirror.OpenBlobFrom(ctx, oreq, leader, followWait)
+		}
+	}
+	// Whether from peers or, after the 404, from upstream, containerd is
 	// about to write this blob: peers may stream it from here meanwhile.
+	// Only now, with a source, so that two nodes never wait on each other.
 	if r.held != nil {
 		r.held.Hold(oreq.Digest.String())
 	}
-	bs, err := r.mirror.OpenBlob(ctx, oreq)
 	if err != nil {
 		r.miss(w, oreq, err)
 		return
@@ -266,7 +284,7 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 // are what containerd received, not yet verified: the peer verifies them,
 // as it does every blob it streams.
 func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq oci.Request) bool {
-	if r.flights == nil || oreq.Kind != oci.KindBlob || !r.held.Holding(oreq.Digest.String()) {
+	if r.flights == nil || oreq.Kind != oci.KindBlob {
 		return false
 	}
 	off, ok := rangeStart(req.Header.Get("Range"))
@@ -274,7 +292,19 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 		return false
 	}
 	wait, _ := time.ParseDuration(req.Header.Get(mirror.WaitHeader))
-	g, err := r.flights.Open(req.Context(), oreq.Digest, off, min(max(wait, 0), mirror.MaxWait))
+	deadline := time.Now().Add(min(max(wait, 0), mirror.MaxWait))
+	// A node that follows this one may ask before this one decided to fetch.
+	for !r.held.Holding(oreq.Digest.String()) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		select {
+		case <-req.Context().Done():
+			return false
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	g, err := r.flights.Open(req.Context(), oreq.Digest, off, time.Until(deadline))
 	if err != nil {
 		r.log.Debug("no blob in flight", "digest", oreq.Digest, "err", err)
 		return false

@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fleetmirror/fleetmirror/agent/claim"
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
@@ -46,6 +47,7 @@ type mirrorConfig struct {
 	dialTimeout         time.Duration
 	resolveTimeout      time.Duration
 	resolveRetries      int
+	burstSettle         time.Duration
 	bootstrapPeers      cli.List
 	bootstrapDNS        string
 	dataDir             string
@@ -72,6 +74,8 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.DurationVar(&c.dialTimeout, "mirror-dial-timeout", 200*time.Millisecond, "containerd's dial timeout to the agent (containerd 2.x honours it)")
 	fs.DurationVar(&c.resolveTimeout, "mirror-resolve-timeout", 20*time.Millisecond, "how long to look for a peer before containerd is sent upstream")
 	fs.IntVar(&c.resolveRetries, "mirror-resolve-retries", 3, "how many peers to try for one request")
+	fs.DurationVar(&c.burstSettle, "burst-settle", 100*time.Millisecond,
+		"how long nodes that miss the same blob wait to agree which one fetches it upstream; 0 lets each fetch it")
 	fs.Var(&c.bootstrapPeers, "bootstrap-peers", "peers to join: host:port of their registries, or multiaddrs ending in /p2p/<id>")
 	fs.StringVar(&c.bootstrapDNS, "bootstrap-dns", "", "DNS name listing the agents (the chart's headless Service)")
 	fs.StringVar(&c.dataDir, "data-dir", "/var/lib/fleetmirror", "where the peer identity key is kept, the agent's only state")
@@ -99,6 +103,9 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 	}
 	if c.resolveTimeout <= 0 || c.resolveTimeout > 10*time.Second {
 		return 0, nil, fmt.Errorf("--mirror-resolve-timeout %s: want more than 0 and at most 10s (a miss costs this much)", c.resolveTimeout)
+	}
+	if c.burstSettle < 0 || c.burstSettle > 2*time.Second {
+		return 0, nil, fmt.Errorf("--burst-settle %s: want 0 (off) to 2s; a blob miss waits this long", c.burstSettle)
 	}
 	if c.resolveRetries < 1 || c.resolveRetries > 20 {
 		return 0, nil, fmt.Errorf("--mirror-resolve-retries %d: want 1 to 20", c.resolveRetries)
@@ -185,9 +192,13 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		return nil
 	}
 	tr := &state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs)}
-	reg, err := registry.New(st, registry.WithMirror(mir), registry.WithMetrics(m),
+	regOpts := []registry.Option{registry.WithMirror(mir), registry.WithMetrics(m),
 		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready),
-		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr))
+		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr)}
+	if c.burstSettle > 0 {
+		regOpts = append(regOpts, registry.WithClaims(claim.New(router, c.burstSettle, log.With("component", "claim"))))
+	}
+	reg, err := registry.New(st, regOpts...)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,73 @@
+package claim
+
+import (
+	"context"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/routing"
+)
+
+// Nodes that miss a key together agree on exactly one fetcher, and every
+// other one follows it; a node alone fetches itself.
+func TestDecide(t *testing.T) {
+	for _, n := range []int{1, 2, 5} {
+		var addrs []netip.AddrPort
+		for i := range n {
+			addrs = append(addrs, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)))
+		}
+		rs := routing.NewMemory(addrs...)
+		follows := make([]netip.AddrPort, n)
+		fetches := make([]bool, n)
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				d := New(rs[i], 50*time.Millisecond, nil)
+				leader, follow := d.Decide(context.Background(), "sha256:abc")
+				follows[i], fetches[i] = leader, !follow
+			})
+		}
+		wg.Wait()
+		fetcher := -1
+		for i, f := range fetches {
+			if f {
+				if fetcher >= 0 {
+					t.Fatalf("%d nodes: nodes %d and %d both fetch", n, fetcher, i)
+				}
+				fetcher = i
+			}
+		}
+		if fetcher < 0 {
+			t.Fatalf("%d nodes: nobody fetches", n)
+		}
+		for i, l := range follows {
+			if i != fetcher && l != addrs[fetcher] {
+				t.Errorf("%d nodes: node %d follows %s, want the fetcher %s", n, i, l, addrs[fetcher])
+			}
+		}
+	}
+}
+
+// The score orders nodes the same way for everyone and differently per key,
+// so one node does not fetch every blob of a burst.
+func TestScoreSpreadsKeys(t *testing.T) {
+	ids := []string{"a", "b", "c", "d"}
+	wins := map[string]int{}
+	for k := range 400 {
+		key := "sha256:" + string(rune('a'+k%26)) + string(rune(k))
+		best := ""
+		for _, id := range ids {
+			if best == "" || string(score(key, id)) > string(score(key, best)) {
+				best = id
+			}
+		}
+		wins[best]++
+	}
+	for _, id := range ids {
+		if wins[id] < 50 {
+			t.Errorf("node %s fetches %d of 400 keys: the load is not spread", id, wins[id])
+		}
+	}
+}

@@ -1,0 +1,113 @@
+package routing
+
+import (
+	"context"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+)
+
+// Claims are short-lived announcements that a node is about to fetch a
+// key, so that nodes missing the same blob at once can agree on one
+// fetcher (see agent/claim).
+type Claims interface {
+	// Self is this node's identity among claimants.
+	Self() string
+	// Claim announces that this node is about to fetch key.
+	Claim(ctx context.Context, key string) error
+	// Claimants lists the other nodes that claimed key lately, as found
+	// until ctx is done.
+	Claimants(ctx context.Context, key string) ([]Claimant, error)
+}
+
+// Claimant is a node that claimed a key.
+type Claimant struct {
+	ID   string
+	Addr netip.AddrPort // its registry
+}
+
+// ClaimEpoch is how long a claim counts. Claims are provider records under
+// a key that names the epoch, and lookups read the current and the
+// previous epoch only, so a claim is seen for one to two epochs: a DHT
+// record cannot be revoked, and an old claim of a node that has long
+// finished (or died) must not win a later burst.
+const ClaimEpoch = 30 * time.Second
+
+func claimKeys(key string, now time.Time) (current, previous string) {
+	e := now.Unix() / int64(ClaimEpoch/time.Second)
+	return claimKey(key, e), claimKey(key, e-1)
+}
+
+func claimKey(key string, epoch int64) string {
+	return "fleetmirror-claim/" + strconv.FormatInt(epoch, 10) + "/" + key
+}
+
+var _ Claims = (*P2P)(nil)
+
+// Self implements Claims.
+func (p *P2P) Self() string { return p.host.ID().String() }
+
+// Claim implements Claims. The record is provided once, not re-provided.
+func (p *P2P) Claim(ctx context.Context, key string) error {
+	cur, _ := claimKeys(key, time.Now())
+	return p.provide(ctx, []cid.Cid{keyCID(cur)})
+}
+
+// Claimants implements Claims.
+func (p *P2P) Claimants(ctx context.Context, key string) ([]Claimant, error) {
+	if !p.track() {
+		return nil, ErrClosed
+	}
+	defer p.wg.Done()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(p.ctx, cancel)
+	defer stop()
+	cur, prev := claimKeys(key, time.Now())
+	seen := map[peer.ID]bool{p.host.ID(): true}
+	var out []Claimant
+	for _, k := range []string{cur, prev} {
+		for ai := range p.dht.FindProvidersAsync(ctx, keyCID(k), 0) {
+			if seen[ai.ID] {
+				continue
+			}
+			seen[ai.ID] = true
+			if ip, ok := p.peerIP(ai); ok {
+				out = append(out, Claimant{ID: ai.ID.String(), Addr: netip.AddrPortFrom(ip, p.cfg.registryPort)})
+			}
+		}
+	}
+	// ctx bounds the search; what was found by then is the answer.
+	return out, nil
+}
+
+var _ Claims = (*Memory)(nil)
+
+// Self implements Claims.
+func (m *Memory) Self() string { return m.self.String() }
+
+// Claim implements Claims.
+func (m *Memory) Claim(ctx context.Context, key string) error {
+	cur, _ := claimKeys(key, time.Now())
+	return m.Advertise(ctx, []string{cur})
+}
+
+// Claimants implements Claims.
+func (m *Memory) Claimants(ctx context.Context, key string) ([]Claimant, error) {
+	cur, prev := claimKeys(key, time.Now())
+	var out []Claimant
+	seen := map[netip.AddrPort]bool{}
+	for _, k := range []string{cur, prev} {
+		ch, _ := m.Lookup(ctx, k, 1000)
+		for a := range ch {
+			if !seen[a] {
+				seen[a] = true
+				out = append(out, Claimant{ID: a.String(), Addr: a})
+			}
+		}
+	}
+	return out, nil
+}
