@@ -281,10 +281,25 @@ func (s *BlobStream) causeOfCurrent() error {
 	return context.Cause(ctx)
 }
 
-// resume connects to the next peer at the current offset.
+// resume connects to the next peer at the current offset. When the
+// lookup has no more, a new one is made, once: nodes that started
+// streaming this blob after the stream began (in flight, see
+// agent/claim) are only found that way.
 func (s *BlobStream) resume() error {
+	relooked := false
 	for {
 		p, ok := s.next()
+		if !ok && !relooked {
+			relooked = true
+			src, err := s.m.lookup(s.ctx, s.req.Key(), s.req.Digest)
+			if err != nil {
+				return err
+			}
+			s.src.close()
+			src.skip = append(src.skip, s.Peers[len(s.Peers)-1])
+			s.src = src
+			continue
+		}
 		if !ok {
 			return fmt.Errorf("blob %s after %d of %d bytes: %w", s.req.Digest, s.off, s.Descriptor.Size, ErrNoSource)
 		}

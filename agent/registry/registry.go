@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/fleetmirror/fleetmirror/agent/claim"
@@ -244,6 +245,7 @@ func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.
 func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci.Request) {
 	ctx := req.Context()
 	if req.Header.Get("Range") != "" {
+		r.log.InfoContext(ctx, "containerd resumes a blob from an offset; sending it to the next host, since a range cannot be verified", "digest", oreq.Digest, "range", req.Header.Get("Range"))
 		r.miss(w, oreq, errors.New("a range of a blob this node does not hold cannot be verified"))
 		return
 	}
@@ -274,6 +276,16 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedBytes.WithLabelValues(metrics.OutcomePeer)}
 	if _, err := io.Copy(cw, bs); err != nil {
 		r.log.WarnContext(ctx, "cutting a blob response that cannot be finished", "digest", oreq.Digest, "peers", bs.Peers, "err", err)
+		if a, ok := r.store.(ingestAborter); ok && errors.Is(err, mirror.ErrMismatch) {
+			// containerd holds wrong bytes; its retry must not resume them.
+			go func() {
+				actx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if err := a.AbortIngest(actx, oreq.Digest); err != nil {
+					r.log.Warn("dropping containerd's wrong bytes", "digest", oreq.Digest, "err", err)
+				}
+			}()
+		}
 		// Aborting closes the connection without the final bytes.
 		panic(http.ErrAbortHandler)
 	}
@@ -341,6 +353,12 @@ func rangeStart(h string) (int64, bool) {
 	}
 	off, err := strconv.ParseInt(strings.TrimSuffix(n, "-"), 10, 64)
 	return off, err == nil && off >= 0
+}
+
+// ingestAborter is a store that can drop what containerd has written so
+// far of a blob (store.Containerd).
+type ingestAborter interface {
+	AbortIngest(ctx context.Context, dgst digest.Digest) error
 }
 
 func (r *Registry) miss(w http.ResponseWriter, oreq oci.Request, err error) {

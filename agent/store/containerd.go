@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -195,6 +196,35 @@ func (s *Containerd) openFile(ctx context.Context, desc ocispec.Descriptor) *os.
 		return nil
 	}
 	return f
+}
+
+// AbortIngest drops what containerd has written so far of dgst. A blob
+// response that was cut because its bytes were wrong leaves them in
+// containerd's ingest, and a retry would resume from them and fail its
+// commit again; without the ingest the retry starts afresh.
+func (s *Containerd) AbortIngest(ctx context.Context, dgst digest.Digest) error {
+	s.mu.RLock()
+	c, ready := s.client, s.ready
+	s.mu.RUnlock()
+	if c == nil {
+		return fmt.Errorf("aborting the ingest of %s: %w", dgst, ready)
+	}
+	ctx = namespaces.WithNamespace(ctx, s.namespace)
+	cs := c.ContentStore()
+	sts, err := cs.ListStatuses(ctx)
+	if err != nil {
+		return fmt.Errorf("listing ingests: %w", err)
+	}
+	var errs []error
+	for _, st := range sts {
+		// A pull's ref is "<kind>-<digest>" (remotes.MakeRefKey).
+		if strings.HasSuffix(st.Ref, "-"+dgst.String()) {
+			if err := cs.Abort(ctx, st.Ref); err != nil && !errdefs.IsNotFound(err) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 type readerAtSeeker struct {

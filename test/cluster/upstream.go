@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -43,10 +44,24 @@ type Upstream struct {
 	latency time.Duration
 	limiter *rate.Limiter
 
-	mu    sync.Mutex
-	srv   *http.Server
-	alts  []altClient
-	stats UpstreamStats
+	mu      sync.Mutex
+	srv     *http.Server
+	alts    []altClient
+	stats   UpstreamStats
+	sending map[netip.Addr]*atomic.Int64
+	sizes   map[string]int64 // layer digest -> size, of the images pushed
+}
+
+// Sending is how many bytes responses still in progress have sent to ip so
+// far: who is fetching from upstream right now (Stats counts a request
+// once it is done).
+func (u *Upstream) Sending(ip netip.Addr) int64 {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if c := u.sending[ip]; c != nil {
+		return c.Load()
+	}
+	return 0
 }
 
 // altClient is a node namespace where the upstream also listens on
@@ -250,7 +265,41 @@ func (u *Upstream) Push(ctx context.Context, ref string, img v1.Image) error {
 	if err := remote.Write(r, img, remote.WithContext(ctx)); err != nil {
 		return fmt.Errorf("push %s: %w", ref, err)
 	}
+	layers, err := img.Layers()
+	if err != nil {
+		return err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.sizes == nil {
+		u.sizes = map[string]int64{}
+	}
+	for _, l := range layers {
+		d, err := l.Digest()
+		if err != nil {
+			return err
+		}
+		if u.sizes[d.String()], err = l.Size(); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// closeRange turns an open-ended blob Range ("bytes=N-"), which containerd
+// sends to resume a blob and real registries serve, into the closed form
+// go-containerregistry's registry parses.
+func (u *Upstream) closeRange(r *http.Request, kind, ref string) {
+	rng := r.Header.Get("Range")
+	if kind != "blob" || !strings.HasPrefix(rng, "bytes=") || !strings.HasSuffix(rng, "-") {
+		return
+	}
+	u.mu.Lock()
+	size, ok := u.sizes[ref]
+	u.mu.Unlock()
+	if ok {
+		r.Header.Set("Range", fmt.Sprintf("%s%d", rng, size-1))
+	}
 }
 
 // requestKind classifies /v2/<name>/{manifests,blobs}/<ref> paths.
@@ -284,13 +333,25 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	kind, ref := requestKind(r.URL.Path)
-	cw := &countingWriter{ResponseWriter: w, limiter: limiter, ctx: r.Context()}
-	u.handler.ServeHTTP(cw, r)
-
+	u.closeRange(r, kind, ref)
 	client := netip.Addr{}
 	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
 		client = ap.Addr().Unmap()
 	}
+	u.mu.Lock()
+	if u.sending == nil {
+		u.sending = map[netip.Addr]*atomic.Int64{}
+	}
+	live := u.sending[client]
+	if live == nil {
+		live = &atomic.Int64{}
+		u.sending[client] = live
+	}
+	u.mu.Unlock()
+	cw := &countingWriter{ResponseWriter: w, limiter: limiter, ctx: r.Context(), live: live}
+	u.handler.ServeHTTP(cw, r)
+	live.Add(-cw.n)
+
 	key := r.Method + " " + kind
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -317,12 +378,14 @@ type countingWriter struct {
 	limiter *rate.Limiter
 	ctx     context.Context
 	n       int64
+	live    *atomic.Int64
 }
 
 func (c *countingWriter) Write(p []byte) (int, error) {
 	if c.limiter == nil {
 		n, err := c.ResponseWriter.Write(p)
 		c.n += int64(n)
+		c.live.Add(int64(n))
 		return n, err
 	}
 	written := 0
@@ -334,6 +397,7 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 		n, err := c.ResponseWriter.Write(p[:chunk])
 		written += n
 		c.n += int64(n)
+		c.live.Add(int64(n))
 		if err != nil {
 			return written, err
 		}

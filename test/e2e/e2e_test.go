@@ -5,9 +5,11 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -62,6 +64,10 @@ func suite(t *testing.T, version string) {
 	solo := e.image(2, 8<<20, 2, "e2e/solo:v1")
 	late := e.image(3, 8<<20, 2, "e2e/late:v1")
 	big := e.image(4, 256<<20, 1, "e2e/big:v1")
+	// Layers of 12 MiB: above mirror.WholeBelow, so streamed.
+	streamed := e.image(5, 24<<20, 2, "e2e/streamed:v1")
+	burst := e.image(6, 64<<20, 4, "e2e/burst:v1")
+	burstKill := e.image(7, 96<<20, 1, "e2e/burst-kill:v1")
 
 	// Each step needs the ones before it.
 	t.Run("a/peers serve what node 1 pulled", func(t *testing.T) { e.peersServe(t, small) })
@@ -70,7 +76,9 @@ func suite(t *testing.T, version string) {
 	t.Run("b/upstream down, peers still serve by tag and digest", func(t *testing.T) { e.upstreamDown(t, small) })
 	t.Run("c/agent down, node pulls from upstream", func(t *testing.T) { e.agentDown(t, late) })
 	t.Run("d/serving peer killed mid-blob", func(t *testing.T) { e.peerKilled(t, big) })
-	t.Run("g/peer with wrong bytes never fails a pull", func(t *testing.T) { e.wrongBytes(t, late) })
+	t.Run("g/peer with wrong bytes: nothing wrong committed, the retry succeeds", func(t *testing.T) { e.wrongBytes(t, streamed) })
+	t.Run("h/a burst fetches each layer upstream once", func(t *testing.T) { e.burst(t, burst) })
+	t.Run("i/the node fetching for a burst dies mid-layer", func(t *testing.T) { e.burstFetcherDies(t, burstKill) })
 }
 
 type image struct {
@@ -330,11 +338,15 @@ func (e *env) peerKilled(t *testing.T, img image) {
 	}
 }
 
-// g: node 4's copy of a layer is corrupted on disk; node 1, pulling an
-// image only node 4 holds, gets the bad bytes from it, refuses them, and
-// containerd falls back to upstream: the pull succeeds and verifies.
+// g: node 4's copy of a streamed layer is corrupted on disk; node 1,
+// pulling an image only node 4 holds, streams the bad bytes, and its agent
+// cuts the response before the end: containerd commits nothing wrong and
+// that attempt fails. The next attempt does not ask node 4 again, gets the
+// layer from upstream, and verifies.
 func (e *env) wrongBytes(t *testing.T, img image) {
 	n1, n4 := e.c.Node(1), e.c.Node(4)
+	e.pull(t, n4, img.ref, img)
+	e.waitAdvertised(t, n4, img)
 	layer := img.Layers[0]
 	path := n4.BlobPath(layer.Digest)
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
@@ -347,11 +359,136 @@ func (e *env) wrongBytes(t *testing.T, img image) {
 	f.Close()
 	before := e.metrics(t, n1).Sum("fleetmirror_peer_failures_total", "reason", "digest")
 	e.c.Upstream.Reset()
+	ctx, cancel := context.WithTimeout(e.ctx, 3*time.Minute)
+	defer cancel()
+	if _, err := n1.Pull(ctx, img.ref); err != nil {
+		t.Logf("first attempt failed, as a cut response makes it: %v", err)
+	}
+	if got := e.metrics(t, n1).Sum("fleetmirror_peer_failures_total", "reason", "digest") - before; got != 1 {
+		t.Errorf("node 1 met wrong bytes %v times, want once (once to prove the test, not again on the retry)", got)
+	}
+	if n1.HasBlob(layer.Digest) {
+		if err := n1.VerifyContent(ctx, []digest.Digest{layer.Digest}); err != nil {
+			t.Fatalf("containerd committed the wrong bytes: %v", err)
+		}
+	}
 	e.pull(t, n1, img.ref, img)
-	if got := e.metrics(t, n1).Sum("fleetmirror_peer_failures_total", "reason", "digest") - before; got < 1 {
-		t.Error("node 1 never met the wrong bytes: the test proves nothing")
+	if got := e.metrics(t, n1).Sum("fleetmirror_peer_failures_total", "reason", "digest") - before; got != 1 {
+		t.Errorf("the retry met wrong bytes again (%v in all): the bad peer was asked again", got)
 	}
 	if got := e.c.Upstream.Stats().BlobGets[layer.Digest.String()]; got == 0 {
 		t.Error("the corrupted layer did not come from upstream")
+	}
+}
+
+// pullAll pulls img on every node at once and returns each node's time.
+func (e *env) pullAll(t *testing.T, nodes []*cluster.Node, img image) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make([]error, len(nodes))
+	for i, n := range nodes {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(e.ctx, 3*time.Minute)
+			defer cancel()
+			d, err := n.Pull(ctx, img.ref)
+			if err == nil {
+				err = n.VerifyContent(ctx, img.Digests())
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("%w\n%s", err, n.LogTail(30))
+				return
+			}
+			t.Logf("%s pulled %s in %s", n.Name, img.ref, d.Round(time.Millisecond))
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// h: every node pulls a new image at the same moment: the nodes agree on
+// one fetcher per layer and stream from it, so the upstream serves each
+// layer once.
+func (e *env) burst(t *testing.T, img image) {
+	e.c.Upstream.Reset()
+	e.pullAll(t, e.c.Nodes, img)
+	st := e.c.Upstream.Stats()
+	for _, l := range img.Layers {
+		if got := st.BlobGets[l.Digest.String()]; got != 1 {
+			t.Errorf("layer %s was fetched upstream %d times by %d nodes, want once", l.Digest, got, len(e.c.Nodes))
+		}
+	}
+	var size int64
+	for _, l := range img.Layers {
+		size += l.Size
+	}
+	t.Logf("upstream blob bytes %d for layers of %d bytes on %d nodes", st.BlobBytes(), size, len(e.c.Nodes))
+}
+
+// i: in a burst, the node fetching the layer from a slowed upstream dies
+// (agent and containerd) mid-layer: every other node still completes its
+// pull, from the rest or from upstream.
+func (e *env) burstFetcherDies(t *testing.T, img image) {
+	e.c.Upstream.Reset()
+	e.c.Upstream.SetShaping(24<<20, 0)
+	defer e.c.Upstream.SetShaping(0, 0)
+	var (
+		killed *cluster.Node
+		done   = make(chan struct{})
+		wg     sync.WaitGroup
+	)
+	wg.Go(func() {
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			for _, n := range e.c.Nodes {
+				if e.c.Upstream.Sending(n.IP) > 16<<20 {
+					killed = n
+					n.KillAgent()
+					n.StopContainerd()
+					return
+				}
+			}
+		}
+	})
+	var pulls sync.WaitGroup
+	errs := make(chan error, len(e.c.Nodes))
+	for _, n := range e.c.Nodes {
+		pulls.Go(func() {
+			ctx, cancel := context.WithTimeout(e.ctx, 3*time.Minute)
+			defer cancel()
+			if _, err := n.Pull(ctx, img.ref); err != nil {
+				errs <- fmt.Errorf("%s: %w", n.Name, err)
+				return
+			}
+			if err := n.VerifyContent(ctx, img.Digests()); err != nil {
+				errs <- err
+			}
+		})
+	}
+	pulls.Wait()
+	close(done)
+	wg.Wait()
+	close(errs)
+	if killed == nil {
+		t.Fatal("no node was seen fetching the layer upstream, so none was killed: the test proves nothing")
+	}
+	t.Logf("killed %s while it fetched the layer upstream", killed.Name)
+	for err := range errs {
+		if !strings.Contains(err.Error(), killed.Name+":") {
+			t.Error(err)
+		}
+	}
+	if err := killed.StartContainerd(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := killed.StartAgent(e.ctx); err != nil {
+		t.Fatal(err)
 	}
 }
