@@ -8,7 +8,7 @@ export GOFLAGS ?= -buildvcs=false
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/fleetmirror/fleetmirror/agent/version.Version=$(VERSION)
 
-.PHONY: all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e system-e2e
+.PHONY: agent-prev all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e system-e2e
 
 all: build
 
@@ -73,9 +73,18 @@ mirror-images:
 
 ## e2e: the multi-node suite on real containerd 2.x and 1.6 in network namespaces
 ## (test artifacts such as the debug page's screenshot: bin/test-artifacts)
-e2e: tools build
+e2e: tools build agent-prev
 	mkdir -p bin/test-artifacts
-	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent $(GO) test -count=1 -timeout 30m -artifacts -outputdir $(CURDIR)/bin/test-artifacts ./test/cluster/ ./test/e2e/ -v 2>&1 | tee e2e.log | awk -f hack/testlog.awk ; exit $${PIPESTATUS[0]}
+	FLEETMIRROR_AGENT=$(CURDIR)/bin/agent FLEETMIRROR_AGENT_PREV=$(CURDIR)/bin/agent-prev $(GO) test -count=1 -timeout 30m -artifacts -outputdir $(CURDIR)/bin/test-artifacts ./test/cluster/ ./test/e2e/ -v 2>&1 | tee e2e.log | awk -f hack/testlog.awk ; exit $${PIPESTATUS[0]}
+
+## agent-prev: the agent of the previous release (PREV_AGENT_REF), for the
+## mixed-version test a rolling update needs (test/e2e/mixed_test.go)
+PREV_AGENT_REF ?= b1a42eb
+agent-prev:
+	@git cat-file -e $(PREV_AGENT_REF)^{commit} 2>/dev/null || { echo "agent-prev: commit $(PREV_AGENT_REF) is not in this clone; fetch the full history (git fetch --unshallow)" >&2; exit 1; }
+	rm -rf bin/prev-src && mkdir -p bin/prev-src
+	git archive $(PREV_AGENT_REF) | tar -x -C bin/prev-src
+	cd bin/prev-src && CGO_ENABLED=0 $(GO) build -trimpath -o $(CURDIR)/bin/agent-prev ./cmd/agent
 
 ## operator-test: the operator's packages, and the addon chart and the
 ## operator's manager against a real kube-apiserver and etcd (envtest);

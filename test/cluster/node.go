@@ -42,6 +42,9 @@ type Node struct {
 
 	ContainerdLog string
 	AgentLog      string
+	// AgentBin, when set, replaces Options.AgentBin for this node: agents
+	// of two versions in one cluster, as in a rolling update.
+	AgentBin string
 
 	// With Options.PrivateMounts: the file pinning the node's own mount
 	// namespace, where its containerd and kubelet run and its dirs sit at
@@ -204,6 +207,9 @@ func (n *Node) AgentArgs() []string {
 // StartAgent starts the agent and waits up to 30s for GET /readyz == 200.
 func (n *Node) StartAgent(ctx context.Context) error {
 	bin := n.cluster.opts.AgentBin
+	if n.AgentBin != "" {
+		bin = n.AgentBin
+	}
 	if bin == "" {
 		return errors.New("StartAgent: Options.AgentBin is empty")
 	}
