@@ -34,6 +34,23 @@ func agentBin(t *testing.T) string {
 func TestContainerd2(t *testing.T)  { suite(t, "2") }
 func TestContainerd16(t *testing.T) { suite(t, "1.6") }
 
+// startCluster starts a test bed that is removed when the test ends, with
+// its logs in the test's output if it failed.
+func startCluster(t *testing.T, ctx context.Context, opts cluster.Options) *cluster.Cluster {
+	t.Helper()
+	c, err := cluster.Start(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(c.LogTail(40))
+		}
+		c.Close()
+	})
+	return c
+}
+
 // env is one cluster shared by the steps of a suite; steps run in order
 // and each says what state it leaves.
 type env struct {
@@ -48,16 +65,7 @@ func suite(t *testing.T, version string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	c, err := cluster.Start(ctx, cluster.Options{Nodes: 4, Containerd: version, AgentBin: agentBin(t), Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Log(c.LogTail(40))
-		}
-		c.Close()
-	})
+	c := startCluster(t, ctx, cluster.Options{Nodes: 4, Containerd: version, AgentBin: agentBin(t), Logf: t.Logf})
 	e := &env{t: t, ctx: ctx, c: c}
 
 	small := e.image(1, 24<<20, 3, "e2e/small:v1")

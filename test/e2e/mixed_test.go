@@ -23,16 +23,7 @@ func TestMixedVersions(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	c, err := cluster.Start(ctx, cluster.Options{Nodes: 4, Containerd: "2", Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Log(c.LogTail(40))
-		}
-		c.Close()
-	})
+	c := startCluster(t, ctx, cluster.Options{Nodes: 4, Containerd: "2", Logf: t.Logf})
 	for i, n := range c.Nodes {
 		n.AgentBin = agentBin(t)
 		if i < 2 {

@@ -37,16 +37,7 @@ func TestDebugWeb(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	c, err := cluster.Start(ctx, cluster.Options{Nodes: 2, Containerd: cluster.Containerd2, AgentBin: agentBin(t), Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Log(c.LogTail(40))
-		}
-		c.Close()
-	})
+	c := startCluster(t, ctx, cluster.Options{Nodes: 2, Containerd: cluster.Containerd2, AgentBin: agentBin(t), Logf: t.Logf})
 	e := &env{t: t, ctx: ctx, c: c}
 	n1, n2 := c.Node(1), c.Node(2)
 	shared := e.image(21, 12<<20, 3, "web/shared:v1")
