@@ -57,6 +57,7 @@ type Mirror struct {
 	log            *slog.Logger
 	hints          *hints
 	bad            *badPeers
+	manifests      *recentManifests
 }
 
 // Option configures a Mirror.
@@ -97,6 +98,7 @@ func New(router routing.Router, opts ...Option) (*Mirror, error) {
 		log:            slog.Default(),
 		hints:          newHints(),
 		bad:            newBadPeers(),
+		manifests:      newRecentManifests(),
 		client: &http.Client{Transport: &http.Transport{
 			// Peers are on the node network: a peer that cannot be reached
 			// quickly is treated as gone rather than waited for.
@@ -203,17 +205,21 @@ func (m *Mirror) firstPeer(ctx context.Context, src *peerSource, kind oci.Kind) 
 // Manifest is a manifest fetched from a peer and checked against its digest.
 type Manifest struct {
 	Descriptor ocispec.Descriptor
-	// Body is nil for HEAD requests.
-	Body []byte
+	Body       []byte
 }
 
-// Manifest fetches a manifest by tag or digest. With head set only the
-// descriptor is fetched; containerd then asks for the body by digest,
-// which is verified.
-func (m *Mirror) Manifest(ctx context.Context, req oci.Request, head bool) (Manifest, error) {
+// Manifest fetches a manifest by tag or digest and checks it against its
+// digest, for HEAD requests too: the size and digest a HEAD answers are
+// then ones this agent verified, so a peer lying about them cannot make
+// containerd fail a pull. A manifest verified lately is answered from
+// memory (containerd's HEAD by tag is followed by a GET by digest).
+func (m *Mirror) Manifest(ctx context.Context, req oci.Request) (Manifest, error) {
 	key := req.Key()
 	if key == "" {
 		return Manifest{}, fmt.Errorf("%w: a tag without the ns parameter names no registry", ErrNoSource)
+	}
+	if man, ok := m.manifests.get(req.Digest); ok {
+		return man, nil
 	}
 	src, err := m.lookup(ctx, key, req.Digest)
 	if err != nil {
@@ -222,11 +228,10 @@ func (m *Mirror) Manifest(ctx context.Context, req oci.Request, head bool) (Mani
 	defer src.close()
 	p, ok := m.firstPeer(ctx, src, req.Kind)
 	for ; ok; p, ok = src.next(ctx) {
-		man, err := m.manifestFrom(ctx, p, req, head)
+		man, err := m.manifestFrom(ctx, p, req)
 		if err == nil {
-			if man.Body != nil {
-				m.hints.learn(p, man.Body)
-			}
+			m.hints.learn(p, man.Body)
+			m.manifests.add(man)
 			return man, nil
 		}
 		m.log.WarnContext(ctx, "peer failed to serve manifest", "peer", p.String(), "key", key, "err", err)
@@ -234,16 +239,16 @@ func (m *Mirror) Manifest(ctx context.Context, req oci.Request, head bool) (Mani
 	return Manifest{}, fmt.Errorf("manifest %s: %w", key, ErrNoSource)
 }
 
-func (m *Mirror) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Request, head bool) (Manifest, error) {
-	method := http.MethodGet
-	if head {
-		method = http.MethodHead
-	}
+// manifestFrom fetches a manifest from p, within the stall timeout: it is
+// small, and a peer that drips it is as good as gone.
+func (m *Mirror) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Request) (Manifest, error) {
+	ctx, cancel := context.WithTimeout(ctx, m.stallTimeout)
+	defer cancel()
 	ref := req.Tag
 	if req.Digest != "" {
 		ref = req.Digest.String()
 	}
-	resp, err := m.do(ctx, method, p, req, "manifests", ref, "", 0)
+	resp, err := m.do(ctx, http.MethodGet, p, req, "manifests", ref, "", 0)
 	if err != nil {
 		return Manifest{}, err
 	}
@@ -256,9 +261,6 @@ func (m *Mirror) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Req
 	if err != nil {
 		m.fail("digest")
 		return Manifest{}, err
-	}
-	if head {
-		return Manifest{Descriptor: desc}, nil
 	}
 	if desc.Size > maxManifestSize {
 		m.fail("status")

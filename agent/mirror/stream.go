@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -332,6 +333,34 @@ func (s *BlobStream) Read(p []byte) (int, error) {
 		s.err = err
 	}
 	return n, err
+}
+
+// bufPool holds WriteTo's buffers: reading the peer's socket in 1 MiB
+// steps instead of io.Copy's 32 KiB takes a fraction of the syscalls.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+
+// WriteTo implements io.WriterTo, which io.Copy prefers; the bytes and the
+// hold-back are those of Read.
+func (s *BlobStream) WriteTo(w io.Writer) (int64, error) {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	var total int64
+	for {
+		n, err := s.Read(*bp)
+		if n > 0 {
+			m, werr := w.Write((*bp)[:n])
+			total += int64(m)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
 }
 
 // Close releases the current peer and the lookup.

@@ -81,7 +81,7 @@ func BenchmarkServeLocal(b *testing.B) {
 }
 
 // BenchmarkServeFromPeer fetches the blob through node 0 from node 1:
-// spooled, verified, then served.
+// streamed, hashed on the way, the end held back until it verifies.
 func BenchmarkServeFromPeer(b *testing.B) {
 	path, d := fileBlob(b, benchBlobSize)
 	fs := &fileStore{Memory: storetest.NewMemory(), path: path, d: d, size: benchBlobSize}

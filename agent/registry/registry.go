@@ -214,11 +214,8 @@ func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.
 	)
 	if oreq.Kind == oci.KindManifest {
 		var man mirror.Manifest
-		man, err = r.mirror.Manifest(ctx, oreq, head)
-		desc = man.Descriptor
-		if err == nil && !head {
-			content = bytes.NewReader(man.Body)
-		}
+		man, err = r.mirror.Manifest(ctx, oreq)
+		desc, content = man.Descriptor, bytes.NewReader(man.Body)
 	} else {
 		desc, err = r.mirror.BlobHead(ctx, oreq)
 	}

@@ -396,3 +396,52 @@ func TestManifestPeerHintsItsBlobs(t *testing.T) {
 		t.Fatalf("hinted blob the peer lacks: %d, want 404", resp.StatusCode)
 	}
 }
+
+// A manifest HEAD answered from peers carries the size and digest this
+// agent verified, not what a peer claims: a peer whose HEAD lies about the
+// size is corrected, and one whose body does not match is not believed.
+func TestManifestHeadFromPeersIsVerified(t *testing.T) {
+	man := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}`)
+	for _, tt := range []struct {
+		name   string
+		lie    func(w http.ResponseWriter, r *http.Request, next http.Handler)
+		status int
+	}{
+		{"HEAD claims another size", func(w http.ResponseWriter, r *http.Request, next http.Handler) {
+			if r.Method == http.MethodHead {
+				w.Header().Set("Docker-Content-Digest", digest.FromBytes(man).String())
+				w.Header().Set("Content-Length", "999999")
+				return
+			}
+			next.ServeHTTP(w, r)
+		}, 200},
+		{"body does not match its digest", func(w http.ResponseWriter, r *http.Request, next http.Handler) {
+			w.Header().Set("Docker-Content-Digest", digest.FromBytes(man).String())
+			w.Header().Set("Content-Length", fmt.Sprint(len(man)))
+			w.Write(bytes.Repeat([]byte("x"), len(man)))
+		}, 404},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			nodes := newNodes(t, 2, func(i int, h http.Handler) http.Handler {
+				if i != 1 {
+					return h
+				}
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if strings.Contains(r.URL.Path, "/manifests/") {
+						tt.lie(w, r, h)
+						return
+					}
+					h.ServeHTTP(w, r)
+				})
+			})
+			nodes[1].hold(t, ocispec.MediaTypeImageManifest, man, "docker.io/library/app:v1")
+			resp, _ := get(t, "HEAD", nodes[0].srv.URL+"/v2/library/app/manifests/v1?ns=docker.io")
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status %d, want %d", resp.StatusCode, tt.status)
+			}
+			if tt.status == 200 && resp.ContentLength != int64(len(man)) {
+				t.Errorf("HEAD answered size %d, want the verified %d", resp.ContentLength, len(man))
+			}
+		})
+	}
+}

@@ -1,5 +1,8 @@
 package mirror
 
+// What the mirror remembers for a while: peers that lied about a digest,
+// and manifests it verified lately.
+
 import (
 	"net/netip"
 	"slices"
@@ -62,4 +65,38 @@ func (b *badPeers) peers(d digest.Digest) []netip.AddrPort {
 
 func (b *badPeers) has(d digest.Digest, p netip.AddrPort) bool {
 	return slices.Contains(b.peers(d), p)
+}
+
+// recentManifests keeps manifests verified in the last minute, so the GET
+// by digest that follows containerd's HEAD by tag does not fetch again.
+const (
+	maxRecentManifests = 256
+	recentManifestTTL  = time.Minute
+)
+
+type recentManifest struct {
+	man Manifest
+	at  time.Time
+}
+
+type recentManifests struct{ c *lru.Cache }
+
+func newRecentManifests() *recentManifests {
+	c, _ := lru.New(maxRecentManifests) // fails only for a size <= 0
+	return &recentManifests{c: c}
+}
+
+func (r *recentManifests) add(man Manifest) {
+	r.c.Add(man.Descriptor.Digest, recentManifest{man: man, at: time.Now()})
+}
+
+func (r *recentManifests) get(d digest.Digest) (Manifest, bool) {
+	if d == "" {
+		return Manifest{}, false
+	}
+	v, ok := r.c.Get(d)
+	if !ok || time.Since(v.(recentManifest).at) > recentManifestTTL {
+		return Manifest{}, false
+	}
+	return v.(recentManifest).man, true
 }
