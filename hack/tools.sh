@@ -17,6 +17,8 @@ command -v nsenter >/dev/null || need_apt+=(util-linux)
 command -v dbus-daemon >/dev/null || need_apt+=(dbus)
 # Headless Chromium for the debug page's browser test (test/e2e/web_test.go).
 command -v chromium >/dev/null || need_apt+=(chromium)
+# skopeo as an independent client of the agent's registry (test/e2e/clients_test.go).
+command -v skopeo >/dev/null || need_apt+=(skopeo)
 if [ ${#need_apt[@]} -gt 0 ]; then
 	log "apt-get install ${need_apt[*]}"
 	export DEBIAN_FRONTEND=noninteractive
@@ -93,5 +95,14 @@ module_tool "$TOOLS/coredns-$COREDNS_VERSION" coredns
 # demo).
 HELM_VERSION=v3.22.0
 go_tool "$TOOLS/helm-$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+
+# Independent clients of the agent's registry (test/e2e/clients_test.go):
+# the OCI distribution-spec conformance suite (pinned: the module proxy
+# serves only some versions) and crane.
+OCI_CONFORMANCE_VERSION=v0.0.0-20260831232431-97274622c111
+go_tool "$TOOLS/oci-conformance-$OCI_CONFORMANCE_VERSION" \
+	"github.com/opencontainers/distribution-spec/conformance@$OCI_CONFORMANCE_VERSION"
+CRANE_VERSION=v0.22.1
+go_tool "$TOOLS/crane-$CRANE_VERSION" "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
 
 echo "$TOOLS"

@@ -21,9 +21,21 @@ const (
 	KindBlob     Kind = "blob"
 )
 
-// ErrInvalid is wrapped by every parse error here, so the registry can
-// answer 400 for all of them alike.
+// ErrInvalid is wrapped by every parse error here; the errors below it
+// tell the registry which distribution error code to answer with.
 var ErrInvalid = errors.New("invalid")
+
+var (
+	// ErrDigestInvalid: a malformed or non-sha256 digest (DIGEST_INVALID).
+	ErrDigestInvalid = fmt.Errorf("%w digest", ErrInvalid)
+	// ErrNameInvalid: a malformed repository or registry name (NAME_INVALID).
+	ErrNameInvalid = fmt.Errorf("%w name", ErrInvalid)
+	// ErrTagInvalid: a reference that is neither a digest nor a valid tag,
+	// so it names no manifest.
+	ErrTagInvalid = fmt.Errorf("%w tag", ErrInvalid)
+	// ErrUnknownPath: no distribution API endpoint this agent serves.
+	ErrUnknownPath = fmt.Errorf("%w path", ErrInvalid)
+)
 
 // Request is a parsed distribution API request for content.
 type Request struct {
@@ -40,7 +52,9 @@ type Request struct {
 var (
 	pathRe = regexp.MustCompile(`^/v2/(.+)/(manifests|blobs)/([^/]+)$`)
 	tagRe  = regexp.MustCompile(`^[\w][\w.-]{0,127}$`)
-	nameRe = regexp.MustCompile(`^` + reference.NameRegexp.String() + `$`)
+	// The distribution spec's <name>: path components only. A domain is
+	// never part of it (the ns parameter names the registry).
+	nameRe = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
 )
 
 // ParseRequest parses "/v2/<name>/(manifests|blobs)/<reference>" and the
@@ -48,18 +62,18 @@ var (
 func ParseRequest(path, ns string) (Request, error) {
 	m := pathRe.FindStringSubmatch(path)
 	if m == nil {
-		return Request{}, fmt.Errorf("%w path %q: want /v2/<name>/manifests/<reference> or /v2/<name>/blobs/<digest>", ErrInvalid, path)
+		return Request{}, fmt.Errorf("%w %q: want /v2/<name>/manifests/<reference> or /v2/<name>/blobs/<digest>", ErrUnknownPath, path)
 	}
 	req := Request{Repository: m[1], Kind: KindManifest}
 	if m[2] == "blobs" {
 		req.Kind = KindBlob
 	}
-	if !nameRe.MatchString(req.Repository) {
-		return Request{}, fmt.Errorf("%w repository name %q", ErrInvalid, req.Repository)
+	if err := checkName(req.Repository); err != nil {
+		return Request{}, err
 	}
 	if ns != "" {
-		if !reference.DomainRegexp.MatchString(ns) || strings.ContainsAny(ns, "/") {
-			return Request{}, fmt.Errorf("%w registry %q in ns parameter", ErrInvalid, ns)
+		if err := checkRegistry(ns); err != nil {
+			return Request{}, err
 		}
 		req.Registry = ns
 	}
@@ -73,13 +87,119 @@ func ParseRequest(path, ns string) (Request, error) {
 		return req, nil
 	}
 	if req.Kind == KindBlob {
-		return Request{}, fmt.Errorf("%w blob reference %q: blobs are addressed by digest", ErrInvalid, ref)
+		return Request{}, fmt.Errorf("%w %q: blobs are addressed by digest", ErrDigestInvalid, ref)
 	}
 	if !tagRe.MatchString(ref) {
-		return Request{}, fmt.Errorf("%w tag %q", ErrInvalid, ref)
+		return Request{}, fmt.Errorf("%w %q: a reference is a digest or a tag of [A-Za-z0-9_.-], at most 128, not starting with . or -", ErrTagInvalid, ref)
 	}
 	req.Tag = ref
 	return req, nil
+}
+
+func checkName(name string) error {
+	if len(name) > 255 || !nameRe.MatchString(name) {
+		return fmt.Errorf("%w: repository %q", ErrNameInvalid, name)
+	}
+	return nil
+}
+
+func checkRegistry(ns string) error {
+	if !reference.DomainRegexp.MatchString(ns) || strings.ContainsAny(ns, "/") {
+		return fmt.Errorf("%w: registry %q in ns parameter", ErrNameInvalid, ns)
+	}
+	return nil
+}
+
+// ListKind names the endpoints that list rather than serve content.
+type ListKind string
+
+const (
+	ListTags      ListKind = "tags"
+	ListReferrers ListKind = "referrers"
+	ListCatalog   ListKind = "catalog"
+)
+
+// List is a request to a listing endpoint. The agent answers these from
+// its own store (or refuses them) and never asks peers: a list is of one
+// node's content, not the cluster's.
+type List struct {
+	Kind       ListKind
+	Registry   string        // the ns parameter; empty when not sent
+	Repository string        // empty for the catalog
+	Subject    digest.Digest // referrers only
+}
+
+var (
+	tagsRe      = regexp.MustCompile(`^/v2/(.+)/tags/list$`)
+	referrersRe = regexp.MustCompile(`^/v2/(.+)/referrers/([^/]+)$`)
+)
+
+// ParseList parses "/v2/_catalog", "/v2/<name>/tags/list" and
+// "/v2/<name>/referrers/<digest>", with the registry containerd names in
+// ns; ok is false for any other path.
+func ParseList(path, ns string) (l List, ok bool, err error) {
+	if path == "/v2/_catalog" {
+		return List{Kind: ListCatalog}, true, nil
+	}
+	if m := tagsRe.FindStringSubmatch(path); m != nil {
+		if err := checkListName(m[1], ns); err != nil {
+			return List{}, true, err
+		}
+		return List{Kind: ListTags, Registry: ns, Repository: m[1]}, true, nil
+	}
+	if m := referrersRe.FindStringSubmatch(path); m != nil {
+		if err := checkListName(m[1], ns); err != nil {
+			return List{}, true, err
+		}
+		d, err := ParseDigest(m[2])
+		if err != nil {
+			return List{}, true, err
+		}
+		return List{Kind: ListReferrers, Registry: ns, Repository: m[1], Subject: d}, true, nil
+	}
+	return List{}, false, nil
+}
+
+func checkListName(name, ns string) error {
+	if err := checkName(name); err != nil {
+		return err
+	}
+	if ns != "" {
+		return checkRegistry(ns)
+	}
+	return nil
+}
+
+// SplitTagKey splits a tag key into its registry, repository and tag; ok
+// is false for digest keys and anything else that is not a tag key.
+func SplitTagKey(key string) (registry, repository, tag string, ok bool) {
+	if IsDigestKey(key) {
+		return "", "", "", false
+	}
+	registry, rest, ok := strings.Cut(key, "/")
+	if !ok {
+		return "", "", "", false
+	}
+	// The repository holds no ':', so the last one starts the tag.
+	i := strings.LastIndexByte(rest, ':')
+	if i <= 0 || i == len(rest)-1 {
+		return "", "", "", false
+	}
+	return registry, rest[:i], rest[i+1:], true
+}
+
+// Manifest media types: what the manifests endpoint serves. Anything else
+// the store holds (configs, layers) is a blob, served only as one.
+var manifestTypes = map[string]bool{
+	"application/vnd.oci.image.manifest.v1+json":                true,
+	"application/vnd.oci.image.index.v1+json":                   true,
+	"application/vnd.docker.distribution.manifest.v2+json":      true,
+	"application/vnd.docker.distribution.manifest.list.v2+json": true,
+}
+
+// IsManifestType tells manifest and index media types from blob ones.
+func IsManifestType(mediaType string) bool {
+	return manifestTypes[mediaType]
 }
 
 // Key is what the request is advertised under: the digest, or the tag key.
@@ -105,10 +225,10 @@ func TagKey(registry, repository, tag string) string {
 func ParseDigest(s string) (digest.Digest, error) {
 	d, err := digest.Parse(s)
 	if err != nil {
-		return "", fmt.Errorf("%w digest %q: %v", ErrInvalid, s, err)
+		return "", fmt.Errorf("%w %q: %v", ErrDigestInvalid, s, err)
 	}
 	if d.Algorithm() != digest.SHA256 {
-		return "", fmt.Errorf("%w digest %q: only sha256 is supported", ErrInvalid, s)
+		return "", fmt.Errorf("%w %q: only sha256 is supported", ErrDigestInvalid, s)
 	}
 	return d, nil
 }

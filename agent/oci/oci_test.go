@@ -16,6 +16,7 @@ func TestParseRequest(t *testing.T) {
 		want     Request
 		key      string
 		err      string
+		is       error
 	}{
 		{path: "/v2/library/nginx/manifests/latest", ns: "docker.io",
 			want: Request{Registry: "docker.io", Repository: "library/nginx", Kind: KindManifest, Tag: "latest"},
@@ -26,23 +27,27 @@ func TestParseRequest(t *testing.T) {
 			want: Request{Registry: "10.1.2.3:5000", Repository: "team/app", Kind: KindBlob, Digest: dgst}, key: dgst},
 		{path: "/v2/a/b/c/manifests/v1.2-rc_3",
 			want: Request{Repository: "a/b/c", Kind: KindManifest, Tag: "v1.2-rc_3"}, key: ""},
-		{path: "/v2/app/blobs/latest", err: "blobs are addressed by digest"},
-		{path: "/v2/app/manifests/sha512:abc", err: "invalid digest"},
-		{path: "/v2/app/blobs/sha512:" + strings.Repeat("a", 128), err: "invalid digest"},
-		{path: "/v2/App/manifests/latest", err: "repository name"},
-		{path: "/v2/app/manifests/-bad", err: "tag"},
-		{path: "/v2/app/manifests/latest", ns: "bad/host", err: "ns parameter"},
-		{path: "/v2/app/tags/list", err: "want /v2/"},
-		{path: "/v2/", err: "want /v2/"},
-		{path: "/v2/app/manifests/", err: "want /v2/"},
-		{path: "/v2/../manifests/x", err: "repository name"},
+		{path: "/v2/app/blobs/latest", err: "blobs are addressed by digest", is: ErrDigestInvalid},
+		{path: "/v2/app/manifests/sha512:abc", err: "invalid digest", is: ErrDigestInvalid},
+		{path: "/v2/app/blobs/sha512:" + strings.Repeat("a", 128), err: "invalid digest", is: ErrDigestInvalid},
+		{path: "/v2/app/manifests/sha256:baddigeststring", err: "invalid digest", is: ErrDigestInvalid},
+		{path: "/v2/App/manifests/latest", err: "repository", is: ErrNameInvalid},
+		{path: "/v2/app/manifests/-bad", err: "tag", is: ErrTagInvalid},
+		{path: "/v2/app/manifests/latest", ns: "bad/host", err: "ns parameter", is: ErrNameInvalid},
+		{path: "/v2/app/tags/list", err: "want /v2/", is: ErrUnknownPath},
+		{path: "/v2/", err: "want /v2/", is: ErrUnknownPath},
+		{path: "/v2/app/manifests/", err: "want /v2/", is: ErrUnknownPath},
+		{path: "/v2/../manifests/x", err: "repository", is: ErrNameInvalid},
+		{path: "/v2/Team/app/manifests/x", err: "repository", is: ErrNameInvalid},
+		{path: "/v2/localhost:5000/app/manifests/x", err: "repository", is: ErrNameInvalid},
+		{path: "/v2/a__b/c-d/e.f/manifests/x", want: Request{Repository: "a__b/c-d/e.f", Kind: KindManifest, Tag: "x"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.path, func(t *testing.T) {
 			got, err := ParseRequest(tt.path, tt.ns)
 			if tt.err != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.err) || !errors.Is(err, ErrInvalid) {
-					t.Fatalf("error = %v, want one containing %q", err, tt.err)
+				if err == nil || !strings.Contains(err.Error(), tt.err) || !errors.Is(err, ErrInvalid) || !errors.Is(err, tt.is) {
+					t.Fatalf("error = %v, want one containing %q that is %v", err, tt.err, tt.is)
 				}
 				return
 			}
@@ -56,6 +61,88 @@ func TestParseRequest(t *testing.T) {
 				t.Fatalf("key %q, want %q", got.Key(), tt.key)
 			}
 		})
+	}
+}
+
+func TestParseList(t *testing.T) {
+	tests := []struct {
+		path, ns string
+		ok       bool
+		want     List
+		is       error
+	}{
+		{path: "/v2/_catalog", ok: true, want: List{Kind: ListCatalog}},
+		{path: "/v2/library/nginx/tags/list", ok: true, want: List{Kind: ListTags, Repository: "library/nginx"}},
+		{path: "/v2/app/tags/list", ns: "10.1.2.3:5000", ok: true, want: List{Kind: ListTags, Registry: "10.1.2.3:5000", Repository: "app"}},
+		{path: "/v2/a/b/referrers/" + dgst, ok: true, want: List{Kind: ListReferrers, Repository: "a/b", Subject: dgst}},
+		{path: "/v2/Bad/tags/list", ok: true, is: ErrNameInvalid},
+		{path: "/v2/app/tags/list", ns: "bad/host", ok: true, is: ErrNameInvalid},
+		{path: "/v2/app/referrers/sha512:abc", ok: true, is: ErrDigestInvalid},
+		{path: "/v2/app/referrers/latest", ok: true, is: ErrDigestInvalid},
+		{path: "/v2/app/manifests/latest", ns: "bad/host"},
+		{path: "/v2/app/tags/lists"},
+		{path: "/v2/_catalog/x"},
+		{path: "/v2/"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.path+"?"+tt.ns, func(t *testing.T) {
+			got, ok, err := ParseList(tt.path, tt.ns)
+			if ok != tt.ok {
+				t.Fatalf("ok = %v, want %v", ok, tt.ok)
+			}
+			if tt.is != nil {
+				if !errors.Is(err, tt.is) || !errors.Is(err, ErrInvalid) {
+					t.Fatalf("error = %v, want %v", err, tt.is)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tt.want {
+				t.Fatalf("got %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestSplitTagKey(t *testing.T) {
+	tests := []struct {
+		key, registry, repo, tag string
+		ok                       bool
+	}{
+		{key: "docker.io/library/nginx:1.27", registry: "docker.io", repo: "library/nginx", tag: "1.27", ok: true},
+		{key: "10.1.2.3:5000/team/app:v1", registry: "10.1.2.3:5000", repo: "team/app", tag: "v1", ok: true},
+		{key: dgst},
+		{key: "nohost:v1"},
+		{key: "host/app"},
+		{key: "host/app:"},
+	}
+	for _, tt := range tests {
+		reg, repo, tag, ok := SplitTagKey(tt.key)
+		if ok != tt.ok || reg != tt.registry || repo != tt.repo || tag != tt.tag {
+			t.Errorf("%s: got %q %q %q %v", tt.key, reg, repo, tag, ok)
+		}
+		if ok && TagKey(reg, repo, tag) != tt.key {
+			t.Errorf("%s: does not round-trip", tt.key)
+		}
+	}
+}
+
+func TestIsManifestType(t *testing.T) {
+	for mt, want := range map[string]bool{
+		"application/vnd.oci.image.manifest.v1+json":                true,
+		"application/vnd.oci.image.index.v1+json":                   true,
+		"application/vnd.docker.distribution.manifest.v2+json":      true,
+		"application/vnd.docker.distribution.manifest.list.v2+json": true,
+		"application/vnd.oci.image.layer.v1.tar+gzip":               false,
+		"application/vnd.oci.image.config.v1+json":                  false,
+		"application/vnd.docker.container.image.v1+json":            false,
+		"": false,
+	} {
+		if IsManifestType(mt) != want {
+			t.Errorf("%q: %v, want %v", mt, !want, want)
+		}
 	}
 }
 
@@ -98,7 +185,20 @@ func FuzzParseRequest(f *testing.F) {
 	f.Add("/v2/library/nginx/manifests/latest", "docker.io")
 	f.Add("/v2/a/blobs/"+dgst, "10.0.0.1:5000")
 	f.Add("/v2//manifests/x", "")
+	f.Add("/v2/a/b/tags/list", "")
+	f.Add("/v2/a/referrers/"+dgst, "ghcr.io")
 	f.Fuzz(func(t *testing.T, path, ns string) {
+		if l, ok, err := ParseList(path, ns); ok {
+			if err != nil && !errors.Is(err, ErrInvalid) {
+				t.Fatalf("list error not ErrInvalid: %v", err)
+			}
+			if err == nil && l.Kind != ListCatalog && !nameRe.MatchString(l.Repository) {
+				t.Fatalf("invalid repository accepted: %q", l.Repository)
+			}
+			if err == nil && l.Kind == ListReferrers && l.Subject.Validate() != nil {
+				t.Fatalf("invalid subject accepted: %q", l.Subject)
+			}
+		}
 		req, err := ParseRequest(path, ns)
 		if err != nil {
 			if !errors.Is(err, ErrInvalid) {

@@ -124,13 +124,27 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	if !readOnly(w, req) {
 		return
 	}
-	oreq, err := oci.ParseRequest(req.URL.Path, req.URL.Query().Get("ns"))
-	if err != nil {
-		if !strings.HasPrefix(req.URL.Path, "/v2/") {
-			writeError(w, http.StatusNotFound, "NOT_FOUND", "not a distribution API path: "+req.URL.Path)
+	if !strings.HasPrefix(req.URL.Path, "/v2/") {
+		writeError(w, http.StatusNotFound, "NOT_FOUND", "not a distribution API path: "+req.URL.Path)
+		return
+	}
+	if l, ok, err := oci.ParseList(req.URL.Path, req.URL.Query().Get("ns")); ok {
+		if err != nil {
+			writeParseError(w, err)
 			return
 		}
-		writeError(w, http.StatusBadRequest, "NAME_INVALID", err.Error())
+		r.serveList(w, req, l)
+		return
+	}
+	oreq, err := oci.ParseRequest(req.URL.Path, req.URL.Query().Get("ns"))
+	if err != nil {
+		writeParseError(w, err)
+		return
+	}
+	if oreq.Tag != "" && oreq.Registry == "" {
+		// Without ns a tag names no registry: only this node's store can
+		// say which image it means, and peers are never asked.
+		r.serveUnqualifiedTag(w, req, oreq)
 		return
 	}
 	if r.serveLocal(w, req, oreq) {
@@ -161,7 +175,9 @@ func readOnly(w http.ResponseWriter, req *http.Request) bool {
 	return false
 }
 
-// serveLocal serves content from the node's store and reports whether it had it.
+// serveLocal serves content from the node's store and reports whether it
+// answered: with the content, or with a 404 for a digest the node holds
+// that is not a manifest, asked for as one.
 func (r *Registry) serveLocal(w http.ResponseWriter, req *http.Request, oreq oci.Request) bool {
 	ctx := req.Context()
 	dgst := oreq.Digest
@@ -179,6 +195,13 @@ func (r *Registry) serveLocal(w http.ResponseWriter, req *http.Request, oreq oci
 	desc, err := r.store.Descriptor(ctx, dgst)
 	if err != nil {
 		return false
+	}
+	if oreq.Kind == oci.KindManifest && !oci.IsManifestType(desc.MediaType) {
+		// A layer or config served as a manifest misleads clients; content
+		// is addressed by digest, so no peer holds it as a manifest either.
+		writeError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", oreq.Repository+"@"+dgst.String()+
+			" is not a manifest (media type "+desc.MediaType+"): fetch it from /v2/"+oreq.Repository+"/blobs/"+dgst.String())
+		return true
 	}
 	rc, err := r.store.Open(ctx, dgst)
 	if err != nil {
@@ -419,6 +442,22 @@ func notFound(w http.ResponseWriter, oreq oci.Request) {
 		ref = oreq.Digest.String()
 	}
 	writeError(w, http.StatusNotFound, code, oreq.Repository+":"+ref+" is on no node of this cluster")
+}
+
+// writeParseError answers a request that did not parse with the
+// distribution error code for what was wrong.
+func writeParseError(w http.ResponseWriter, err error) {
+	switch {
+	case errors.Is(err, oci.ErrDigestInvalid):
+		writeError(w, http.StatusBadRequest, "DIGEST_INVALID", err.Error())
+	case errors.Is(err, oci.ErrNameInvalid):
+		writeError(w, http.StatusBadRequest, "NAME_INVALID", err.Error())
+	case errors.Is(err, oci.ErrTagInvalid):
+		// Malformed, so it names no manifest anywhere.
+		writeError(w, http.StatusNotFound, "MANIFEST_UNKNOWN", err.Error())
+	default:
+		writeError(w, http.StatusNotFound, "UNSUPPORTED", err.Error()+"; this read-only mirror serves GET and HEAD of /v2/<name>/manifests/<reference>, /v2/<name>/blobs/<digest> and /v2/<name>/tags/list")
+	}
 }
 
 // writeError writes an OCI distribution error body.
