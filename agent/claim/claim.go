@@ -49,12 +49,11 @@ func New(claims routing.Claims, settle time.Duration, log *slog.Logger) *Decider
 func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool) {
 	start := time.Now()
 	cctx, cancel := context.WithTimeout(ctx, d.settle)
-	err := d.claims.Claim(cctx, key)
-	cancel()
-	if err != nil {
-		d.log.Debug("claiming failed; fetching", "key", key, "err", err)
-		return netip.AddrPort{}, false
+	if err := d.claims.Claim(cctx, key); err != nil {
+		// The claim may still have reached some: go on and list them.
+		d.log.Debug("claim did not reach every peer", "key", key, "err", err)
 	}
+	cancel()
 	select {
 	case <-ctx.Done():
 		return netip.AddrPort{}, false

@@ -2,11 +2,13 @@ package routing
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"strconv"
+	"sync"
 	"time"
 
-	"github.com/ipfs/go-cid"
+	kb "github.com/libp2p/go-libp2p-kbucket"
 	"github.com/libp2p/go-libp2p/core/peer"
 )
 
@@ -50,10 +52,27 @@ var _ Claims = (*P2P)(nil)
 // Self implements Claims.
 func (p *P2P) Self() string { return p.host.ID().String() }
 
-// Claim implements Claims. The record is provided once, not re-provided.
+// Claim implements Claims. A claim must land within a settle window, so
+// it skips the network lookup a DHT provide makes: the record goes
+// straight to the peers of the routing table closest to the key (in a
+// cluster's DHT, where each agent knows the others, the same peers a
+// lookup would find) and to this node's own provider store. It is not
+// re-provided.
 func (p *P2P) Claim(ctx context.Context, key string) error {
 	cur, _ := claimKeys(key, time.Now())
-	return p.provide(ctx, []cid.Cid{keyCID(cur)})
+	mh := keyCID(cur).Hash()
+	self := peer.AddrInfo{ID: p.host.ID(), Addrs: p.dht.FilteredAddrs()}
+	if err := p.dht.ProviderStore().AddProvider(ctx, mh, self); err != nil {
+		return err
+	}
+	nearest := p.dht.RoutingTable().NearestPeers(kb.ConvertKey(string(mh)), p.dht.BucketSize())
+	errs := make([]error, len(nearest))
+	var wg sync.WaitGroup
+	for i, id := range nearest {
+		wg.Go(func() { errs[i] = p.msgr.PutProviderAddrs(ctx, id, mh, self) })
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // Claimants implements Claims.

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -76,6 +77,7 @@ func suite(t *testing.T, version string) {
 	streamed := e.image(5, 24<<20, 2, "e2e/streamed:v1")
 	burst := e.image(6, 64<<20, 4, "e2e/burst:v1")
 	burstKill := e.image(7, 96<<20, 1, "e2e/burst-kill:v1")
+	stalled := e.image(8, 128<<20, 1, "e2e/stalled:v1")
 
 	// Each step needs the ones before it.
 	t.Run("a/peers serve what node 1 pulled", func(t *testing.T) { e.peersServe(t, small) })
@@ -84,6 +86,7 @@ func suite(t *testing.T, version string) {
 	t.Run("b/upstream down, peers still serve by tag and digest", func(t *testing.T) { e.upstreamDown(t, small) })
 	t.Run("c/agent down, node pulls from upstream", func(t *testing.T) { e.agentDown(t, late) })
 	t.Run("d/serving peer killed mid-blob", func(t *testing.T) { e.peerKilled(t, big) })
+	t.Run("j/a stalling and a dripping peer are left within the stall timeout", func(t *testing.T) { e.peerStalls(t, stalled) })
 	t.Run("g/peer with wrong bytes: nothing wrong committed, the retry succeeds", func(t *testing.T) { e.wrongBytes(t, streamed) })
 	t.Run("h/a burst fetches each layer upstream once", func(t *testing.T) { e.burst(t, burst) })
 	t.Run("i/the node fetching for a burst dies mid-layer", func(t *testing.T) { e.burstFetcherDies(t, burstKill) })
@@ -292,44 +295,11 @@ func (e *env) peerKilled(t *testing.T, img image) {
 		defer n.ShapeEgress(context.Background(), 0)
 	}
 
-	served := func(n *cluster.Node) float64 {
-		s, err := n.Metrics(e.ctx)
-		if err != nil {
-			return -1
+	killed := e.whilePulling(t, n3, img, []*cluster.Node{n1, n2}, 32<<20, func(n *cluster.Node) {
+		if err := n.KillAgent(); err != nil {
+			t.Errorf("kill %s: %v", n.Name, err)
 		}
-		return s.Sum("fleetmirror_peer_served_bytes_total")
-	}
-	base := map[*cluster.Node]float64{n1: served(n1), n2: served(n2)}
-	var (
-		killed *cluster.Node
-		wg     sync.WaitGroup
-		done   = make(chan struct{})
-	)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		tick := time.NewTicker(5 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-			}
-			for _, n := range []*cluster.Node{n1, n2} {
-				if served(n)-base[n] >= 32<<20 {
-					if err := n.KillAgent(); err != nil {
-						t.Errorf("kill %s: %v", n.Name, err)
-					}
-					killed = n
-					return
-				}
-			}
-		}
-	}()
-	e.pull(t, n3, img.ref, img)
-	close(done)
-	wg.Wait()
+	})
 	if killed == nil {
 		t.Fatal("no peer was seen serving the blob, so none was killed: the test proves nothing")
 	}
@@ -343,6 +313,101 @@ func (e *env) peerKilled(t *testing.T, img image) {
 	}
 	if err := killed.StartAgent(e.ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// whilePulling pulls img on dst and calls fault once on whichever of the
+// sources has served it `after` bytes, returning that source (nil if none
+// got that far).
+func (e *env) whilePulling(t *testing.T, dst *cluster.Node, img image, sources []*cluster.Node, after float64, fault func(*cluster.Node)) *cluster.Node {
+	t.Helper()
+	served := func(n *cluster.Node) float64 {
+		s, err := n.Metrics(e.ctx)
+		if err != nil {
+			return -1
+		}
+		return s.Sum("fleetmirror_peer_served_bytes_total")
+	}
+	base := map[*cluster.Node]float64{}
+	for _, n := range sources {
+		base[n] = served(n)
+	}
+	var (
+		hit  *cluster.Node
+		wg   sync.WaitGroup
+		done = make(chan struct{})
+	)
+	wg.Go(func() {
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			for _, n := range sources {
+				if served(n)-base[n] >= after {
+					hit = n
+					fault(n)
+					return
+				}
+			}
+		}
+	})
+	e.pull(t, dst, img.ref, img)
+	close(done)
+	wg.Wait()
+	return hit
+}
+
+// j: a peer that stops sending mid-blob (its agent frozen), then one that
+// drips (its link shaped to 2 KB/s): each pull moves on to the other peer
+// within the stall timeout and succeeds at the first attempt.
+func (e *env) peerStalls(t *testing.T, img image) {
+	n1, n2, n3, n4 := e.c.Node(1), e.c.Node(2), e.c.Node(3), e.c.Node(4)
+	e.pull(t, n1, img.ref, img)
+	e.waitAdvertised(t, n1, img)
+	e.pull(t, n2, img.ref, img)
+	e.waitAdvertised(t, n2, img)
+	if err := e.c.Upstream.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	defer e.c.Upstream.Start()
+	for _, n := range []*cluster.Node{n1, n2} {
+		if err := n.ShapeEgress(e.ctx, 100<<20); err != nil {
+			t.Fatal(err)
+		}
+		defer n.ShapeEgress(context.Background(), 0)
+	}
+	sources := []*cluster.Node{n1, n2}
+	failures := func(n *cluster.Node) float64 { return e.metrics(t, n).Sum("fleetmirror_peer_failures_total") }
+
+	before := failures(n3)
+	frozen := e.whilePulling(t, n3, img, sources, 16<<20, func(n *cluster.Node) {
+		if err := syscall.Kill(n.AgentPID(), syscall.SIGSTOP); err != nil {
+			t.Errorf("freeze %s: %v", n.Name, err)
+		}
+	})
+	if frozen == nil {
+		t.Fatal("no peer was seen serving, so none stalled: the test proves nothing")
+	}
+	syscall.Kill(frozen.AgentPID(), syscall.SIGCONT)
+	if got := failures(n3) - before; got < 1 {
+		t.Errorf("node 3 recorded no peer failure: the stall did not interrupt the transfer")
+	}
+
+	before = failures(n4)
+	dripping := e.whilePulling(t, n4, img, sources, 16<<20, func(n *cluster.Node) {
+		if err := n.ShapeEgress(e.ctx, 2<<10); err != nil {
+			t.Errorf("drip %s: %v", n.Name, err)
+		}
+	})
+	if dripping == nil {
+		t.Fatal("no peer was seen serving, so none dripped: the test proves nothing")
+	}
+	if got := failures(n4) - before; got < 1 {
+		t.Errorf("node 4 recorded no peer failure: the drip did not interrupt the transfer")
 	}
 }
 
