@@ -72,16 +72,16 @@ func BenchmarkAgentMemory(b *testing.B) {
 	for b.Loop() {
 		time.Sleep(time.Second)
 	}
-	b.ReportMetric(rssMiB(n2.AgentPID(), "VmRSS"), "rss-1s-MiB")
+	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmRSS"), "rss-1s-MiB")
 	// The Go runtime hands freed memory back to the OS over a few seconds
 	// after the advertising burst: what the node pays while idle.
 	time.Sleep(20 * time.Second)
-	b.ReportMetric(rssMiB(n2.AgentPID(), "VmRSS"), "rss-MiB")
-	b.ReportMetric(rssMiB(n2.AgentPID(), "RssAnon"), "anon-rss-MiB")
+	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmRSS"), "rss-MiB")
+	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "RssAnon"), "anon-rss-MiB")
 	if out := os.Getenv("FLEETMIRROR_BENCH_HEAP"); out != "" {
 		saveHeap(b, "http://"+n2.IP.String()+":30022/debug/pprof/heap", out)
 	}
-	b.ReportMetric(rssMiB(n2.AgentPID(), "VmHWM"), "peak-rss-MiB")
+	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmHWM"), "peak-rss-MiB")
 	b.ReportMetric(float64(want), "digests")
 }
 

@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"os"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -112,7 +111,7 @@ func BenchmarkPull(b *testing.B) {
 		b.Run(bi.Name+"/peer", func(b *testing.B) {
 			c.Upstream.SetShaping(0, 0)
 			c.Upstream.Reset()
-			cpu1, cpu2 := cpuSeconds(n1.AgentPID()), cpuSeconds(n2.AgentPID())
+			cpu1, cpu2 := workload.CPUSeconds(n1.AgentPID()), workload.CPUSeconds(n2.AgentPID())
 			pullLoop(b, n2, ref, g)
 			st := c.Upstream.Stats()
 			var reqs int64
@@ -121,10 +120,10 @@ func BenchmarkPull(b *testing.B) {
 			}
 			gb := float64(bi.Size) * float64(b.N) / 1e9
 			b.ReportMetric(float64(reqs)/float64(b.N), "upstream-req/op")
-			b.ReportMetric((cpuSeconds(n1.AgentPID())-cpu1)/gb, "server-cpu-s/GB")
-			b.ReportMetric((cpuSeconds(n2.AgentPID())-cpu2)/gb, "client-cpu-s/GB")
-			b.ReportMetric(rssMiB(n1.AgentPID(), "VmHWM"), "server-peak-MiB")
-			b.ReportMetric(rssMiB(n2.AgentPID(), "VmHWM"), "client-peak-MiB")
+			b.ReportMetric((workload.CPUSeconds(n1.AgentPID())-cpu1)/gb, "server-cpu-s/GB")
+			b.ReportMetric((workload.CPUSeconds(n2.AgentPID())-cpu2)/gb, "client-cpu-s/GB")
+			b.ReportMetric(workload.RSSMiB(n1.AgentPID(), "VmHWM"), "server-peak-MiB")
+			b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmHWM"), "client-peak-MiB")
 		})
 		b.Run(bi.Name+"/shaped-upstream", func(b *testing.B) {
 			c.Upstream.SetShaping(shapedRate, shapedLatency)
@@ -180,54 +179,28 @@ func waitAdvertised(b *testing.B, n *cluster.Node, ds []digest.Digest) {
 func BenchmarkMiss(b *testing.B) {
 	c := benchCluster(b)
 	n2 := c.Node(2)
-	var lat []time.Duration
-	i := 0
-	for b.Loop() {
-		i++
-		d, status := cluster.TimeGet(context.Background(),
-			"http://"+n2.RegistryAddr()+"/v2/bench/none/blobs/"+digest.FromString(fmt.Sprint("miss", i, time.Now().UnixNano())).String()+"?ns="+c.Upstream.Host())
-		if status != 404 {
-			b.Fatalf("miss answered %d, want 404", status)
-		}
-		lat = append(lat, d)
+	// A manifest miss costs the resolve timeout; a blob miss also the
+	// first-wave settle window (--burst-settle), in which nodes missing the
+	// same blob agree on one upstream fetcher.
+	for _, kind := range []string{"manifests", "blobs"} {
+		b.Run(kind, func(b *testing.B) {
+			var lat []time.Duration
+			i := 0
+			for b.Loop() {
+				i++
+				d, status := cluster.TimeGet(context.Background(),
+					"http://"+n2.RegistryAddr()+"/v2/bench/none/"+kind+"/"+digest.FromString(fmt.Sprint("miss", i, time.Now().UnixNano())).String()+"?ns="+c.Upstream.Host())
+				if status != 404 {
+					b.Fatalf("miss answered %d, want 404", status)
+				}
+				lat = append(lat, d)
+			}
+			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+			b.ReportMetric(ms(lat[len(lat)/2]), "p50-ms")
+			b.ReportMetric(ms(lat[len(lat)*99/100]), "p99-ms")
+			b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmRSS"), "agent-rss-MiB")
+		})
 	}
-	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	b.ReportMetric(ms(lat[len(lat)/2]), "p50-ms")
-	b.ReportMetric(ms(lat[len(lat)*99/100]), "p99-ms")
-	b.ReportMetric(rssMiB(n2.AgentPID(), "VmRSS"), "agent-rss-MiB")
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
-// cpuSeconds is a process's user+system CPU time.
-func cpuSeconds(pid int) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	// Fields after the command name, which may hold spaces: state is field 3,
-	// utime 14, stime 15.
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100 // USER_HZ is 100 on Linux
-}
-
-// rssMiB reads a memory field (VmRSS, VmHWM) of a process in MiB.
-func rssMiB(pid int, field string) float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, field+":"); ok {
-			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-			return kb / 1024
-		}
-	}
-	return 0
-}

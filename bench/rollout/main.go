@@ -25,6 +25,7 @@ import (
 
 type config struct {
 	agent, containerd, images, out string
+	scenarios                      string
 	nodes                          int
 	rate                           int64
 	latency                        time.Duration
@@ -43,6 +44,7 @@ func main() {
 	flag.DurationVar(&c.latency, "upstream-latency", 20*time.Millisecond, "latency added to every upstream request")
 	flag.Float64Var(&c.batch, "update-batch", 0.2, "share of nodes updated at a time")
 	flag.Int64Var(&c.seed, "seed", 1, "seed of the generated images")
+	flag.StringVar(&c.scenarios, "scenarios", "create,update", "which rollouts to measure: create, update or both")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -143,8 +145,13 @@ func setMode(ctx context.Context, cl *cluster.Cluster, mode string) error {
 func rollout(ctx context.Context, cl *cluster.Cluster, c config, mode string, img image, res *report.Results) error {
 	all := cl.Nodes
 	// create: every node pulls v1 at once.
-	if err := measure(ctx, cl, mode, "create", img.spec.Name, img.v1, [][]*cluster.Node{all}, res); err != nil {
-		return err
+	if strings.Contains(c.scenarios, "create") {
+		if err := measure(ctx, cl, mode, "create", img.spec.Name, img.v1, [][]*cluster.Node{all}, res); err != nil {
+			return err
+		}
+	}
+	if !strings.Contains(c.scenarios, "update") {
+		return purge(ctx, all, img)
 	}
 	// update: v1 everywhere, then v2 a batch at a time.
 	size := batchSize(len(all), c.batch)
@@ -155,6 +162,11 @@ func rollout(ctx context.Context, cl *cluster.Cluster, c config, mode string, im
 	if err := measure(ctx, cl, mode, "update", img.spec.Name, img.v2, batches, res); err != nil {
 		return err
 	}
+	return purge(ctx, all, img)
+}
+
+// purge removes both versions of img from every node.
+func purge(ctx context.Context, all []*cluster.Node, img image) error {
 	for _, n := range all {
 		for _, p := range []struct {
 			ref string
@@ -173,6 +185,10 @@ func rollout(ctx context.Context, cl *cluster.Cluster, c config, mode string, im
 func measure(ctx context.Context, cl *cluster.Cluster, mode, scenario, name, ref string, batches [][]*cluster.Node, res *report.Results) error {
 	cl.Upstream.Reset()
 	peerBefore := peerBytes(ctx, cl, mode)
+	cpuBefore := map[*cluster.Node]float64{}
+	for _, n := range cl.Nodes {
+		cpuBefore[n] = workload.CPUSeconds(n.AgentPID())
+	}
 	for bi, batch := range batches {
 		var wg sync.WaitGroup
 		errs := make([]error, len(batch))
@@ -210,6 +226,15 @@ func measure(ctx context.Context, cl *cluster.Cluster, mode, scenario, name, ref
 	}
 	res.Traffic = append(res.Traffic, report.Traffic{Mode: mode, Scenario: scenario, Image: name,
 		UpstreamBytes: up, PeerBytes: peerBytes(ctx, cl, mode) - peerBefore})
+	if mode == "fleetmirror" {
+		// What the agents cost: CPU seconds of the rollout and peak RSS.
+		var cpu, peak float64
+		for _, n := range cl.Nodes {
+			cpu += workload.CPUSeconds(n.AgentPID()) - cpuBefore[n]
+			peak = max(peak, workload.RSSMiB(n.AgentPID(), "VmHWM"))
+		}
+		fmt.Printf("%s %s %s: agent CPU %.2f s per node, peak RSS %.1f MiB (largest)\n", mode, scenario, name, cpu/float64(len(cl.Nodes)), peak)
+	}
 	fmt.Printf("%s %s %s: done\n", mode, scenario, name)
 	return nil
 }

@@ -1,0 +1,54 @@
+package state
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/routing"
+	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
+)
+
+// A key held in flight is advertised though the store does not list it,
+// and stays advertised when the store changes; the store's keys are
+// advertised and withdrawn as before.
+func TestHoldAdvertisesInFlight(t *testing.T) {
+	rs := routing.NewMemory(netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1"))
+	st := storetest.NewMemory()
+	tr := &Tracker{Store: st, Router: rs[0], Retry: 20 * time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go tr.Run(ctx)
+
+	found := func(key string) bool {
+		ch, _ := rs[1].Lookup(ctx, key, 1)
+		_, ok := <-ch
+		return ok
+	}
+	waitUntil := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not within 5s", what)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	const inFlight = "sha256:6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b"
+	if tr.Holding(inFlight) {
+		t.Fatal("holding a key before Hold")
+	}
+	tr.Hold(inFlight)
+	if !tr.Holding(inFlight) {
+		t.Fatal("not holding a key after Hold")
+	}
+	waitUntil("the held key is advertised", func() bool { return found(inFlight) })
+
+	d := st.Add("application/octet-stream", []byte("layer"))
+	waitUntil("the store's key is advertised", func() bool { return found(d.String()) })
+	if !found(inFlight) {
+		t.Error("a store change withdrew the key held in flight")
+	}
+}
