@@ -279,8 +279,10 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 	}
 	// Whether from peers or, after the 404, from upstream, containerd is
 	// about to write this blob: peers may stream it from here meanwhile.
-	// Only now, with a source, so that two nodes never wait on each other.
-	if r.held != nil {
+	// Only now, with a source, so that two nodes never wait on each other;
+	// and only if containerd has opened its ingest (it does before it asks),
+	// so a request that is not a pull advertises nothing.
+	if r.held != nil && r.flights.Writing(oreq.Digest) {
 		r.held.Hold(oreq.Digest.String())
 	}
 	if err != nil {

@@ -36,6 +36,11 @@ type Tracker struct {
 // and its image to be recorded, after which the store's keys take over.
 const HoldFor = 10 * time.Minute
 
+// maxHeld bounds the keys held in flight at once: far more blobs than
+// pulls in progress on a node, and a cap on what requests can make it
+// advertise.
+const maxHeld = 4096
+
 // Hold advertises key now, though the store does not list it: a blob this
 // node's containerd is fetching, which peers can stream as it grows.
 func (t *Tracker) Hold(key string) {
@@ -45,6 +50,9 @@ func (t *Tracker) Hold(key string) {
 		t.held = map[string]time.Time{}
 	}
 	_, had := t.held[key]
+	if !had && len(t.held) >= maxHeld {
+		return
+	}
 	t.held[key] = time.Now().Add(HoldFor)
 	if !had {
 		select {

@@ -77,6 +77,17 @@ func (s *InFlight) Open(ctx context.Context, dgst digest.Digest, off int64, wait
 	}
 }
 
+// Writing reports whether containerd is writing dgst (or has it, outside
+// any image yet).
+func (s *InFlight) Writing(dgst digest.Digest) bool {
+	g, err := s.open(dgst)
+	if err != nil {
+		return false
+	}
+	g.Close()
+	return true
+}
+
 func (s *InFlight) open(dgst digest.Digest) (*Growing, error) {
 	g := &Growing{stall: s.stall, poll: s.poll}
 	// A committed blob the index does not list yet: complete, no waiting.

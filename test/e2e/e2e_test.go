@@ -397,6 +397,13 @@ func (e *env) peerStalls(t *testing.T, img image) {
 		t.Errorf("node 3 recorded no peer failure: the stall did not interrupt the transfer")
 	}
 
+	// Node 3 holds the image now too: it is a source like the others.
+	if err := n3.ShapeEgress(e.ctx, 100<<20); err != nil {
+		t.Fatal(err)
+	}
+	defer n3.ShapeEgress(context.Background(), 0)
+	e.waitAdvertised(t, n3, img)
+	sources = append(sources, n3)
 	before = failures(n4)
 	dripping := e.whilePulling(t, n4, img, sources, 16<<20, func(n *cluster.Node) {
 		if err := n.ShapeEgress(e.ctx, 2<<10); err != nil {
