@@ -179,9 +179,9 @@ func waitAdvertised(b *testing.B, n *cluster.Node, ds []digest.Digest) {
 func BenchmarkMiss(b *testing.B) {
 	c := benchCluster(b)
 	n2 := c.Node(2)
-	// A manifest miss costs the resolve timeout; a blob miss also the
-	// first-wave settle window (--burst-settle), in which nodes missing the
-	// same blob agree on one upstream fetcher.
+	// A manifest miss costs at most the resolve timeout; a blob miss also
+	// the first wave's quiet window (a fifth of --burst-settle), in which
+	// nodes missing the same blob find each other.
 	for _, kind := range []string{"manifests", "blobs"} {
 		b.Run(kind, func(b *testing.B) {
 			var lat []time.Duration

@@ -2,15 +2,19 @@
 // agree, without a coordinator, which one of them fetches it upstream; the
 // others stream it from that node as it arrives.
 //
-// Each node that misses a blob claims it on the DHT (a short-lived record,
-// see routing.ClaimEpoch), waits a settle window for the claims of the
-// others to land, and lists the claimants. Every node that sees the same
-// set picks the same one: the highest rendezvous score of blob and node.
+// A node that misses a blob claims it on the DHT ("want", a short-lived
+// record, see routing.ClaimEpoch) and looks again after a quiet window (a
+// fifth of the settle window). If a node already fetches it, it follows
+// that one. If nobody else wants it, it fetches it itself: a lone miss
+// costs the quiet window only. If others want it too, it is a burst: it
+// waits out the settle window for the rest to claim, follows a fetcher if
+// one appeared meanwhile, and else picks among the claimants the one with
+// the highest rendezvous score of blob and node, as every node that sees
+// the same claimants does. The fetcher announces that it fetches ("fetch"
+// claim), so nodes that come later follow it.
 // The failure cases, each bounded:
-//   - Nodes whose claims land more than a settle window apart see different
-//     sets. The later one usually finds the earlier one already fetching
-//     (its blob is advertised in flight) and follows it; if not, both fetch:
-//     two upstream fetches, no failed pull.
+//   - Claims that do not reach each other in time (a busy node) make two
+//     nodes fetch: two upstream fetches, no failed pull.
 //   - Two nodes that each pick the other wait for each other's blob in
 //     flight, up to the follower's wait, then both fetch upstream.
 //   - The chosen node dies, stalls or is slow: its followers' streams stall
@@ -45,32 +49,84 @@ func New(claims routing.Claims, settle time.Duration, log *slog.Logger) *Decider
 
 // Decide claims key and returns the registry of the node this one should
 // stream it from, or false when this node should fetch it itself. It takes
-// the settle window and at most another one to list the claimants.
+// the quiet window when nobody else wants the key, and the settle window
+// (and one more to list claims) in a burst.
 func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool) {
 	start := time.Now()
-	cctx, cancel := context.WithTimeout(ctx, d.settle)
-	if err := d.claims.Claim(cctx, key); err != nil {
-		// The claim may still have reached some: go on and list them.
-		d.log.Debug("claim did not reach every peer", "key", key, "err", err)
-	}
-	cancel()
-	select {
-	case <-ctx.Done():
+	d.claim(ctx, routing.Want, key)
+	quiet := d.settle / 5
+	if !sleep(ctx, time.Until(start.Add(quiet))) {
 		return netip.AddrPort{}, false
-	case <-time.After(time.Until(start.Add(d.settle))):
 	}
-	lctx, cancel := context.WithTimeout(ctx, d.settle)
-	others, _ := d.claims.Claimants(lctx, key)
-	cancel()
-	self := d.claims.Self()
-	best, bestScore := netip.AddrPort{}, score(key, self)
+	if f, ok := d.fetcher(ctx, key); ok {
+		return f, true
+	}
+	others := d.list(ctx, routing.Want, key)
+	if len(others) > 0 {
+		// A burst: let the others' claims land, then decide as they will.
+		if !sleep(ctx, time.Until(start.Add(d.settle))) {
+			return netip.AddrPort{}, false
+		}
+		if f, ok := d.fetcher(ctx, key); ok {
+			return f, true
+		}
+		others = d.list(ctx, routing.Want, key)
+	}
+	best, bestScore := netip.AddrPort{}, score(key, d.claims.Self())
 	for _, c := range others {
 		if s := score(key, c.ID); bytes.Compare(s, bestScore) > 0 {
 			best, bestScore = c.Addr, s
 		}
 	}
 	d.log.Debug("claim decided", "key", key, "claimants", len(others)+1, "follow", best.String(), "took", time.Since(start))
-	return best, best.IsValid()
+	if best.IsValid() {
+		return best, true
+	}
+	d.claim(ctx, routing.Fetch, key)
+	return netip.AddrPort{}, false
+}
+
+// fetcher is the node that announced it fetches key, if any; of several,
+// the one every node picks.
+func (d *Decider) fetcher(ctx context.Context, key string) (netip.AddrPort, bool) {
+	fs := d.list(ctx, routing.Fetch, key)
+	if len(fs) == 0 {
+		return netip.AddrPort{}, false
+	}
+	best := fs[0]
+	for _, f := range fs[1:] {
+		if bytes.Compare(score(key, f.ID), score(key, best.ID)) > 0 {
+			best = f
+		}
+	}
+	return best.Addr, true
+}
+
+func (d *Decider) claim(ctx context.Context, kind routing.ClaimKind, key string) {
+	cctx, cancel := context.WithTimeout(ctx, d.settle)
+	defer cancel()
+	if err := d.claims.Claim(cctx, kind, key); err != nil {
+		// It may still have reached some.
+		d.log.Debug("claim did not reach every peer", "kind", kind, "key", key, "err", err)
+	}
+}
+
+func (d *Decider) list(ctx context.Context, kind routing.ClaimKind, key string) []routing.Claimant {
+	lctx, cancel := context.WithTimeout(ctx, d.settle)
+	defer cancel()
+	cs, _ := d.claims.Claimants(lctx, kind, key)
+	return cs
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
 }
 
 // score is a node's rendezvous score for key: every node computes the

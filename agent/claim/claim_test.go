@@ -71,3 +71,21 @@ func TestScoreSpreadsKeys(t *testing.T) {
 		}
 	}
 }
+
+// A node that misses a key after another decided to fetch it follows that
+// one, whatever the scores say.
+func TestLateNodeFollowsTheFetcher(t *testing.T) {
+	a := netip.MustParseAddrPort("10.0.0.1:1")
+	rs := routing.NewMemory(a, netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("10.0.0.3:1"))
+	for _, key := range []string{"sha256:a", "sha256:b", "sha256:c", "sha256:d"} {
+		if _, follow := New(rs[0], 50*time.Millisecond, nil).Decide(context.Background(), key); follow {
+			t.Fatalf("%s: a lone node follows someone", key)
+		}
+		for _, r := range rs[1:] {
+			leader, follow := New(r, 50*time.Millisecond, nil).Decide(context.Background(), key)
+			if !follow || leader != a {
+				t.Errorf("%s: a late node follows %v (%v), want the fetcher %s", key, leader, follow, a)
+			}
+		}
+	}
+}

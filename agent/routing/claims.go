@@ -12,18 +12,28 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 )
 
-// Claims are short-lived announcements that a node is about to fetch a
-// key, so that nodes missing the same blob at once can agree on one
-// fetcher (see agent/claim).
+// Claims are short-lived announcements about a key: that a node wants it
+// (it missed the blob) or that it fetches it upstream, so that nodes
+// missing the same blob at once can agree on one fetcher (see agent/claim).
 type Claims interface {
 	// Self is this node's identity among claimants.
 	Self() string
-	// Claim announces that this node is about to fetch key.
-	Claim(ctx context.Context, key string) error
-	// Claimants lists the other nodes that claimed key lately, as found
-	// until ctx is done.
-	Claimants(ctx context.Context, key string) ([]Claimant, error)
+	// Claim announces this node's claim of the kind on key.
+	Claim(ctx context.Context, kind ClaimKind, key string) error
+	// Claimants lists the other nodes that made a claim of the kind on key
+	// lately, as found until ctx is done.
+	Claimants(ctx context.Context, kind ClaimKind, key string) ([]Claimant, error)
 }
+
+// ClaimKind is what a claim says.
+type ClaimKind string
+
+const (
+	// Want: this node missed the key and would fetch it.
+	Want ClaimKind = "want"
+	// Fetch: this node fetches the key upstream now.
+	Fetch ClaimKind = "fetch"
+)
 
 // Claimant is a node that claimed a key.
 type Claimant struct {
@@ -38,13 +48,13 @@ type Claimant struct {
 // finished (or died) must not win a later burst.
 const ClaimEpoch = 30 * time.Second
 
-func claimKeys(key string, now time.Time) (current, previous string) {
+func claimKeys(kind ClaimKind, key string, now time.Time) (current, previous string) {
 	e := now.Unix() / int64(ClaimEpoch/time.Second)
-	return claimKey(key, e), claimKey(key, e-1)
+	return claimKey(kind, key, e), claimKey(kind, key, e-1)
 }
 
-func claimKey(key string, epoch int64) string {
-	return "fleetmirror-claim/" + strconv.FormatInt(epoch, 10) + "/" + key
+func claimKey(kind ClaimKind, key string, epoch int64) string {
+	return "fleetmirror-" + string(kind) + "/" + strconv.FormatInt(epoch, 10) + "/" + key
 }
 
 var _ Claims = (*P2P)(nil)
@@ -58,8 +68,8 @@ func (p *P2P) Self() string { return p.host.ID().String() }
 // cluster's DHT, where each agent knows the others, the same peers a
 // lookup would find) and to this node's own provider store. It is not
 // re-provided.
-func (p *P2P) Claim(ctx context.Context, key string) error {
-	cur, _ := claimKeys(key, time.Now())
+func (p *P2P) Claim(ctx context.Context, kind ClaimKind, key string) error {
+	cur, _ := claimKeys(kind, key, time.Now())
 	mh := keyCID(cur).Hash()
 	self := peer.AddrInfo{ID: p.host.ID(), Addrs: p.dht.FilteredAddrs()}
 	if err := p.dht.ProviderStore().AddProvider(ctx, mh, self); err != nil {
@@ -76,7 +86,7 @@ func (p *P2P) Claim(ctx context.Context, key string) error {
 }
 
 // Claimants implements Claims.
-func (p *P2P) Claimants(ctx context.Context, key string) ([]Claimant, error) {
+func (p *P2P) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Claimant, error) {
 	if !p.track() {
 		return nil, ErrClosed
 	}
@@ -85,7 +95,7 @@ func (p *P2P) Claimants(ctx context.Context, key string) ([]Claimant, error) {
 	defer cancel()
 	stop := context.AfterFunc(p.ctx, cancel)
 	defer stop()
-	cur, prev := claimKeys(key, time.Now())
+	cur, prev := claimKeys(kind, key, time.Now())
 	seen := map[peer.ID]bool{p.host.ID(): true}
 	var out []Claimant
 	for _, k := range []string{cur, prev} {
@@ -109,14 +119,14 @@ var _ Claims = (*Memory)(nil)
 func (m *Memory) Self() string { return m.self.String() }
 
 // Claim implements Claims.
-func (m *Memory) Claim(ctx context.Context, key string) error {
-	cur, _ := claimKeys(key, time.Now())
+func (m *Memory) Claim(ctx context.Context, kind ClaimKind, key string) error {
+	cur, _ := claimKeys(kind, key, time.Now())
 	return m.Advertise(ctx, []string{cur})
 }
 
 // Claimants implements Claims.
-func (m *Memory) Claimants(ctx context.Context, key string) ([]Claimant, error) {
-	cur, prev := claimKeys(key, time.Now())
+func (m *Memory) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Claimant, error) {
+	cur, prev := claimKeys(kind, key, time.Now())
 	var out []Claimant
 	seen := map[netip.AddrPort]bool{}
 	for _, k := range []string{cur, prev} {

@@ -34,7 +34,7 @@ func TestClaimsReachEveryClaimant(t *testing.T) {
 		wg.Go(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 			defer cancel()
-			if err := n.Claim(ctx, key); err != nil {
+			if err := n.Claim(ctx, Want, key); err != nil {
 				t.Errorf("%s claim: %v", n.ip, err)
 			}
 		})
@@ -42,7 +42,7 @@ func TestClaimsReachEveryClaimant(t *testing.T) {
 	wg.Wait()
 	for _, n := range claimants {
 		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-		found, err := n.Claimants(ctx, key)
+		found, err := n.Claimants(ctx, Want, key)
 		cancel()
 		if err != nil {
 			t.Fatal(err)
