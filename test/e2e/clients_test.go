@@ -70,16 +70,7 @@ func TestIndependentClients(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	c, err := cluster.Start(ctx, cluster.Options{Nodes: 1, Containerd: cluster.Containerd2, AgentBin: agentBin(t), Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Log(c.LogTail(40))
-		}
-		c.Close()
-	})
+	c := startCluster(t, ctx, cluster.Options{Nodes: 1, Containerd: cluster.Containerd2, AgentBin: agentBin(t), Logf: t.Logf})
 	n := c.Node(1)
 
 	// The OCI image goes through CRI and the agent as kubelet pulls; the

@@ -279,21 +279,8 @@ func (e *env) agentDown(t *testing.T, img image) {
 // the other peer and verifies.
 func (e *env) peerKilled(t *testing.T, img image) {
 	n1, n2, n3 := e.c.Node(1), e.c.Node(2), e.c.Node(3)
-	e.pull(t, n1, img.ref, img)
-	e.waitAdvertised(t, n1, img)
-	e.pull(t, n2, img.ref, img)
-	e.waitAdvertised(t, n2, img)
-	if err := e.c.Upstream.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	defer e.c.Upstream.Start()
 	// Slow the peers' links so the kill lands mid-blob, not after it.
-	for _, n := range []*cluster.Node{n1, n2} {
-		if err := n.ShapeEgress(e.ctx, 200<<20); err != nil {
-			t.Fatal(err)
-		}
-		defer n.ShapeEgress(context.Background(), 0)
-	}
+	defer e.onlyPeersHold(t, img, []*cluster.Node{n1, n2}, 200<<20)()
 
 	killed := e.whilePulling(t, n3, img, []*cluster.Node{n1, n2}, 32<<20, func(n *cluster.Node) {
 		if err := n.KillAgent(); err != nil {
@@ -313,6 +300,31 @@ func (e *env) peerKilled(t *testing.T, img image) {
 	}
 	if err := killed.StartAgent(e.ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// onlyPeersHold has peers pull img and stops the upstream, so that later
+// pulls can only come from those peers, whose links are shaped to rate so
+// a fault lands mid-blob. The returned func undoes it.
+func (e *env) onlyPeersHold(t *testing.T, img image, peers []*cluster.Node, rate int64) func() {
+	t.Helper()
+	for _, n := range peers {
+		e.pull(t, n, img.ref, img)
+		e.waitAdvertised(t, n, img)
+	}
+	if err := e.c.Upstream.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range peers {
+		if err := n.ShapeEgress(e.ctx, rate); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return func() {
+		for _, n := range peers {
+			n.ShapeEgress(context.Background(), 0)
+		}
+		e.c.Upstream.Start()
 	}
 }
 
@@ -366,20 +378,7 @@ func (e *env) whilePulling(t *testing.T, dst *cluster.Node, img image, sources [
 // within the stall timeout and succeeds at the first attempt.
 func (e *env) peerStalls(t *testing.T, img image) {
 	n1, n2, n3, n4 := e.c.Node(1), e.c.Node(2), e.c.Node(3), e.c.Node(4)
-	e.pull(t, n1, img.ref, img)
-	e.waitAdvertised(t, n1, img)
-	e.pull(t, n2, img.ref, img)
-	e.waitAdvertised(t, n2, img)
-	if err := e.c.Upstream.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	defer e.c.Upstream.Start()
-	for _, n := range []*cluster.Node{n1, n2} {
-		if err := n.ShapeEgress(e.ctx, 100<<20); err != nil {
-			t.Fatal(err)
-		}
-		defer n.ShapeEgress(context.Background(), 0)
-	}
+	defer e.onlyPeersHold(t, img, []*cluster.Node{n1, n2}, 100<<20)()
 	sources := []*cluster.Node{n1, n2}
 	failures := func(n *cluster.Node) float64 { return e.metrics(t, n).Sum("fleetmirror_peer_failures_total") }
 
