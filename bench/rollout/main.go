@@ -25,7 +25,8 @@ import (
 
 type config struct {
 	agent, containerd, images, out string
-	scenarios                      string
+	scenarios, modes               string
+	keep                           bool
 	nodes                          int
 	rate                           int64
 	latency                        time.Duration
@@ -45,6 +46,8 @@ func main() {
 	flag.Float64Var(&c.batch, "update-batch", 0.2, "share of nodes updated at a time")
 	flag.Int64Var(&c.seed, "seed", 1, "seed of the generated images")
 	flag.StringVar(&c.scenarios, "scenarios", "create,update", "which rollouts to measure: create, update or both")
+	flag.StringVar(&c.modes, "modes", "baseline,fleetmirror", "which modes to measure: baseline, fleetmirror or both")
+	flag.BoolVar(&c.keep, "keep", false, "keep the cluster's folder (containerd and agent logs) after the run")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -69,7 +72,7 @@ func run(ctx context.Context, c config) error {
 		return fmt.Errorf("-nodes %d -update-batch %g: want at least 2 nodes and a batch share in (0, 1]", c.nodes, c.batch)
 	}
 	cl, err := cluster.Start(ctx, cluster.Options{Nodes: c.nodes, Containerd: c.containerd, AgentBin: c.agent,
-		UpstreamRate: c.rate, UpstreamLatency: c.latency})
+		UpstreamRate: c.rate, UpstreamLatency: c.latency, KeepDir: c.keep})
 	if err != nil {
 		return err
 	}
@@ -107,6 +110,9 @@ func run(ctx context.Context, c config) error {
 		"command: go run ./bench/rollout " + fmt.Sprint(os.Args[1:]),
 	}}
 	for _, mode := range []string{"baseline", "fleetmirror"} {
+		if !strings.Contains(c.modes, mode) {
+			continue
+		}
 		if err := setMode(ctx, cl, mode); err != nil {
 			return err
 		}
@@ -129,7 +135,10 @@ func run(ctx context.Context, c config) error {
 // the upstream.
 func setMode(ctx context.Context, cl *cluster.Cluster, mode string) error {
 	if mode == "fleetmirror" {
-		return cl.StartAgents(ctx)
+		if err := cl.StartAgents(ctx); err != nil {
+			return err
+		}
+		return workload.WaitPeers(ctx, cl.Nodes)
 	}
 	if err := cl.StopAgents(); err != nil {
 		return err

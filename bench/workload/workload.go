@@ -84,3 +84,23 @@ func WaitAdvertised(ctx context.Context, node *cluster.Node, n int) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// WaitPeers waits until every node's agent is connected to all the others,
+// as on a cluster whose agents run long before a burst; agents that just
+// started may serve alone for a while, and a burst then meets them apart.
+func WaitPeers(ctx context.Context, nodes []*cluster.Node) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for _, n := range nodes {
+		for {
+			s, err := n.Metrics(ctx)
+			if err == nil && s.Sum("fleetmirror_peers") >= float64(len(nodes)-1) {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s is not connected to the other %d agents within 30s", n.Name, len(nodes)-1)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return nil
+}
