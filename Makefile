@@ -81,6 +81,7 @@ e2e: tools build agent-prev
 ## mixed-version test a rolling update needs (test/e2e/mixed_test.go)
 PREV_AGENT_REF ?= b1a42eb
 agent-prev:
+	@git cat-file -e $(PREV_AGENT_REF)^{commit} 2>/dev/null || git fetch -q --unshallow 2>/dev/null || true
 	@git cat-file -e $(PREV_AGENT_REF)^{commit} 2>/dev/null || { echo "agent-prev: commit $(PREV_AGENT_REF) is not in this clone; fetch the full history (git fetch --unshallow)" >&2; exit 1; }
 	rm -rf bin/prev-src && mkdir -p bin/prev-src
 	git archive $(PREV_AGENT_REF) | tar -x -C bin/prev-src
