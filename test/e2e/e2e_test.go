@@ -344,22 +344,31 @@ func (e *env) whilePulling(t *testing.T, dst *cluster.Node, img image, sources [
 	for _, n := range sources {
 		base[n] = served(n)
 	}
+	stop := faultWhen(sources, 5*time.Millisecond, func(n *cluster.Node) bool { return served(n)-base[n] >= after }, fault)
+	e.pull(t, dst, img.ref, img)
+	return stop()
+}
+
+// faultWhen polls nodes every tick and calls fault once, on the first node
+// for which cond holds. The returned stop ends the polling and returns
+// that node, or nil if none met cond.
+func faultWhen(nodes []*cluster.Node, tick time.Duration, cond func(*cluster.Node) bool, fault func(*cluster.Node)) func() *cluster.Node {
 	var (
 		hit  *cluster.Node
 		wg   sync.WaitGroup
 		done = make(chan struct{})
 	)
 	wg.Go(func() {
-		tick := time.NewTicker(5 * time.Millisecond)
-		defer tick.Stop()
+		t := time.NewTicker(tick)
+		defer t.Stop()
 		for {
 			select {
 			case <-done:
 				return
-			case <-tick.C:
+			case <-t.C:
 			}
-			for _, n := range sources {
-				if served(n)-base[n] >= after {
+			for _, n := range nodes {
+				if cond(n) {
 					hit = n
 					fault(n)
 					return
@@ -367,10 +376,11 @@ func (e *env) whilePulling(t *testing.T, dst *cluster.Node, img image, sources [
 			}
 		}
 	})
-	e.pull(t, dst, img.ref, img)
-	close(done)
-	wg.Wait()
-	return hit
+	return func() *cluster.Node {
+		close(done)
+		wg.Wait()
+		return hit
+	}
 }
 
 // j: a peer that stops sending mid-blob (its agent frozen), then one that
@@ -512,30 +522,12 @@ func (e *env) burstFetcherDies(t *testing.T, img image) {
 	e.c.Upstream.Reset()
 	e.c.Upstream.SetShaping(24<<20, 0)
 	defer e.c.Upstream.SetShaping(0, 0)
-	var (
-		killed *cluster.Node
-		done   = make(chan struct{})
-		wg     sync.WaitGroup
-	)
-	wg.Go(func() {
-		tick := time.NewTicker(10 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-			}
-			for _, n := range e.c.Nodes {
-				if e.c.Upstream.Sending(n.IP) > 16<<20 {
-					killed = n
-					n.KillAgent()
-					n.StopContainerd()
-					return
-				}
-			}
-		}
-	})
+	stop := faultWhen(e.c.Nodes, 10*time.Millisecond,
+		func(n *cluster.Node) bool { return e.c.Upstream.Sending(n.IP) > 16<<20 },
+		func(n *cluster.Node) {
+			n.KillAgent()
+			n.StopContainerd()
+		})
 	var pulls sync.WaitGroup
 	errs := make(chan error, len(e.c.Nodes))
 	for _, n := range e.c.Nodes {
@@ -552,8 +544,7 @@ func (e *env) burstFetcherDies(t *testing.T, img image) {
 		})
 	}
 	pulls.Wait()
-	close(done)
-	wg.Wait()
+	killed := stop()
 	close(errs)
 	if killed == nil {
 		t.Fatal("no node was seen fetching the layer upstream, so none was killed: the test proves nothing")
