@@ -356,10 +356,6 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	if req.Method == http.MethodHead {
 		return true
 	}
-	// The headers go now, not with the first bytes: the blob may not have
-	// started to arrive from upstream, and the peer would take the wait for
-	// a dead node. From here its stall timeout judges the bytes.
-	http.NewResponseController(w).Flush()
 	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedToPeers}
 	if _, err := io.Copy(cw, g); err != nil {
 		r.log.Warn("cutting an in-flight blob response", "digest", oreq.Digest, "err", err)
