@@ -45,7 +45,15 @@ func TestDebugWeb(t *testing.T) {
 
 	t.Run("metrics pass promlint", func(t *testing.T) { lintMetrics(t, e, n1) })
 	t.Run("stats before any peer pull", func(t *testing.T) {
+		// Agents that start together may serve alone for a bootstrap round
+		// or two before they join: give the page that long to list n1.
 		s := stats(t, e, n2)
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); s = stats(t, e, n2) {
+			if slices.ContainsFunc(s.Peers, func(p web.Peer) bool { return p.Address == n1.RegistryAddr() }) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
 		if s.LastMirrorSuccess != web.Pending {
 			t.Errorf("Last Mirror Success = %q before any peer pull, want %q", s.LastMirrorSuccess, web.Pending)
 		}
