@@ -264,22 +264,15 @@ func (s *BlobStream) read(p []byte) (int, error) {
 			if c := context.Cause(s.ctx); c != nil {
 				return 0, c
 			}
-			if s.cancel != nil {
-				if c := s.causeOfCurrent(); c != nil {
-					err = c
-				}
+			// A stall or drip cancels the peer's request: say which.
+			if c := context.Cause(s.resp.Request.Context()); c != nil {
+				err = c
 			}
 			s.m.fail("short")
 			s.m.log.WarnContext(s.ctx, "peer broke off a blob; resuming from the next", "peer", s.Peers[len(s.Peers)-1].String(), "digest", s.req.Digest, "offset", s.off, "size", s.Descriptor.Size, "err", err)
 			s.drop()
 		}
 	}
-}
-
-// causeOfCurrent is why the current peer's request was cancelled, if it was.
-func (s *BlobStream) causeOfCurrent() error {
-	ctx := s.resp.Request.Context()
-	return context.Cause(ctx)
 }
 
 // resume connects to the next peer at the current offset. When the

@@ -132,6 +132,20 @@ func blobRequest(blob []byte) oci.Request {
 	return oci.Request{Registry: "example.com", Repository: "team/app", Kind: oci.KindBlob, Digest: digest.FromBytes(blob)}
 }
 
+// openStream opens blob from m within a deadline that ends the test's
+// waits if a stall bound fails; the stream is closed with the test.
+func openStream(t *testing.T, m *Mirror, blob []byte) (*BlobStream, context.Context) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	s, err := m.OpenBlob(ctx, blobRequest(blob))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, ctx
+}
+
 // readAll reads s as the registry does, returning what it got until the
 // first error.
 func readAll(t *testing.T, s *BlobStream) ([]byte, error) {
@@ -168,13 +182,7 @@ func TestStreamFromPeers(t *testing.T) {
 				peers = append(peers, newPeer(t, blob, b, after))
 			}
 			m := newMirror(t, digest.FromBytes(blob).String(), peers)
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			defer cancel()
-			s, err := m.OpenBlob(ctx, blobRequest(blob))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
+			s, _ := openStream(t, m, blob)
 			if s.Descriptor.Size != int64(big) {
 				t.Errorf("size %d, want %d", s.Descriptor.Size, big)
 			}
@@ -274,13 +282,7 @@ func TestStreamAllPeersFail(t *testing.T) {
 	a := newPeer(t, blob, breakOff, 1<<20)
 	b := newPeer(t, blob, stall, 0)
 	m := newMirror(t, digest.FromBytes(blob).String(), []*testPeer{a, b})
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	s, err := m.OpenBlob(ctx, blobRequest(blob))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s, ctx := openStream(t, m, blob)
 	got, err := readAll(t, s)
 	if !errors.Is(err, ErrNoSource) {
 		t.Fatalf("err %v, want ErrNoSource", err)
