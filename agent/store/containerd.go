@@ -97,7 +97,9 @@ func WithContentDir(dir string) Option { return func(s *Containerd) { s.contentD
 // containerd image name): the others' tags and content are neither listed
 // nor served, except content a shared image references too. It keeps a
 // private registry's images off the peer network.
-func WithShared(shared func(image string) bool) Option { return func(s *Containerd) { s.shared = shared } }
+func WithShared(shared func(image string) bool) Option {
+	return func(s *Containerd) { s.shared = shared }
+}
 
 // WithLogger sets the logger; slog.Default() by default.
 func WithLogger(l *slog.Logger) Option { return func(s *Containerd) { s.log = l } }
