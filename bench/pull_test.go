@@ -179,6 +179,8 @@ func waitAdvertised(b *testing.B, n *cluster.Node, ds []digest.Digest) {
 func BenchmarkMiss(b *testing.B) {
 	c := benchCluster(b)
 	n2 := c.Node(2)
+	// From the node itself, as its containerd asks.
+	client := n2.LocalClient()
 	// A manifest miss costs at most the resolve timeout; a blob miss also
 	// the first wave's quiet window (a fifth of --burst-settle), in which
 	// nodes missing the same blob find each other.
@@ -188,8 +190,8 @@ func BenchmarkMiss(b *testing.B) {
 			i := 0
 			for b.Loop() {
 				i++
-				d, status := cluster.TimeGet(context.Background(),
-					"http://"+n2.RegistryAddr()+"/v2/bench/none/"+kind+"/"+digest.FromString(fmt.Sprint("miss", i, time.Now().UnixNano())).String()+"?ns="+c.Upstream.Host())
+				d, status := cluster.TimeGetWith(context.Background(), client,
+					n2.LocalRegistryURL()+"/v2/bench/none/"+kind+"/"+digest.FromString(fmt.Sprint("miss", i, time.Now().UnixNano())).String()+"?ns="+c.Upstream.Host())
 				if status != 404 {
 					b.Fatalf("miss answered %d, want 404", status)
 				}

@@ -131,12 +131,18 @@ func (p *Policy) Shared(req oci.Request) bool {
 	return req.Tag == "" || !p.UpstreamTag(req.Registry, req.Repository, req.Tag)
 }
 
+// HasPrivate reports whether any registry is private.
+func (p *Policy) HasPrivate() bool { return p != nil && len(p.private) > 0 }
+
 // SharedImage reports whether an image of the node's store (a containerd
 // image name such as docker.io/library/nginx:1.27) may be advertised.
+// Names without a registry are not: CRI records every image under
+// "sha256:<id>" too, and such a record of a private image would carry all
+// of its content past the check. Shared images have named records anyway.
 func (p *Policy) SharedImage(name string) bool {
 	img, err := oci.ParseImage(name)
 	if err != nil {
-		return true
+		return false
 	}
 	return !p.Private(img.Registry)
 }

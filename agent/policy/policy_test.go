@@ -36,7 +36,7 @@ func TestPolicy(t *testing.T) {
 			t.Errorf("Shared(%+v) = %v, want %v", tc.req, got, tc.want)
 		}
 	}
-	if p.SharedImage("registry.corp.example:5000/a:v1") || !p.SharedImage("ghcr.io/x/y:v1") {
+	if p.SharedImage("registry.corp.example:5000/a:v1") || p.SharedImage("sha256:"+d.Encoded()) || !p.SharedImage("ghcr.io/x/y:v1") {
 		t.Error("SharedImage does not follow the private registries")
 	}
 	if p.SharedKey("ghcr.io/x/y:v1") || p.SharedKey("registry.k8s.io/pause:latest") || !p.SharedKey("registry.k8s.io/pause:3.10") || !p.SharedKey(d.String()) {

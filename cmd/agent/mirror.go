@@ -200,8 +200,12 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	log.Info("starting mirror", "version", version.Version, "registries", c.mirroredRegistries.String(), "resolveTimeout", c.resolveTimeout.String())
 
-	st, err := store.NewContainerd(ctx, store.WithSocket(c.containerdSocket), store.WithNamespace(c.containerdNamespace),
-		store.WithContentDir(c.contentDir), store.WithShared(pol.SharedImage), store.WithLogger(log.With("component", "store")))
+	stOpts := []store.Option{store.WithSocket(c.containerdSocket), store.WithNamespace(c.containerdNamespace),
+		store.WithContentDir(c.contentDir), store.WithLogger(log.With("component", "store"))}
+	if pol.HasPrivate() {
+		stOpts = append(stOpts, store.WithShared(pol.SharedImage))
+	}
+	st, err := store.NewContainerd(ctx, stOpts...)
 	if err != nil {
 		return err
 	}
@@ -258,7 +262,10 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	regMux.Handle("/p2p/id", router.IDHandler())
 	gate := &peerauth.Gate{Key: key, Local: c.localClients(), Log: log.With("component", "gate"),
 		Denied: func(reason string) { m.Denied.WithLabelValues(reason).Inc() }}
-	regMux.Handle("/", gate.Wrap(reg))
+	// Content is gated; the probes and the peer ID are not: they tell
+	// nothing about what the node holds.
+	regMux.Handle("/v2/", gate.Wrap(reg))
+	regMux.Handle("/", reg)
 	metricsMux := http.NewServeMux()
 	metricsMux.Handle("/metrics", m.Handler())
 	metricsMux.Handle("/readyz", reg)

@@ -11,6 +11,8 @@ package cluster
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -45,6 +47,12 @@ type Options struct {
 	// reads /etc/containerd/config.toml, so that hostPath volumes of pods
 	// (test/kube) reach the node's files, never the machine's. See mounts.go.
 	PrivateMounts bool
+	// MirrorAlt mirrors the upstream's second name (Upstream.AltHost) too.
+	MirrorAlt bool
+	// OpenNetwork starts the agents without a network key, as agents
+	// before membership ran: any process may join and read. By default
+	// the agents share a key the cluster writes to KeyFile.
+	OpenNetwork bool
 	// Unprepared writes containerd 2.x configs the way many managed node
 	// images ship them: no registry config_path (2.x then reads
 	// /etc/containerd/certs.d, so the upstream still works) and
@@ -62,6 +70,8 @@ type Cluster struct {
 	Subnet   netip.Prefix
 	Dir      string
 	Bridge   string
+	// KeyFile holds the agents' shared network key; "" with OpenNetwork.
+	KeyFile string
 
 	opts      Options
 	logf      func(string, ...any)
@@ -153,6 +163,12 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		return c, err
 	}
 
+	if !opts.OpenNetwork {
+		c.KeyFile = filepath.Join(c.Dir, "network.key")
+		if err = WriteNetworkKey(c.KeyFile); err != nil {
+			return c, err
+		}
+	}
 	if err = c.setupNetwork(ctx); err != nil {
 		return c, err
 	}
@@ -172,6 +188,9 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if len(c.mirrored) == 0 {
 		c.mirrored = []string{c.Upstream.URL()}
 	}
+	if opts.MirrorAlt {
+		c.mirrored = append(c.mirrored, "http://"+c.Upstream.AltHost())
+	}
 
 	for i := 1; i <= opts.Nodes; i++ {
 		n, err := c.newNode(ctx, i, bin)
@@ -189,6 +208,16 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		}
 	}
 	return c, nil
+}
+
+// WriteNetworkKey writes a new random network key to path, as the
+// chart's Secret holds one: 64 hex characters.
+func WriteNetworkKey(path string) error {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(hex.EncodeToString(b)+"\n"), 0o600)
 }
 
 func (c *Cluster) nsName(suffix string) string { return namePrefix + c.ID + "-" + suffix }

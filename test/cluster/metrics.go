@@ -141,12 +141,17 @@ func parseSample(s string) (Sample, error) {
 // TimeGet GETs url, reads the whole body and returns how long that took and
 // the status code (0 when the request failed).
 func TimeGet(ctx context.Context, url string) (time.Duration, int) {
+	return TimeGetWith(ctx, http.DefaultClient, url)
+}
+
+// TimeGetWith is TimeGet with client.
+func TimeGetWith(ctx context.Context, client *http.Client, url string) (time.Duration, int) {
 	start := time.Now()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return 0, 0
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return time.Since(start), 0
 	}

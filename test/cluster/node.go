@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -45,6 +46,9 @@ type Node struct {
 	// AgentBin, when set, replaces Options.AgentBin for this node: agents
 	// of two versions in one cluster, as in a rolling update.
 	AgentBin string
+	// KeyFile, when set, replaces the cluster's network key for this
+	// node's agent; "none" starts it without one.
+	KeyFile string
 
 	// With Options.PrivateMounts: the file pinning the node's own mount
 	// namespace, where its containerd and kubelet run and its dirs sit at
@@ -65,6 +69,23 @@ type Node struct {
 	containerd *proc
 	agent      *proc
 	conn       *grpc.ClientConn
+}
+
+// LocalClient is an HTTP client on the node itself: its connections start
+// inside the node's network namespace, so http://127.0.0.1:30020 is the
+// node's agent as its containerd reaches it.
+func (n *Node) LocalClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return dialInNetns(ctx, nsPath(n.NS), network, addr)
+		},
+	}}
+}
+
+// LocalRegistryURL is the agent's registry as the node's containerd
+// reaches it, for LocalClient.
+func (n *Node) LocalRegistryURL() string {
+	return fmt.Sprintf("http://127.0.0.1:%d", AgentRegistryPort)
 }
 
 // RegistryAddr is the agent's registry "IP:30020" as peers reach it.
@@ -204,6 +225,16 @@ func (n *Node) AgentArgs() []string {
 	return append(args, c.opts.AgentArgs...)
 }
 
+func (n *Node) keyFile() string {
+	switch n.KeyFile {
+	case "none":
+		return ""
+	case "":
+		return n.cluster.KeyFile
+	}
+	return n.KeyFile
+}
+
 // StartAgent starts the agent and waits up to 30s for GET /readyz == 200.
 func (n *Node) StartAgent(ctx context.Context) error {
 	bin := n.cluster.opts.AgentBin
@@ -222,7 +253,12 @@ func (n *Node) StartAgent(ctx context.Context) error {
 		n.mu.Unlock()
 		return err
 	}
-	p, err := startInNetns(n.NS, n.AgentLog, nil, bin, n.AgentArgs()...)
+	// The key goes in the environment, which agents that predate it ignore.
+	var env []string
+	if key := n.keyFile(); key != "" {
+		env = append(env, "FLEETMIRROR_NETWORK_KEY_FILE="+key)
+	}
+	p, err := startInNetns(n.NS, n.AgentLog, env, bin, n.AgentArgs()...)
 	if err != nil {
 		n.mu.Unlock()
 		return err

@@ -442,3 +442,30 @@ func listenInNetns(path, network, addr string) (net.Listener, error) {
 	r := <-ch
 	return r.ln, r.err
 }
+
+// dialInNetns connects from inside the network namespace at path, on a
+// thread discarded afterwards as in listenInNetns.
+func dialInNetns(ctx context.Context, path, network, addr string) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		f, err := os.Open(path)
+		if err != nil {
+			ch <- result{err: err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{err: fmt.Errorf("setns %s: %w", path, err)}
+			return
+		}
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
+}

@@ -70,7 +70,9 @@ func TestIndependentClients(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	c := startCluster(t, ctx, cluster.Options{Nodes: 1, Containerd: cluster.Containerd2, AgentBin: agentBin(t), Logf: t.Logf})
+	// Open: these clients run outside the node and speak the protocol,
+	// not membership (the registry gate is proven in TestTrust).
+	c := startCluster(t, ctx, cluster.Options{Nodes: 1, Containerd: cluster.Containerd2, AgentBin: agentBin(t), Logf: t.Logf, OpenNetwork: true})
 	n := c.Node(1)
 
 	// The OCI image goes through CRI and the agent as kubelet pulls; the

@@ -203,7 +203,7 @@ func (e *env) miss(t *testing.T, img image) {
 	// Miss latency straight from the agent, for the log; benchmarks hold the target.
 	var worst time.Duration
 	for i := 0; i < 20; i++ {
-		d, status := cluster.TimeGet(e.ctx, "http://"+n1.RegistryAddr()+"/v2/e2e/none/blobs/"+digest.FromString(fmt.Sprint(i)).String())
+		d, status := cluster.TimeGetWith(e.ctx, n1.LocalClient(), n1.LocalRegistryURL()+"/v2/e2e/none/blobs/"+digest.FromString(fmt.Sprint(i)).String())
 		if status != 404 {
 			t.Fatalf("miss answered %d, want 404", status)
 		}
