@@ -141,22 +141,27 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	for _, w := range ws {
 		released := status.NewReleased()
 		gvk := w.GroupVersionKind
+		in := o.Inputs
+		in.Overrides = w.OverrideValues
 		opts := []reconciler.Option{
 			reconciler.WithChart(*w.Chart),
 			reconciler.WithGroupVersionKind(gvk),
 			reconciler.WithActionClientGetter(release.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator")}),
-			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, o.Inputs)),
+			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, in)),
 			reconciler.WithPauseReconcileHandler(reconciler.PauseReconcileIfAnnotationTrue(PauseAnnotation)),
 			reconciler.WithPostHook(hook.PostHookFunc(func(obj *unstructured.Unstructured, _ helmrelease.Release, _ logr.Logger) error {
 				released.Mark(obj)
 				return nil
 			})),
-			reconciler.WithReconcilePeriod(o.ReconcilePeriod),
+			reconciler.WithReconcilePeriod(reconcilePeriod(w, o.ReconcilePeriod)),
 			reconciler.WithMaxReleaseHistory(10),
 			reconciler.WithLog(log.WithName("helm").WithValues("kind", gvk.Kind)),
 		}
 		if w.WatchDependentResources != nil && !*w.WatchDependentResources {
 			opts = append(opts, reconciler.SkipDependentWatches(true))
+		}
+		if w.MaxConcurrentReconciles != nil {
+			opts = append(opts, reconciler.WithMaxConcurrentReconciles(*w.MaxConcurrentReconciles))
 		}
 		r, err := reconciler.New(opts...)
 		if err != nil {
@@ -165,8 +170,8 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		if err := r.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
 		}
-		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Provider: o.Provider,
-			AgentMetricsPort: o.AgentMetricsPort}
+		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Overrides: w.OverrideValues,
+			Provider: o.Provider, AgentMetricsPort: o.AgentMetricsPort}
 		if o.HitRatioWindow > 0 {
 			sc.HitRatio = hitratio.New(o.HitRatioWindow, nil)
 		}
@@ -219,7 +224,25 @@ func onlyOne(ctx context.Context, c client.Client, gvk schema.GroupVersionKind, 
 		gvk.Kind, first.GetNamespace(), first.GetName(), obj.GetNamespace(), obj.GetName(), first.GetNamespace(), first.GetName())
 }
 
+// reconcilePeriod is the entry's reconcilePeriod when it has one (it names
+// its kind, so it is the more specific), else the operator's flag.
+func reconcilePeriod(w watches.Watch, flag time.Duration) time.Duration {
+	if w.ReconcilePeriod != nil {
+		return w.ReconcilePeriod.Duration
+	}
+	return flag
+}
+
+// watchFields are the fields of a watches.yaml entry this operator
+// honours: the library's, but selector (see loadWatches).
+var watchFields = map[string]bool{
+	"group": true, "version": true, "kind": true, "chart": true, "watchDependentResources": true,
+	"overrideValues": true, "reconcilePeriod": true, "maxConcurrentReconciles": true,
+}
+
 // loadWatches reads watches.yaml, resolving chart paths against its folder.
+// A field it would not honour refuses the file, by name, rather than
+// being parsed and ignored.
 func loadWatches(path string) ([]watches.Watch, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -232,7 +255,20 @@ func loadWatches(path string) ([]watches.Watch, error) {
 	if len(raw) == 0 {
 		return nil, fmt.Errorf("watches file %s: no entries; want at least one group/version/kind and chart", path)
 	}
-	for _, w := range raw {
+	for i, w := range raw {
+		for k := range w {
+			switch {
+			case k == "selector":
+				// One resource manages every node and the oldest wins
+				// (onlyOne); the status and node readiness controllers
+				// watch every resource of the kind. A selector would make
+				// the release follow only some of them while the others
+				// still block and report: refuse rather than half-honour.
+				return nil, fmt.Errorf("watches file %s: entry %d: selector is not supported: one resource of the kind manages every node of the cluster, so the operator reconciles all of them; remove it", path, i+1)
+			case !watchFields[k]:
+				return nil, fmt.Errorf("watches file %s: entry %d: unknown field %q; known: group, version, kind, chart, watchDependentResources, overrideValues, reconcilePeriod, maxConcurrentReconciles", path, i+1, k)
+			}
+		}
 		if p, ok := w["chart"].(string); ok && !filepath.IsAbs(p) {
 			w["chart"] = filepath.Join(filepath.Dir(path), p)
 		}
@@ -244,6 +280,19 @@ func loadWatches(path string) ([]watches.Watch, error) {
 	ws, err := watches.LoadReader(bytes.NewReader(b))
 	if err != nil {
 		return nil, fmt.Errorf("watches file %s: %w", path, err)
+	}
+	for _, w := range ws {
+		// Checked here so that a bad value stops the start, naming it,
+		// instead of failing every reconcile.
+		if w.MaxConcurrentReconciles != nil && *w.MaxConcurrentReconciles < 1 {
+			return nil, fmt.Errorf("watches file %s: %s: maxConcurrentReconciles is %d; want 1 or more", path, w.Kind, *w.MaxConcurrentReconciles)
+		}
+		if w.ReconcilePeriod != nil && w.ReconcilePeriod.Duration < 0 {
+			return nil, fmt.Errorf("watches file %s: %s: reconcilePeriod %s is negative; want 0 (only on events) or more", path, w.Kind, w.ReconcilePeriod.Duration)
+		}
+		if _, err := values.Effective(nil, nil, w.OverrideValues); err != nil {
+			return nil, fmt.Errorf("watches file %s: %s: %w", path, w.Kind, err)
+		}
 	}
 	return ws, nil
 }

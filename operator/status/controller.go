@@ -82,6 +82,8 @@ type Controller struct {
 	// Defaults are the provider override's values under every spec: they
 	// decide, with the spec, whether the prep DaemonSet is wanted.
 	Defaults map[string]any
+	// Overrides are watches.yaml's overrideValues, set over every spec.
+	Overrides map[string]string
 	// Provider names the override in force, shown in the ProviderOverride
 	// condition; empty: none.
 	Provider string
@@ -143,7 +145,12 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	}
 	want := []string{ComponentAgent}
 	spec, _, _ := unstructured.NestedMap(obj.Object, "spec")
-	if on, _, _ := unstructured.NestedBool(values.Merge(c.Defaults, spec), "containerdPrep", "enabled"); on {
+	eff, err := values.Effective(c.Defaults, spec, c.Overrides)
+	if err != nil {
+		// The release cannot render either; its conditions say why.
+		eff = values.Merge(c.Defaults, spec)
+	}
+	if on, _, _ := unstructured.NestedBool(eff, "containerdPrep", "enabled"); on {
 		want = append(want, ComponentPrep)
 	}
 	rd := Evaluate(list.Items, want)
@@ -168,7 +175,7 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	st["nodes"] = map[string]any{"desired": rd.Nodes.Desired, "updated": rd.Nodes.Updated, "ready": rd.Nodes.Ready}
 	resync := c.Resync
 	if c.HitRatio != nil {
-		if hits, err := c.peerHits(ctx, req, values.Merge(c.Defaults, spec)); err == nil {
+		if hits, err := c.peerHits(ctx, req, eff); err == nil {
 			st["peerHits"] = hits
 		} else {
 			log.FromContext(ctx).V(1).Info("peer hit ratio unavailable", "err", err.Error())

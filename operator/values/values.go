@@ -5,7 +5,8 @@
 // the imageMirror rewrite.
 //
 // Precedence, lowest first: the chart's values.yaml < the provider
-// override (Inputs.Defaults) < the resource's spec < the images map,
+// override (Inputs.Defaults) < the resource's spec < watches.yaml's
+// overrideValues (Inputs.Overrides) < the images map,
 // which fills only the images the spec leaves out; imageMirror then
 // rewrites every image, given or filled.
 package values
@@ -13,8 +14,10 @@ package values
 import (
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 
+	"helm.sh/helm/v3/pkg/strvals"
 	"k8s.io/apimachinery/pkg/runtime"
 
 	"github.com/fleetmirror/fleetmirror/operator/imageref"
@@ -37,6 +40,9 @@ type Inputs struct {
 	// Defaults are the provider override's values (overrides/<provider>.yaml),
 	// spec-shaped; every resource's spec is merged over them.
 	Defaults map[string]any
+	// Overrides are watches.yaml's overrideValues ("image.tag": "v1", as
+	// `helm --set` reads them), set over every spec as helm-operator does.
+	Overrides map[string]string
 }
 
 // Validate says what is missing from the inputs.
@@ -63,7 +69,10 @@ func Translate(spec map[string]any, in Inputs) (map[string]any, error) {
 	if err := in.Validate(); err != nil {
 		return nil, err
 	}
-	vals := Merge(in.Defaults, spec)
+	vals, err := Effective(in.Defaults, spec, in.Overrides)
+	if err != nil {
+		return nil, err
+	}
 
 	img, _ := vals["image"].(map[string]any)
 	if img == nil {
@@ -148,6 +157,24 @@ func tagOf(r imageref.Reference) string {
 	default:
 		return r.Tag + "@" + r.Digest
 	}
+}
+
+// Effective is what a resource asks of the chart before images are
+// filled in: the provider override's values, the spec over them, and
+// watches.yaml's overrideValues over both. The inputs are left as they are.
+func Effective(defaults, spec map[string]any, overrides map[string]string) (map[string]any, error) {
+	vals := Merge(defaults, spec)
+	keys := make([]string, 0, len(overrides))
+	for k := range overrides {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // a deeper key after its parent, whatever the map order
+	for _, k := range keys {
+		if err := strvals.ParseInto(k+"="+overrides[k], vals); err != nil {
+			return nil, fmt.Errorf("watches.yaml overrideValues %q: %w", k, err)
+		}
+	}
+	return vals, nil
 }
 
 // Merge returns over laid on base, both left as they are: maps merge key
