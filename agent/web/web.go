@@ -147,6 +147,9 @@ func (w *Web) Handler() http.Handler {
 	mux.HandleFunc("POST "+Path+"measure", w.serveMeasure)
 	mux.HandleFunc("GET "+Path+"{$}", w.servePage)
 	mux.Handle("GET /debug/web", http.RedirectHandler(Path, http.StatusMovedPermanently))
+	// The page has a listener of its own (--debug-web-addr): its root is
+	// the page.
+	mux.Handle("GET /{$}", http.RedirectHandler(Path, http.StatusFound))
 	return crossOrigin(mux)
 }
 

@@ -320,6 +320,8 @@ func TestStaticAndRedirect(t *testing.T) {
 	nd := newNodes(t, 1)[0]
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	for path, want := range map[string]int{
+		"/":                           http.StatusFound,
+		"/other":                      http.StatusNotFound,
 		"/debug/web":                  http.StatusMovedPermanently,
 		"/debug/web/static/app.js":    http.StatusOK,
 		"/debug/web/static/style.css": http.StatusOK,
