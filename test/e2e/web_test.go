@@ -146,7 +146,7 @@ type (
 )
 
 func debugURL(n *cluster.Node, path string) string {
-	return "http://" + netip.AddrPortFrom(n.IP, cluster.AgentMetricsPort).String() + web.Path + path
+	return "http://" + netip.AddrPortFrom(n.IP, cluster.AgentDebugWebPort).String() + web.Path + path
 }
 
 func stats(t *testing.T, e *env, n *cluster.Node) webStats {
