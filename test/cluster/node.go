@@ -26,6 +26,9 @@ const (
 	AgentRegistryPort = 30020
 	AgentRouterPort   = 30021
 	AgentMetricsPort  = 30022
+	// The debug page; on the node's IP here (the agent's default is
+	// loopback), so tests reach it from outside the namespace.
+	AgentDebugWebPort = 30023
 )
 
 // Node is one "machine": a network namespace with its own containerd and,
@@ -217,6 +220,7 @@ func (n *Node) AgentArgs() []string {
 		fmt.Sprintf("--registry-addr=:%d", AgentRegistryPort),
 		"--router-addr=" + n.RouterAddr(),
 		"--metrics-addr=" + netip.AddrPortFrom(n.IP, AgentMetricsPort).String(),
+		"--debug-web-addr=" + netip.AddrPortFrom(n.IP, AgentDebugWebPort).String(),
 		fmt.Sprintf("--mirror-target=http://127.0.0.1:%d", AgentRegistryPort),
 		"--mirrored-registries=" + strings.Join(c.mirrored, ","),
 		"--bootstrap-peers=" + strings.Join(peers, ","),

@@ -198,6 +198,8 @@ func TestChartValuesRefused(t *testing.T) {
 		{map[string]any{"hostNetwork": true, "service": map[string]any{"registry": map[string]any{"type": "NodePort"}}}, "NodePort needs hostNetwork: false"},
 		{map[string]any{"containerdMirrorAdd": false, "prependExisting": true}, "prependExisting: true needs containerdMirrorAdd: true"},
 		{map[string]any{"mirrorResolveTimout": "20ms"}, "mirrorResolveTimout"},
+		{map[string]any{"debugWebAddr": "localhost"}, "debugWebAddr"},
+		{map[string]any{"maxRequests": int64(0)}, "maxRequests"},
 	} {
 		vals, err := values.Translate(tc.spec, values.Inputs{Images: testImages})
 		if err != nil {
