@@ -54,6 +54,7 @@ type mirrorConfig struct {
 	networkKeyFile      string
 	privateRegistries   cli.List
 	upstreamTags        cli.List
+	localClients        cli.List
 	bootstrapPeers      cli.List
 	bootstrapDNS        string
 	dataDir             string
@@ -88,6 +89,7 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 		"file holding the cluster's shared secret (at least 32 bytes): only agents with it join the DHT and are served as peers; empty runs an open network")
 	fs.Var(&c.privateRegistries, "private-registries", "registry hosts whose content is neither advertised nor served to peers, e.g. registry.corp.example:5000")
 	fs.Var(&c.upstreamTags, "upstream-tags", "tags that always resolve upstream: :latest (in every repository), a registry, registry/repository, or registry/repository:tag")
+	fs.Var(&c.localClients, "local-clients", "IPs or CIDRs the node's own containerd reaches the registry from, besides loopback and the mirror target's IP (e.g. the node's bridge address when a NodePort masquerades it)")
 	fs.Var(&c.bootstrapPeers, "bootstrap-peers", "peers to join: host:port of their registries, or multiaddrs ending in /p2p/<id>")
 	fs.StringVar(&c.bootstrapDNS, "bootstrap-dns", "", "DNS name listing the agents (the chart's headless Service)")
 	fs.StringVar(&c.dataDir, "data-dir", "/var/lib/fleetmirror", "where the peer identity key is kept, the agent's only state")
@@ -173,20 +175,32 @@ func (c *mirrorConfig) trust(log *slog.Logger) (*peerauth.Key, *policy.Policy, e
 	return key, pol, nil
 }
 
-// localClients are the addresses the node's containerd reaches the
-// registry from besides loopback: the IP hosts of its mirror targets.
-func (c *mirrorConfig) localClients() []netip.Addr {
-	var out []netip.Addr
+// nodeClients are the networks the node's containerd reaches the
+// registry from besides loopback: the IP hosts of its mirror targets and
+// --local-clients.
+func (c *mirrorConfig) nodeClients() ([]netip.Prefix, error) {
+	var out []netip.Prefix
 	for _, t := range c.mirrorTargets {
 		u, err := url.Parse(t)
 		if err != nil {
 			continue
 		}
 		if a, err := netip.ParseAddr(u.Hostname()); err == nil {
-			out = append(out, a)
+			out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
 		}
 	}
-	return out
+	for _, l := range c.localClients {
+		p, err := netip.ParsePrefix(l)
+		if err != nil {
+			a, aerr := netip.ParseAddr(l)
+			if aerr != nil {
+				return nil, fmt.Errorf("--local-clients %q: want an IP or a CIDR such as 10.244.3.1 or 10.244.3.1/32", l)
+			}
+			p = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
 }
 
 func (c *mirrorConfig) hostsConfig() hosts.Config {
@@ -275,7 +289,11 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	regMux := http.NewServeMux()
 	regMux.Handle("/p2p/id", router.IDHandler())
-	gate := &peerauth.Gate{Key: key, Local: c.localClients(), Log: log.With("component", "gate"),
+	local, err := c.nodeClients()
+	if err != nil {
+		return err
+	}
+	gate := &peerauth.Gate{Key: key, Local: local, Log: log.With("component", "gate"),
 		Denied: func(reason string) { m.Denied.WithLabelValues(reason).Inc() }}
 	// Content is gated; the probes and the peer ID are not: they tell
 	// nothing about what the node holds.
