@@ -30,6 +30,7 @@ type Metrics struct {
 	LastSuccess     prometheus.Gauge
 	AdvertisedKeys  *prometheus.GaugeVec
 	PeerFailures    *prometheus.CounterVec
+	Denied          *prometheus.CounterVec
 }
 
 // New makes and registers the agent's metrics; peers is called at scrape
@@ -68,11 +69,15 @@ func New(peers func() int) *Metrics {
 		}, []string{"type"}),
 		PeerFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleetmirror_peer_failures_total",
-			Help: "Failed fetches from peers by reason (connect, status, short, digest).",
+			Help: "Failed fetches from peers by reason (connect, status, short, digest, auth).",
+		}, []string{"reason"}),
+		Denied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleetmirror_registry_denied_total",
+			Help: "Registry requests refused with 403 by reason (stranger: neither this node nor a member; old-agent: a peer without membership; bad-proof).",
 		}, []string{"reason"}),
 	}
 	m.Registry.MustRegister(m.Requests, m.ServedToPeers, m.FetchedBytes, m.ServedBytes,
-		m.ResolveDuration, m.LastSuccess, m.AdvertisedKeys, m.PeerFailures,
+		m.ResolveDuration, m.LastSuccess, m.AdvertisedKeys, m.PeerFailures, m.Denied,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fleetmirror_peers",
 			Help: "Peers this node is connected to now.",

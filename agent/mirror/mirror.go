@@ -22,13 +22,15 @@ import (
 
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/oci"
+	"github.com/fleetmirror/fleetmirror/agent/peerauth"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 )
 
-// PeerHeader marks a request from another agent. A peer answers such a
-// request from its own store only and never forwards it, so a lookup can
-// never loop between agents.
-const PeerHeader = "X-Fleetmirror-Peer"
+// PeerHeader marks a request from another agent, and carries its proof of
+// membership (see peerauth). A peer answers such a request from its own
+// store only and never forwards it, so a lookup can never loop between
+// agents.
+const PeerHeader = peerauth.Header
 
 // WaitHeader asks a peer to wait up to the given duration ("2s") for a
 // blob its containerd is about to fetch to appear in flight, instead of
@@ -55,6 +57,7 @@ type Mirror struct {
 	stallTimeout   time.Duration
 	metrics        *metrics.Metrics
 	log            *slog.Logger
+	key            *peerauth.Key
 	hints          *hints
 	bad            *badPeers
 	manifests      *recentManifests
@@ -81,6 +84,11 @@ func WithMetrics(mt *metrics.Metrics) Option { return func(m *Mirror) { m.metric
 
 // WithLogger sets the logger.
 func WithLogger(l *slog.Logger) Option { return func(m *Mirror) { m.log = l } }
+
+// WithPeerKey signs requests to peers with the cluster's key and believes
+// only answers that prove they come from a member. Without it requests
+// are marked as a peer's but unsigned, as agents before membership sent.
+func WithPeerKey(k *peerauth.Key) Option { return func(m *Mirror) { m.key = k } }
 
 // WithHTTPClient replaces the client used to reach peers.
 func WithHTTPClient(c *http.Client) Option { return func(m *Mirror) { m.client = c } }
@@ -356,17 +364,31 @@ func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oc
 	if err != nil {
 		return nil, err
 	}
-	hr.Header.Set(PeerHeader, "1")
 	if rng != "" {
 		hr.Header.Set("Range", rng)
 	}
 	if wait > 0 {
 		hr.Header.Set(WaitHeader, wait.String())
 	}
+	proof := "1"
+	if m.key != nil {
+		proof = m.key.Sign(hr)
+	} else {
+		hr.Header.Set(PeerHeader, proof)
+	}
 	resp, err := m.client.Do(hr)
 	if err != nil {
 		m.fail("connect")
 		return nil, err
+	}
+	// A miss needs no proof: it only sends containerd on. Content does,
+	// so that an address a record named cannot answer for a member.
+	if m.key != nil && resp.StatusCode < 300 {
+		if err := m.key.Check(resp, proof); err != nil {
+			resp.Body.Close()
+			m.fail("auth")
+			return nil, fmt.Errorf("%s: %w", p, err)
+		}
 	}
 	return resp, nil
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/oci"
+	"github.com/fleetmirror/fleetmirror/agent/policy"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 )
 
@@ -43,6 +44,7 @@ type Registry struct {
 	flights *store.InFlight
 	held    Holder
 	claims  *claim.Decider
+	policy  *policy.Policy
 }
 
 // followWait is how long a node that agreed to follow another waits for it
@@ -67,6 +69,11 @@ type Holder interface {
 func WithInFlight(flights *store.InFlight, h Holder) Option {
 	return func(r *Registry) { r.flights, r.held = flights, h }
 }
+
+// WithPolicy keeps private registries' content and upstream-only tags off
+// the peer network: such requests get a 404 at once, so containerd asks
+// the registry itself, with its own credentials.
+func WithPolicy(p *policy.Policy) Option { return func(r *Registry) { r.policy = p } }
 
 // Option configures a Registry.
 type Option func(*Registry)
@@ -139,6 +146,12 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	oreq, err := oci.ParseRequest(req.URL.Path, req.URL.Query().Get("ns"))
 	if err != nil {
 		writeParseError(w, err)
+		return
+	}
+	if !r.policy.Shared(oreq) {
+		r.metrics.Requests.WithLabelValues(registryLabel(oreq), string(oreq.Kind), metrics.OutcomeMiss).Inc()
+		writeError(w, http.StatusNotFound, notFoundCode(oreq), oreq.Registry+"/"+oreq.Repository+
+			" resolves at its registry only (--private-registries or --upstream-tags): ask the registry")
 		return
 	}
 	if oreq.Tag != "" && oreq.Registry == "" {
@@ -434,11 +447,15 @@ func registryLabel(oreq oci.Request) string {
 	return oreq.Registry
 }
 
-func notFound(w http.ResponseWriter, oreq oci.Request) {
-	code := "BLOB_UNKNOWN"
+func notFoundCode(oreq oci.Request) string {
 	if oreq.Kind == oci.KindManifest {
-		code = "MANIFEST_UNKNOWN"
+		return "MANIFEST_UNKNOWN"
 	}
+	return "BLOB_UNKNOWN"
+}
+
+func notFound(w http.ResponseWriter, oreq oci.Request) {
+	code := notFoundCode(oreq)
 	ref := oreq.Tag
 	if oreq.Digest != "" {
 		ref = oreq.Digest.String()

@@ -2,11 +2,13 @@ package routing
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/pnet"
 )
 
 // Option configures a P2P router.
@@ -16,6 +18,7 @@ type p2pConfig struct {
 	listenAddr   string
 	registryPort uint16
 	privKey      crypto.PrivKey
+	psk          pnet.PSK
 	dataDir      string
 	bootstrapper Bootstrapper
 	logger       *slog.Logger
@@ -74,6 +77,19 @@ func WithRegistryPort(port uint16) Option {
 func WithPrivateKey(k crypto.PrivKey) Option {
 	return func(c *p2pConfig) error {
 		c.privKey = k
+		return nil
+	}
+}
+
+// WithNetworkKey makes the host a member of a libp2p private network:
+// it connects only to hosts with the same 32-byte key. Without it the
+// host talks to anyone who reaches its port.
+func WithNetworkKey(psk []byte) Option {
+	return func(c *p2pConfig) error {
+		if len(psk) != 32 {
+			return fmt.Errorf("network key must be 32 bytes, got %d", len(psk))
+		}
+		c.psk = pnet.PSK(psk)
 		return nil
 	}
 }

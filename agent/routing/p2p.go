@@ -82,7 +82,7 @@ type P2P struct {
 	msgr *pb.ProtocolMessenger
 	// dstore and cache back the DHT's provider store; Withdraw edits them
 	// directly because the provider manager has no delete.
-	dstore ds.Batching
+	dstore *boundedStore
 	cache  *syncLRU
 	sub    event.Subscription
 
@@ -144,7 +144,7 @@ func NewP2P(ctx context.Context, opts ...Option) (*P2P, error) {
 	// only probes public addresses and is pinned to a fixed reachability so it
 	// never starts probing. Metrics are off so several hosts per process (tests)
 	// do not collide in the global Prometheus registry.
-	h, err := libp2p.New(
+	hostOpts := []libp2p.Option{
 		libp2p.Identity(key),
 		libp2p.ListenAddrs(listen),
 		libp2p.Transport(tcp.NewTCPTransport),
@@ -154,12 +154,20 @@ func NewP2P(ctx context.Context, opts ...Option) (*P2P, error) {
 		libp2p.ForceReachabilityPrivate(),
 		libp2p.DisableIdentifyAddressDiscovery(),
 		libp2p.DisableMetrics(),
-	)
+	}
+	if cfg.psk != nil {
+		// A private network: every connection starts with a handshake
+		// keyed by the PSK, so a process without the cluster's key
+		// cannot complete one, let alone store a record or answer a
+		// lookup.
+		hostOpts = append(hostOpts, libp2p.PrivateNetwork(cfg.psk))
+	}
+	h, err := libp2p.New(hostOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("routing: libp2p host: %w", err)
 	}
 
-	dstore := dssync.MutexWrap(ds.NewMapDatastore())
+	dstore := newBoundedStore(dssync.MutexWrap(ds.NewMapDatastore()), h.ID(), maxRecordsPerPeer)
 	cache, err := newSyncLRU(providerCacheSize)
 	if err != nil {
 		_ = h.Close()

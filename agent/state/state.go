@@ -10,6 +10,7 @@ import (
 
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/oci"
+	"github.com/fleetmirror/fleetmirror/agent/policy"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 )
@@ -23,6 +24,9 @@ type Tracker struct {
 	// Registries limits tag keys to these registry hosts; empty means all.
 	// Digests are always advertised: they name the same bytes everywhere.
 	Registries []string
+	// Policy keeps tag keys of private registries and upstream-only tags
+	// unadvertised; nil advertises them all.
+	Policy *policy.Policy
 	// Retry is how soon keys that failed to advertise are tried again.
 	Retry time.Duration
 
@@ -176,6 +180,9 @@ func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[str
 }
 
 func (t *Tracker) wanted(key string) bool {
+	if !t.Policy.SharedKey(key) {
+		return false
+	}
 	if oci.IsDigestKey(key) || len(t.Registries) == 0 {
 		return true
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
@@ -65,6 +66,7 @@ type Containerd struct {
 	namespace  string
 	contentDir string
 	log        *slog.Logger
+	shared     func(image string) bool
 
 	indexer *indexer // used by Run's goroutine only
 	changed chan struct{}
@@ -90,6 +92,14 @@ func WithNamespace(ns string) Option { return func(s *Containerd) { s.namespace 
 // <root>/io.containerd.content.v1.content. Blobs are then opened as files,
 // which net/http can send with sendfile, instead of streamed over gRPC.
 func WithContentDir(dir string) Option { return func(s *Containerd) { s.contentDir = dir } }
+
+// WithShared limits the store to the images shared reports true for (a
+// containerd image name): the others' tags and content are neither listed
+// nor served, except content a shared image references too. It keeps a
+// private registry's images off the peer network.
+func WithShared(shared func(image string) bool) Option {
+	return func(s *Containerd) { s.shared = shared }
+}
 
 // WithLogger sets the logger; slog.Default() by default.
 func WithLogger(l *slog.Logger) Option { return func(s *Containerd) { s.log = l } }
@@ -369,6 +379,9 @@ func (s *Containerd) sync(ctx context.Context, c *client.Client) error {
 	imgs, err := c.ImageService().List(ctx)
 	if err != nil {
 		return fmt.Errorf("listing images: %w", err)
+	}
+	if s.shared != nil {
+		imgs = slices.DeleteFunc(imgs, func(img images.Image) bool { return !s.shared(img.Name) })
 	}
 	cs := c.ContentStore()
 	present := map[digest.Digest]int64{}

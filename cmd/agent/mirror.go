@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"net/url"
 	"os"
 	"runtime/debug"
 	"strconv"
@@ -22,6 +23,8 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/peerauth"
+	"github.com/fleetmirror/fleetmirror/agent/policy"
 	"github.com/fleetmirror/fleetmirror/agent/prep"
 	"github.com/fleetmirror/fleetmirror/agent/registry"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
@@ -48,6 +51,9 @@ type mirrorConfig struct {
 	resolveTimeout      time.Duration
 	resolveRetries      int
 	burstSettle         time.Duration
+	networkKeyFile      string
+	privateRegistries   cli.List
+	upstreamTags        cli.List
 	bootstrapPeers      cli.List
 	bootstrapDNS        string
 	dataDir             string
@@ -76,6 +82,10 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.IntVar(&c.resolveRetries, "mirror-resolve-retries", 3, "how many peers to try for one request")
 	fs.DurationVar(&c.burstSettle, "burst-settle", 100*time.Millisecond,
 		"how long nodes that miss the same blob wait to agree which one fetches it upstream; 0 lets each fetch it")
+	fs.StringVar(&c.networkKeyFile, "network-key-file", "",
+		"file holding the cluster's shared secret (at least 32 bytes): only agents with it join the DHT and are served as peers; empty runs an open network")
+	fs.Var(&c.privateRegistries, "private-registries", "registry hosts whose content is neither advertised nor served to peers, e.g. registry.corp.example:5000")
+	fs.Var(&c.upstreamTags, "upstream-tags", "tags that always resolve upstream: :latest (in every repository), a registry, registry/repository, or registry/repository:tag")
 	fs.Var(&c.bootstrapPeers, "bootstrap-peers", "peers to join: host:port of their registries, or multiaddrs ending in /p2p/<id>")
 	fs.StringVar(&c.bootstrapDNS, "bootstrap-dns", "", "DNS name listing the agents (the chart's headless Service)")
 	fs.StringVar(&c.dataDir, "data-dir", "/var/lib/fleetmirror", "where the peer identity key is kept, the agent's only state")
@@ -130,6 +140,40 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 	return port, regs, nil
 }
 
+// trust loads what the agent needs to take part as a member: the network
+// key (nil for an open network) and the sharing policy.
+func (c *mirrorConfig) trust(log *slog.Logger) (*peerauth.Key, *policy.Policy, error) {
+	pol, err := policy.New(c.privateRegistries, c.upstreamTags)
+	if err != nil {
+		return nil, nil, err
+	}
+	if c.networkKeyFile == "" {
+		log.Warn("no --network-key-file: running an open network, where any process that reaches the router and registry ports can join, announce tags and read cached content")
+		return nil, pol, nil
+	}
+	key, err := peerauth.Load(c.networkKeyFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--network-key-file: %w", err)
+	}
+	return key, pol, nil
+}
+
+// localClients are the addresses the node's containerd reaches the
+// registry from besides loopback: the IP hosts of its mirror targets.
+func (c *mirrorConfig) localClients() []netip.Addr {
+	var out []netip.Addr
+	for _, t := range c.mirrorTargets {
+		u, err := url.Parse(t)
+		if err != nil {
+			continue
+		}
+		if a, err := netip.ParseAddr(u.Hostname()); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
 func (c *mirrorConfig) hostsConfig() hosts.Config {
 	return hosts.Config{CertsDir: c.certsDir, MirrorTargets: c.mirrorTargets, Registries: c.mirroredRegistries,
 		DialTimeout: c.dialTimeout, Prepend: c.prependExisting}
@@ -144,6 +188,10 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	if err != nil {
 		return err
 	}
+	key, pol, err := c.trust(log)
+	if err != nil {
+		return err
+	}
 	if os.Getenv("GOGC") == "" {
 		// The agent's live heap is small (about 18 MiB with 10,000
 		// advertised digests) and its hot path allocates little, so a
@@ -153,19 +201,23 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	log.Info("starting mirror", "version", version.Version, "registries", c.mirroredRegistries.String(), "resolveTimeout", c.resolveTimeout.String())
 
 	st, err := store.NewContainerd(ctx, store.WithSocket(c.containerdSocket), store.WithNamespace(c.containerdNamespace),
-		store.WithContentDir(c.contentDir), store.WithLogger(log.With("component", "store")))
+		store.WithContentDir(c.contentDir), store.WithShared(pol.SharedImage), store.WithLogger(log.With("component", "store")))
 	if err != nil {
 		return err
 	}
-	router, err := c.router(ctx, port, log)
+	router, err := c.router(ctx, port, key, log)
 	if err != nil {
 		return err
 	}
 	defer router.Close()
 
 	m := metrics.New(func() int { return len(router.Peers()) })
-	mir, err := mirror.New(router, mirror.WithResolveTimeout(c.resolveTimeout), mirror.WithPeers(c.resolveRetries),
-		mirror.WithMetrics(m), mirror.WithLogger(log.With("component", "mirror")))
+	mirOpts := []mirror.Option{mirror.WithResolveTimeout(c.resolveTimeout), mirror.WithPeers(c.resolveRetries),
+		mirror.WithMetrics(m), mirror.WithLogger(log.With("component", "mirror"))}
+	if key != nil {
+		mirOpts = append(mirOpts, mirror.WithPeerKey(key))
+	}
+	mir, err := mirror.New(router, mirOpts...)
 	if err != nil {
 		return err
 	}
@@ -191,8 +243,8 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		}
 		return nil
 	}
-	tr := &state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs)}
-	regOpts := []registry.Option{registry.WithMirror(mir), registry.WithMetrics(m),
+	tr := &state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs), Policy: pol}
+	regOpts := []registry.Option{registry.WithMirror(mir), registry.WithMetrics(m), registry.WithPolicy(pol),
 		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready),
 		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr)}
 	if c.burstSettle > 0 {
@@ -204,7 +256,9 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	regMux := http.NewServeMux()
 	regMux.Handle("/p2p/id", router.IDHandler())
-	regMux.Handle("/", reg)
+	gate := &peerauth.Gate{Key: key, Local: c.localClients(), Log: log.With("component", "gate"),
+		Denied: func(reason string) { m.Denied.WithLabelValues(reason).Inc() }}
+	regMux.Handle("/", gate.Wrap(reg))
 	metricsMux := http.NewServeMux()
 	metricsMux.Handle("/metrics", m.Handler())
 	metricsMux.Handle("/readyz", reg)
@@ -256,9 +310,12 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 
 // router starts the libp2p router, bootstrapping from the static peers or
 // the DNS name when one is given.
-func (c *mirrorConfig) router(ctx context.Context, port uint16, log *slog.Logger) (*routing.P2P, error) {
+func (c *mirrorConfig) router(ctx context.Context, port uint16, key *peerauth.Key, log *slog.Logger) (*routing.P2P, error) {
 	opts := []routing.Option{routing.WithListenAddr(c.routerAddr), routing.WithRegistryPort(port),
 		routing.WithDataDir(c.dataDir), routing.WithLogger(log.With("component", "routing"))}
+	if key != nil {
+		opts = append(opts, routing.WithNetworkKey(key.PSK()))
+	}
 	switch {
 	case len(c.bootstrapPeers) > 0:
 		opts = append(opts, routing.WithBootstrapper(routing.StaticBootstrapper{Entries: c.bootstrapPeers}))
