@@ -23,6 +23,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/fleetmirror/fleetmirror/agent/peerauth"
 )
 
 const (
@@ -30,7 +32,7 @@ const (
 	Key = "key"
 	// MinLen is the shortest key the agent accepts, in bytes after
 	// trimming whitespace.
-	MinLen = 32
+	MinLen = peerauth.MinSecret
 )
 
 // SecretName is the Secret the operator creates for the resource named
