@@ -36,6 +36,7 @@ import (
 	helmrelease "helm.sh/helm/v3/pkg/release"
 
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
+	"github.com/fleetmirror/fleetmirror/operator/networkkey"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/operator/release"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
@@ -82,6 +83,11 @@ type Options struct {
 	// do not say (the chart's default, 30022).
 	HitRatioWindow   time.Duration
 	AgentMetricsPort int
+	// ManagedNamespaces are the only namespaces the operator watches and
+	// acts in (where the operator chart gave it Roles); Spegel resources,
+	// watched everywhere, are refused elsewhere with a condition naming
+	// the fix. Empty: every namespace.
+	ManagedNamespaces []string
 	// SkipNameValidation lets one process start several managers (tests).
 	SkipNameValidation bool
 	Log                *slog.Logger
@@ -111,6 +117,7 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	if err != nil {
 		return nil, err
 	}
+	managed := spegels.Namespaces(o.ManagedNamespaces)
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Logger:                  log,
 		Metrics:                 metricsserver.Options{BindAddress: o.MetricsAddr},
@@ -121,8 +128,7 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		// Give up a lost lease at once rather than keep acting on it.
 		LeaderElectionReleaseOnCancel: true,
 		Controller:                    config.Controller{SkipNameValidation: &o.SkipNameValidation},
-		// Node readiness reads agent pods only: never cache every pod.
-		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{&corev1.Pod{}: {Label: readiness.AgentPods}}},
+		Cache:                         cacheOptions(ws, managed),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("creating manager: %w", err)
@@ -146,8 +152,8 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		opts := []reconciler.Option{
 			reconciler.WithChart(*w.Chart),
 			reconciler.WithGroupVersionKind(gvk),
-			reconciler.WithActionClientGetter(release.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator")}),
-			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, in)),
+			reconciler.WithActionClientGetter(release.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator"), Namespaces: managed}),
+			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, in, managed)),
 			reconciler.WithPauseReconcileHandler(reconciler.PauseReconcileIfAnnotationTrue(PauseAnnotation)),
 			reconciler.WithPostHook(hook.PostHookFunc(func(obj *unstructured.Unstructured, _ helmrelease.Release, _ logr.Logger) error {
 				released.Mark(obj)
@@ -171,7 +177,7 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
 		}
 		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Overrides: w.OverrideValues,
-			Provider: o.Provider, AgentMetricsPort: o.AgentMetricsPort}
+			Provider: o.Provider, AgentMetricsPort: o.AgentMetricsPort, Namespaces: managed}
 		if o.HitRatioWindow > 0 {
 			sc.HitRatio = hitratio.New(o.HitRatioWindow, nil)
 		}
@@ -179,13 +185,38 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 			return nil, fmt.Errorf("setting up status controller for %s: %w", gvk, err)
 		}
 		if o.NodeReadiness {
-			rc := &readiness.Controller{Client: mgr.GetClient(), GVK: gvk, Recorder: mgr.GetEventRecorderFor("spegel-node-readiness"), ReportAfter: o.ReportAfter}
+			rc := &readiness.Controller{Client: mgr.GetClient(), GVK: gvk, Recorder: mgr.GetEventRecorderFor("spegel-node-readiness"), ReportAfter: o.ReportAfter,
+				Namespaces: managed}
 			if err := rc.SetupWithManager(mgr); err != nil {
 				return nil, fmt.Errorf("setting up node readiness for %s: %w", gvk, err)
 			}
 		}
 	}
 	return mgr, nil
+}
+
+// cacheOptions restricts the cache to what the operator's RBAC allows:
+// namespaced kinds only in the managed namespaces (so it needs no
+// cluster-wide list or watch on Secrets, DaemonSets or pods), the watched
+// kinds everywhere (a resource in another namespace must still be seen, to
+// be refused with a condition), cluster-scoped kinds (nodes) as they are.
+func cacheOptions(ws []watches.Watch, managed spegels.Namespaces) cache.Options {
+	// Node readiness reads agent pods only: never cache every pod.
+	o := cache.Options{ByObject: map[client.Object]cache.ByObject{&corev1.Pod{}: {Label: readiness.AgentPods}}}
+	if len(managed) == 0 {
+		return o
+	}
+	o.DefaultNamespaces = map[string]cache.Config{}
+	for _, ns := range managed {
+		o.DefaultNamespaces[ns] = cache.Config{}
+	}
+	for _, w := range ws {
+		cr := &unstructured.Unstructured{}
+		cr.SetGroupVersionKind(w.GroupVersionKind)
+		// An empty, non-nil map: every namespace.
+		o.ByObject[cr] = cache.ByObject{Namespaces: map[string]cache.Config{}}
+	}
+	return o
 }
 
 func actionClientGetter(mgr ctrl.Manager, t release.Timeouts) (helmclient.ActionClientGetter, error) {
@@ -196,15 +227,29 @@ func actionClientGetter(mgr ctrl.Manager, t release.Timeouts) (helmclient.Action
 	return helmclient.NewActionClientGetter(cg, t.Options()...)
 }
 
-// translator checks that obj is the one resource of its kind allowed to
-// act and turns its spec into chart values.
-func translator(c client.Client, gvk schema.GroupVersionKind, in values.Inputs) helmvalues.Translator {
+// translator checks that obj is in a managed namespace and the one
+// resource of its kind allowed to act, makes sure its network key Secret
+// exists (the one step before the release: the reconciler runs it before
+// every install and dry-run upgrade), and turns its spec into chart values.
+func translator(c client.Client, gvk schema.GroupVersionKind, in values.Inputs, managed spegels.Namespaces) helmvalues.Translator {
 	return helmvalues.TranslatorFunc(func(ctx context.Context, obj *unstructured.Unstructured) (chartutil.Values, error) {
+		if err := managed.Refusal(obj); err != nil {
+			return nil, err
+		}
 		if err := onlyOne(ctx, c, gvk, obj); err != nil {
 			return nil, err
 		}
 		spec, _, _ := unstructured.NestedMap(obj.Object, "spec")
-		return values.Translate(spec, in)
+		own := networkkey.SecretName(obj.GetName())
+		vals, err := values.Translate(spec, own, in)
+		if err != nil {
+			return nil, err
+		}
+		name := values.KeySecret(vals)
+		if err := networkkey.Ensure(ctx, c, obj, name, name == own); err != nil {
+			return nil, err
+		}
+		return vals, nil
 	})
 }
 

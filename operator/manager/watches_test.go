@@ -69,7 +69,7 @@ func TestWatchesHonoured(t *testing.T) {
 		Defaults:  map[string]any{"logLevel": "warn", "containerdPrep": map[string]any{"enabled": true}},
 		Overrides: w.OverrideValues,
 	}
-	vals, err := values.Translate(map[string]any{"logLevel": "error", "containerdPrep": map[string]any{"enabled": true}}, in)
+	vals, err := values.Translate(map[string]any{"logLevel": "error", "containerdPrep": map[string]any{"enabled": true}}, "spegel-operator-network-key", in)
 	if err != nil {
 		t.Fatal(err)
 	}

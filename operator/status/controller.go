@@ -26,6 +26,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
+	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
@@ -92,6 +93,9 @@ type Controller struct {
 	// AgentMetricsPort (default 30022) unless the values name another port.
 	HitRatio         *hitratio.Sampler
 	AgentMetricsPort int
+	// Namespaces the operator manages; a resource elsewhere is Ready
+	// false, saying how to fix it.
+	Namespaces spegels.Namespaces
 }
 
 // hitRatioPeriod is how often the hit ratio is sampled.
@@ -136,6 +140,10 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	}
 	if obj.GetDeletionTimestamp() != nil {
 		return reconcile.Result{}, nil
+	}
+	if err := c.Namespaces.Refusal(obj); err != nil {
+		// Nothing of it is cached or readable there; only say why.
+		return reconcile.Result{}, c.writeCondition(ctx, obj, "Ready", false, ReasonNamespaceNotManaged, err.Error())
 	}
 	var list appsv1.DaemonSetList
 	if err := c.Client.List(ctx, &list, client.InNamespace(req.Namespace), client.MatchingLabels{
@@ -197,6 +205,28 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		return reconcile.Result{}, fmt.Errorf("updating status of %s: %w", req, err)
 	}
 	return reconcile.Result{RequeueAfter: resync}, nil
+}
+
+// ReasonNamespaceNotManaged: the resource is in a namespace the operator
+// has no rights in.
+const ReasonNamespaceNotManaged = "NamespaceNotManaged"
+
+// writeCondition sets one condition on obj's status, keeping the rest.
+func (c *Controller) writeCondition(ctx context.Context, obj *unstructured.Unstructured, typ string, ok bool, reason, msg string) error {
+	orig := obj.DeepCopy()
+	conds, _, _ := unstructured.NestedSlice(obj.Object, "status", "conditions")
+	conds = setCondition(conds, typ, ok, reason, msg)
+	if err := unstructured.SetNestedSlice(obj.Object, conds, "status", "conditions"); err != nil {
+		return err
+	}
+	patch := client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
+	if data, err := patch.Data(obj); err == nil && string(data) == "{}" {
+		return nil
+	}
+	if err := c.Client.Status().Patch(ctx, obj, patch); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("updating status of %s/%s: %w", obj.GetNamespace(), obj.GetName(), err)
+	}
+	return nil
 }
 
 // peerHits scrapes the resource's agent pods and tells the cluster's peer

@@ -1,8 +1,9 @@
 // Package values turns a Spegel resource's spec into the values of the
 // helm-charts/spegel chart. Spec fields are named like the chart's values,
 // so the spec is copied as it is, over the provider override's values;
-// what the operator adds are the images: defaults from the images map and
-// the imageMirror rewrite.
+// what the operator adds are the images (defaults from the images map and
+// the imageMirror rewrite) and the name of the network key Secret it made
+// for the resource.
 //
 // Precedence, lowest first: the chart's values.yaml < the provider
 // override (Inputs.Defaults) < the resource's spec < watches.yaml's
@@ -64,8 +65,12 @@ func (in Inputs) Validate() error {
 }
 
 // Translate returns the chart values for spec (the resource's .spec, as
-// decoded JSON). Errors name the spec field that is wrong.
-func Translate(spec map[string]any, in Inputs) (map[string]any, error) {
+// decoded JSON). keySecret names the network key Secret the operator made
+// for the resource, used unless the spec names one of its own; so the
+// values are a function of the spec and that name alone, and a reconcile
+// without a change renders the same release. Errors name the spec field
+// that is wrong.
+func Translate(spec map[string]any, keySecret string, in Inputs) (map[string]any, error) {
 	if err := in.Validate(); err != nil {
 		return nil, err
 	}
@@ -73,6 +78,15 @@ func Translate(spec map[string]any, in Inputs) (map[string]any, error) {
 	if err != nil {
 		return nil, err
 	}
+
+	nk, _ := vals["networkKey"].(map[string]any)
+	if nk == nil {
+		nk = map[string]any{}
+	}
+	if s, _ := nk["secretName"].(string); s == "" && keySecret != "" {
+		nk["secretName"] = keySecret
+	}
+	vals["networkKey"] = nk
 
 	img, _ := vals["image"].(map[string]any)
 	if img == nil {
@@ -122,6 +136,14 @@ func Translate(spec map[string]any, in Inputs) (map[string]any, error) {
 	cleanup["waitImage"] = w.String()
 	vals["cleanup"] = cleanup
 	return vals, nil
+}
+
+// KeySecret is the network key Secret that values (from Translate) name;
+// empty when the chart is to make its own.
+func KeySecret(vals map[string]any) string {
+	nk, _ := vals["networkKey"].(map[string]any)
+	s, _ := nk["secretName"].(string)
+	return s
 }
 
 // place parses ref and puts it under the mirror, if any.
