@@ -220,7 +220,6 @@ func (n *Node) AgentArgs() []string {
 		fmt.Sprintf("--registry-addr=:%d", AgentRegistryPort),
 		"--router-addr=" + n.RouterAddr(),
 		"--metrics-addr=" + netip.AddrPortFrom(n.IP, AgentMetricsPort).String(),
-		"--debug-web-addr=" + netip.AddrPortFrom(n.IP, AgentDebugWebPort).String(),
 		fmt.Sprintf("--mirror-target=http://127.0.0.1:%d", AgentRegistryPort),
 		"--mirrored-registries=" + strings.Join(c.mirrored, ","),
 		"--bootstrap-peers=" + strings.Join(peers, ","),
@@ -257,8 +256,10 @@ func (n *Node) StartAgent(ctx context.Context) error {
 		n.mu.Unlock()
 		return err
 	}
-	// The key goes in the environment, which agents that predate it ignore.
-	var env []string
+	// Flags newer than the previous release go in the environment, which
+	// agents that predate them ignore: the debug page on the node's IP (so
+	// tests outside reach it) and the network key.
+	env := []string{"FLEETMIRROR_DEBUG_WEB_ADDR=" + netip.AddrPortFrom(n.IP, AgentDebugWebPort).String()}
 	if key := n.keyFile(); key != "" {
 		env = append(env, "FLEETMIRROR_NETWORK_KEY_FILE="+key)
 	}
