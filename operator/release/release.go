@@ -1,6 +1,7 @@
 // Package release wraps the Helm action client the reconciler uses: events
-// for install, upgrade and uninstall, time limits on every action, and
-// recovery of a release left pending by an operator that died mid-way.
+// for install, upgrade and uninstall, time limits on every action,
+// recovery of a release left pending by an operator that died mid-way, and
+// hands off releases the operator did not install.
 package release
 
 import (
@@ -61,10 +62,46 @@ func (g Getter) ActionClientFor(ctx context.Context, obj client.Object) (helmcli
 	if err != nil {
 		return nil, err
 	}
+	// Someone else's release of the same name (Spegel's own chart installs
+	// spegel/spegel too) is left exactly as it is: never upgraded, never
+	// marked failed, never uninstalled when the resource goes.
+	if err := owned(ac.Config(), obj); err != nil {
+		return unmanaged{err}, nil
+	}
 	if err := RecoverPending(ac.Config(), obj.GetName()); err != nil {
 		return nil, err
 	}
 	return actionClient{ActionInterface: ac, obj: obj, rec: g.Recorder}, nil
+}
+
+// OwnerLabel marks a release (on its Helm storage records) as the one the
+// operator installed for the Spegel resource named in its value.
+const OwnerLabel = "fleetmirror.dev/spegel"
+
+// ErrForeign is the error of every action on a release the operator did
+// not install.
+var ErrForeign = errors.New("a Helm release of this name exists that this operator did not install")
+
+// owned returns nil when obj's release is absent or carries OwnerLabel for
+// obj, and otherwise an error that names the release and how to resolve it.
+func owned(cfg *action.Configuration, obj client.Object) error {
+	last, err := cfg.Releases.Last(obj.GetName())
+	if errors.Is(err, driver.ErrReleaseNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading release %s: %w", obj.GetName(), err)
+	}
+	if last.Labels[OwnerLabel] == obj.GetName() {
+		return nil
+	}
+	chartName := "?"
+	if last.Chart != nil && last.Chart.Metadata != nil {
+		chartName = last.Chart.Metadata.Name + "-" + last.Chart.Metadata.Version
+	}
+	return fmt.Errorf("%w: release %s in namespace %s (chart %s, revision %d, %s) has no %s=%s label, so it is left alone; "+
+		"uninstall it first (helm uninstall %s -n %s; see the migration guide in the operator chart's README) or give this resource another name",
+		ErrForeign, last.Name, last.Namespace, chartName, last.Version, last.Info.Status, OwnerLabel, obj.GetName(), last.Name, last.Namespace)
 }
 
 // RecoverPending marks the last revision of release name failed if it is
@@ -127,6 +164,7 @@ type actionClient struct {
 }
 
 func (c actionClient) Install(name, ns string, chrt *chart.Chart, vals map[string]any, opts ...helmclient.InstallOption) (*release.Release, error) {
+	opts = append(opts, func(i *action.Install) error { i.Labels = ownerLabels(i.Labels, name); return nil })
 	rel, err := c.ActionInterface.Install(name, ns, chrt, vals, opts...)
 	if err != nil {
 		c.rec.Eventf(c.obj, corev1.EventTypeWarning, "InstallFailed", "installing release %s: %v", name, err)
@@ -144,6 +182,7 @@ func (c actionClient) Upgrade(name, ns string, chrt *chart.Chart, vals map[strin
 		_ = o(probe)
 	}
 	dry := probe.DryRun
+	opts = append(opts, func(u *action.Upgrade) error { u.Labels = ownerLabels(u.Labels, name); return nil })
 	rel, err := c.ActionInterface.Upgrade(name, ns, chrt, vals, opts...)
 	switch {
 	case err != nil && dry:
@@ -154,6 +193,17 @@ func (c actionClient) Upgrade(name, ns string, chrt *chart.Chart, vals map[strin
 		c.rec.Eventf(c.obj, corev1.EventTypeNormal, "Upgraded", "release %s upgraded to revision %d", name, rel.Version)
 	}
 	return rel, err
+}
+
+// ownerLabels returns labels with OwnerLabel set for the resource name.
+func ownerLabels(labels map[string]string, name string) map[string]string {
+	out := map[string]string{OwnerLabel: name}
+	for k, v := range labels {
+		if k != OwnerLabel {
+			out[k] = v
+		}
+	}
+	return out
 }
 
 func (c actionClient) Uninstall(name string, opts ...helmclient.UninstallOption) (*release.UninstallReleaseResponse, error) {

@@ -1,0 +1,111 @@
+package operator
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"helm.sh/helm/v3/pkg/action"
+	"helm.sh/helm/v3/pkg/release"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/client/apiutil"
+
+	helmclient "github.com/operator-framework/helm-operator-plugins/pkg/client"
+
+	oprelease "github.com/fleetmirror/fleetmirror/operator/release"
+	"github.com/fleetmirror/fleetmirror/operator/values"
+)
+
+// TestOperatorLeavesForeignRelease: a release the operator did not install
+// (here a plain `helm install spegel`, as Spegel's own chart makes one) is
+// never upgraded, marked failed or uninstalled; the Spegel resource of the
+// same name says why and how to resolve it, and deleting the resource
+// leaves the release as it was.
+func TestOperatorLeavesForeignRelease(t *testing.T) {
+	needCluster(t)
+	ctx := context.Background()
+	cl, err := client.New(cfg, client.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const ns = "fm-foreign"
+	ensureNamespace(t, cl, ns)
+	httpClient, err := rest.HTTPClientFor(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper, err := apiutil.NewDynamicRESTMapper(cfg, httpClient)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acg, err := helmclient.NewActionConfigGetter(cfg, mapper, helmclient.DisableStorageOwnerRefInjection(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	acfg, err := acg.ActionConfigFor(ctx, spegel(ns, "spegel", nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vals, err := values.Translate(nil, "", values.Inputs{Images: testImages})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inst := action.NewInstall(acfg)
+	inst.ReleaseName, inst.Namespace = "spegel", ns
+	if _, err := inst.Run(loadChart(t), vals); err != nil {
+		t.Fatalf("helm install: %v", err)
+	}
+	defer func() {
+		u := action.NewUninstall(acfg)
+		u.DisableHooks = true // the node cleanup hook needs kubelets
+		if _, err := u.Run("spegel"); err != nil {
+			t.Errorf("helm uninstall: %v", err)
+		}
+	}()
+	untouched := func(when string) {
+		t.Helper()
+		last, err := acfg.Releases.Last("spegel")
+		if err != nil {
+			t.Fatalf("%s: the foreign release: %v", when, err)
+		}
+		if last.Version != 1 || last.Info.Status != release.StatusDeployed || last.Labels[oprelease.OwnerLabel] != "" {
+			t.Errorf("%s: the foreign release is revision %d, %s, labels %v; want revision 1, deployed, no owner", when, last.Version, last.Info.Status, last.Labels)
+		}
+	}
+
+	manifests, c := renderOperator(t, loadOperatorChart(t), ns, operatorValues(t, "cks", "", nil))
+	applyAll(t, cl, manifests, false)
+	defer forget(t, cl, ns, "spegel")
+	op := startOperator(t, manifests, c, 0)
+	defer op.stop(t)
+
+	eventually(t, "the resource to name the foreign release", time.Minute, func() error {
+		u := spegel(ns, "spegel", nil)
+		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
+			return err
+		}
+		conds := fmt.Sprint(u.Object["status"])
+		if !strings.Contains(conds, oprelease.ErrForeign.Error()) || !strings.Contains(conds, "helm uninstall spegel -n "+ns) {
+			return fmt.Errorf("status %s", conds)
+		}
+		return nil
+	})
+	time.Sleep(2 * time.Second) // further reconciles must not touch it either
+	untouched("with the resource")
+
+	if err := cl.Delete(ctx, spegel(ns, "spegel", nil)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the resource deleted", time.Minute, func() error {
+		err := cl.Get(ctx, client.ObjectKeyFromObject(spegel(ns, "spegel", nil)), spegel(ns, "spegel", nil))
+		if apierrors.IsNotFound(err) {
+			return nil
+		}
+		return fmt.Errorf("still there: %v", err)
+	})
+	untouched("after the resource was deleted")
+}
