@@ -8,7 +8,7 @@ export GOFLAGS ?= -buildvcs=false
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/fleetmirror/fleetmirror/agent/version.Version=$(VERSION)
 
-.PHONY: agent-prev all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e system-e2e
+.PHONY: agent-prev all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e system-e2e crds
 
 all: build
 
@@ -22,7 +22,12 @@ build:
 tools:
 	bash hack/tools.sh >/dev/null
 
-## lint: gofmt, go vet, no legacy registry paths
+## crds: the Spegel CRD (crds/, helm-charts/operator/crds/) generated from
+## helm-charts/spegel/values.schema.json (operator/crd)
+crds:
+	$(GO) run ./hack/crdgen
+
+## lint: gofmt, go vet, no legacy registry paths, the CRDs in step with the chart's schema
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed on: $$out"; exit 1; fi
@@ -30,6 +35,7 @@ lint:
 	bash hack/legacy-registries.sh
 	$(GO) run ./cmd/mirror-images lint
 	$(GO) run ./cmd/mirror-images check
+	$(GO) run ./hack/crdgen -check
 
 ## unit: unit and integration tests of the packages (real containerd for the store)
 unit: tools
@@ -91,7 +97,7 @@ agent-prev:
 ## operator's manager against a real kube-apiserver and etcd (envtest);
 ## golden files: go test ./test/operator -run TestChartGolden -update
 operator-test: tools
-	$(GO) test -count=1 -timeout 10m ./operator/values/ ./operator/status/ ./operator/release/ ./operator/manager/ ./operator/config/ ./operator/imagecheck/ ./operator/readiness/ ./operator/hitratio/ ./cmd/operator/ ./test/operator/
+	$(GO) test -count=1 -timeout 10m ./operator/values/ ./operator/crd/ ./operator/status/ ./operator/release/ ./operator/manager/ ./operator/config/ ./operator/imagecheck/ ./operator/readiness/ ./operator/hitratio/ ./cmd/operator/ ./test/operator/
 
 ## kube-e2e: a real 3-node Kubernetes cluster (control plane, kubelets,
 ## containerd 2.x, CNI) in network namespaces; DaemonSets on every node

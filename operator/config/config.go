@@ -84,7 +84,7 @@ func (c Config) Validate() error {
 	if c.NodeReadiness.ReportAfter.Duration < 0 {
 		return fmt.Errorf("nodeReadiness.reportAfter %s: must not be negative", c.NodeReadiness.ReportAfter.Duration)
 	}
-	return values.Inputs{Images: c.Images, Mirror: c.ImageMirror}.Validate()
+	return values.Inputs{Images: c.Images, Mirror: c.ImageMirror, Defaults: c.Provider.Spegel}.Validate()
 }
 
 // ReportAfter is NodeReadiness.ReportAfter, 5 minutes when unset.

@@ -19,6 +19,7 @@ import (
 	"strings"
 
 	"helm.sh/helm/v3/pkg/strvals"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 
 	"github.com/fleetmirror/fleetmirror/operator/imageref"
@@ -61,8 +62,19 @@ func (in Inputs) Validate() error {
 			return fmt.Errorf("imageMirror: %w", err)
 		}
 	}
+	// An image comes from the spec or the images map: one the override
+	// named would beat the images map, against the documented precedence.
+	for _, path := range ImageValues {
+		if _, ok, _ := unstructured.NestedFieldNoCopy(in.Defaults, path...); ok {
+			return fmt.Errorf("provider.spegel.%s: provider overrides never name images; set the images map (or the Spegel resource's spec)", strings.Join(path, "."))
+		}
+	}
 	return nil
 }
+
+// ImageValues are the chart's values that name images: the spec's, else
+// the images map's (or, for containerdPrep.image, the agent's).
+var ImageValues = [][]string{{"image"}, {"containerdPrep", "image"}, {"cleanup", "waitImage"}}
 
 // Translate returns the chart values for spec (the resource's .spec, as
 // decoded JSON). keySecret names the network key Secret the operator made
@@ -125,11 +137,18 @@ func Translate(spec map[string]any, keySecret string, in Inputs) (map[string]any
 		}
 	}
 
+	// The wait hook's image: the spec's, else the operator's own from the
+	// images map (the chart's default, empty, would be the operator of the
+	// chart's appVersion, which an air-gapped cluster may not have).
 	cleanup, _ := vals["cleanup"].(map[string]any)
 	if cleanup == nil {
 		cleanup = map[string]any{}
 	}
-	w, err := place(in.Images[OperatorImage], in.Mirror, "images."+OperatorImage)
+	wait, field := in.Images[OperatorImage], "images."+OperatorImage
+	if s, _ := cleanup["waitImage"].(string); s != "" {
+		wait, field = s, "spec.cleanup.waitImage"
+	}
+	w, err := place(wait, in.Mirror, field)
 	if err != nil {
 		return nil, err
 	}

@@ -174,6 +174,8 @@ func TestOperatorChartRefused(t *testing.T) {
 		{map[string]any{"images": map[string]any{"agent": "k8s.gcr" + ".io/pause:3.9"}}, "images.agent: k8s.gcr" + ".io/pause:3.9 is on a legacy registry that was shut down; use registry.k8s.io/pause:3.9"},
 		{map[string]any{"imageMirror": "https://registry.corp"}, "imageMirror"},
 		{map[string]any{"provider": map[string]any{"spegel": map[string]any{"image": map[string]any{"repository": "x.io/a"}}}}, "provider.spegel"},
+		{map[string]any{"provider": map[string]any{"spegel": map[string]any{"containerdPrep": map[string]any{"image": "x.io/a:v1"}}}}, "provider.spegel.containerdPrep.image"},
+		{map[string]any{"provider": map[string]any{"spegel": map[string]any{"cleanup": map[string]any{"waitImage": "x.io/a:v1"}}}}, "provider.spegel.cleanup.waitImage"},
 		{map[string]any{"nodeReadiness": map[string]any{"enabled": "yes"}}, "/nodeReadiness/enabled"},
 		{map[string]any{"imageMirorr": "x.io"}, "imageMirorr"},
 	} {

@@ -218,7 +218,7 @@ func TestOperator(t *testing.T) {
 		t.Errorf("mirrored registries in the DaemonSet: %q", got)
 	}
 	if got := agentEnv(ds, "FLEETMIRROR_MIRROR_RESOLVE_TIMEOUT"); got != "20ms" {
-		t.Errorf("resolve timeout from the CRD default: %q", got)
+		t.Errorf("resolve timeout from the chart default: %q", got)
 	}
 	eventually(t, "Deployed condition and finalizer", 30*time.Second, func() error {
 		u := get("fm", "spegel")
@@ -381,16 +381,17 @@ func TestOperator(t *testing.T) {
 		return nil
 	})
 
-	// Values the chart refuses: a failed condition with the chart's message.
-	setSpec([]string{"resources"}, map[string]any{"limits": map[string]any{"memory": "lots"}})
+	// Values the chart refuses (a combination the CRD's schema does not
+	// check): a failed condition with the chart's message.
+	setSpec([]string{"service"}, map[string]any{"registry": map[string]any{"type": "NodePort"}})
 	eventually(t, "failed condition naming the value", 30*time.Second, func() error {
 		s, r, m := condition(get("fm", "spegel"), "Irreconcilable")
-		if s != "True" || !strings.Contains(m, "/resources/limits/memory") {
+		if s != "True" || !strings.Contains(m, "NodePort needs hostNetwork: false") {
 			return fmt.Errorf("Irreconcilable=%s %s %q", s, r, m)
 		}
 		return nil
 	})
-	setSpec([]string{"resources"}, map[string]any{"limits": map[string]any{"memory": "256Mi"}})
+	setSpec([]string{"service"}, map[string]any{"registry": map[string]any{"type": "ClusterIP"}})
 	eventually(t, "recovered from the refused values", 30*time.Second, func() error {
 		if s, _, m := condition(get("fm", "spegel"), "Irreconcilable"); s != "False" {
 			return fmt.Errorf("Irreconcilable=%s %q", s, m)
@@ -410,6 +411,11 @@ func TestOperator(t *testing.T) {
 		{map[string]any{"containerdMirrorAdd": false, "prependExisting": true}, "spec.prependExisting"},
 		{map[string]any{"privateRegistries": []any{"https://registry.corp"}}, "spec.privateRegistries[0]"},
 		{map[string]any{"upstreamTags": []any{"docker.io:latest"}}, "spec.upstreamTags[0]"},
+		{map[string]any{"resources": map[string]any{"limits": map[string]any{"memory": "lots"}}}, "spec.resources.limits.memory"},
+		{map[string]any{"containerd": map[string]any{"certsDir": "etc/containerd/hosts.d"}}, "spec.containerd.certsDir"},
+		{map[string]any{"ports": map[string]any{"registry": int64(70000)}}, "spec.ports.registry"},
+		{map[string]any{"podLabels": map[string]any{"team": strings.Repeat("x", 64)}}, "spec.podLabels.team"},
+		{map[string]any{"mirroredRegistries": []any{"https://docker.io", "https://docker.io"}}, "spec.mirroredRegistries[1]"},
 	} {
 		err := cl.Create(ctx, spegel("fm", "invalid", tc.spec))
 		if !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), tc.field) {
