@@ -183,10 +183,14 @@ func (c *Canary) Run(ctx context.Context, trigger <-chan struct{}) {
 // one goroutine at a time (Run does).
 func (c *Canary) RunOnce(ctx context.Context) Status {
 	start := c.now()
-	ctx, cancel := context.WithTimeout(ctx, runTimeout)
+	rctx, cancel := context.WithTimeout(ctx, runTimeout)
 	defer cancel()
-	r := c.run(ctx)
+	r := c.run(rctx)
 	end := c.now()
+	if ctx.Err() != nil {
+		// Cut short by shutdown: it says nothing about the path.
+		return c.Status()
+	}
 
 	c.mu.Lock()
 	prev := c.status
@@ -245,6 +249,30 @@ func (c *Canary) Ready() error {
 		return errors.New("the mirror path is not proven yet: the canary pull has not run")
 	}
 	return fmt.Errorf("the mirror path is broken (canary step %s): %s", st.Step, st.Reason)
+}
+
+// Summary is the status in one line, for the debug page.
+func (s Status) Summary() string {
+	switch s.Verdict {
+	case VerdictPending:
+		return "not proven yet: the canary pull has not run"
+	case VerdictOK:
+		return fmt.Sprintf("containerd pulled the canary through this agent at %s (%d requests, %d bytes, %.0fms); every %s",
+			s.LastRun.UTC().Format(time.RFC3339), s.Requests, s.Bytes, s.DurationSeconds*1000, s.Interval)
+	}
+	return fmt.Sprintf("canary step %s failed at %s: %s", s.Step, s.LastRun.UTC().Format(time.RFC3339), s.Reason)
+}
+
+// VerdictDisabled is what DisabledHandler serves.
+const VerdictDisabled = "disabled"
+
+// DisabledHandler serves /canary for an agent whose canary is off, so
+// readers need not tell "off" from "unreachable".
+func DisabledHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(Status{Verdict: VerdictDisabled, Reason: "the canary is off (--canary-interval=0)"})
+	})
 }
 
 // StatusHandler serves Status as JSON, for the operator and for people.

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -251,7 +252,8 @@ func newTestCanary(t *testing.T, f *fakeNode, opts ...Option) *Canary {
 	if err := hosts.Write(cfg); err != nil {
 		t.Fatal(err)
 	}
-	c, err := New(append([]Option{WithContainerd("unused"), WithHosts(cfg, true), WithMetrics(metrics.New(func() int { return 0 }))}, opts...)...)
+	c, err := New(append([]Option{WithContainerd("unused"), WithHosts(cfg, true), WithMetrics(metrics.New(func() int { return 0 })),
+		WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -267,18 +269,18 @@ func TestRun(t *testing.T) {
 	}
 	tests := []struct {
 		name    string
-		node    fakeNode
+		node    *fakeNode
 		opts    []Option
 		setup   func(t *testing.T, c *Canary)
 		step    string
 		reasons []string // substrings of the reason
 	}{
 		{name: "healthy"},
-		{name: "config_path not read, 2.4", node: fakeNode{target: "bypass"}, step: StepPull,
+		{name: "config_path not read, 2.4", node: &fakeNode{target: "bypass"}, step: StepPull,
 			reasons: []string{"did not ask this agent", `config_path = "`, `[plugins."io.containerd.cri.v1.images".registry]`, "transfer service", "no such host"}},
-		{name: "config_path not read, 1.6", node: fakeNode{target: "bypass", version: "1.6.20~ds1"}, step: StepPull,
+		{name: "config_path not read, 1.6", node: &fakeNode{target: "bypass", version: "1.6.20~ds1"}, step: StepPull,
 			reasons: []string{`[plugins."io.containerd.grpc.v1.cri".registry]`}},
-		{name: "config check names the setting", node: fakeNode{target: "bypass"}, step: StepPull,
+		{name: "config check names the setting", node: &fakeNode{target: "bypass"}, step: StepPull,
 			opts:    []Option{WithConfigCheck(func() (bool, string) { return false, "config.toml lacks config_path" })},
 			reasons: []string{"config.toml lacks config_path"}},
 		{name: "mirror target unreachable", step: StepPull, reasons: []string{"cannot reach this agent at its mirror target", "--mirror-target"},
@@ -286,9 +288,9 @@ func TestRun(t *testing.T) {
 				c.hostsCfg.MirrorTargets = []string{closedPort()}
 				c.dial = (&fakeNode{target: "bypass", images: map[string][]digest.Digest{}}).dial
 			}},
-		{name: "discard_unpacked_layers", node: fakeNode{discard: true}, step: StepContent,
+		{name: "discard_unpacked_layers", node: &fakeNode{discard: true}, step: StepContent,
 			reasons: []string{"discard_unpacked_layers = true", `[plugins."io.containerd.cri.v1.images"]`}},
-		{name: "discard_unpacked_layers, 1.6", node: fakeNode{discard: true, version: "1.6.20"}, step: StepContent,
+		{name: "discard_unpacked_layers, 1.6", node: &fakeNode{discard: true, version: "1.6.20"}, step: StepContent,
 			reasons: []string{`[plugins."io.containerd.grpc.v1.cri".containerd]`}},
 		{name: "mirrored hosts.toml deleted, agent writes them", step: StepMirroredHosts,
 			reasons: []string{"10.1.2.3:5000/hosts.toml is missing", "restart it"},
@@ -301,11 +303,14 @@ func TestRun(t *testing.T) {
 				c.mirrorAdd = false
 				os.Remove(filepath.Join(c.hostsCfg.CertsDir, "10.1.2.3:5000", hosts.FileName))
 			}},
-		{name: "image not removed", node: fakeNode{sticky: true}, step: StepCleanup, reasons: []string{"still listed after CRI RemoveImage"}},
+		{name: "image not removed", node: &fakeNode{sticky: true}, step: StepCleanup, reasons: []string{"still listed after CRI RemoveImage"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			f := &tt.node
+			f := tt.node
+			if f == nil {
+				f = &fakeNode{}
+			}
 			c := newTestCanary(t, f, tt.opts...)
 			if tt.setup != nil {
 				tt.setup(t, c)
