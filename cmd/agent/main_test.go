@@ -71,6 +71,11 @@ func TestValidate(t *testing.T) {
 		{name: "timeout", mod: func(c *mirrorConfig) { c.resolveTimeout = 0 }, err: "--mirror-resolve-timeout"},
 		{name: "retries", mod: func(c *mirrorConfig) { c.resolveRetries = 0 }, err: "--mirror-resolve-retries"},
 		{name: "both bootstraps", mod: func(c *mirrorConfig) { c.bootstrapDNS = "x"; c.bootstrapPeers = cli.List{"a:1"} }, err: "choose one"},
+		{name: "canary interval", mod: func(c *mirrorConfig) { c.canaryInterval = time.Millisecond }, err: "--canary-interval"},
+		{name: "canary's name mirrored", mod: func(c *mirrorConfig) {
+			c.canaryInterval = time.Minute
+			c.mirroredRegistries = cli.List{"https://canary.fleetmirror.invalid"}
+		}, err: "only the agent serves"},
 		{name: "registry without scheme", mod: func(c *mirrorConfig) { c.mirroredRegistries = cli.List{"ghcr.io"} }, err: `use "https://ghcr.io"`},
 	}
 	for _, tt := range tests {

@@ -13,12 +13,14 @@ import (
 	"net/url"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fleetmirror/fleetmirror/agent/canary"
 	"github.com/fleetmirror/fleetmirror/agent/claim"
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
@@ -61,6 +63,8 @@ type mirrorConfig struct {
 	logLevel            string
 	debugWeb            bool
 	debugPprof          bool
+	canaryInterval      time.Duration
+	canaryGatesReady    bool
 }
 
 func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
@@ -94,6 +98,10 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&c.debugWeb, "debug-web", true, "serve the debug page at /debug/web on the metrics address")
 	fs.BoolVar(&c.debugPprof, "debug-pprof", false, "serve Go's profiles at /debug/pprof/ on the metrics address")
+	fs.DurationVar(&c.canaryInterval, "canary-interval", canary.DefaultInterval,
+		"how often containerd pulls the agent's canary image to prove the mirror path (also at start and after containerd restarts); 0 turns the canary off")
+	fs.BoolVar(&c.canaryGatesReady, "canary-gates-readiness", true,
+		"readiness waits for the canary's first proof and fails, with the reason, while the mirror path is broken")
 	return func(ctx context.Context) error { return runMirror(ctx, c) }
 }
 
@@ -116,6 +124,9 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 	}
 	if c.burstSettle < 0 || c.burstSettle > 2*time.Second {
 		return 0, nil, fmt.Errorf("--burst-settle %s: want 0 (off) to 2s; a blob miss waits this long", c.burstSettle)
+	}
+	if c.canaryInterval < 0 || c.canaryInterval > 0 && c.canaryInterval < time.Second {
+		return 0, nil, fmt.Errorf("--canary-interval %s: want 0 (off) or at least 1s (minutes in production)", c.canaryInterval)
 	}
 	if c.resolveRetries < 1 || c.resolveRetries > 20 {
 		return 0, nil, fmt.Errorf("--mirror-resolve-retries %d: want 1 to 20", c.resolveRetries)
@@ -143,7 +154,12 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 // trust loads what the agent needs to take part as a member: the network
 // key (nil for an open network) and the sharing policy.
 func (c *mirrorConfig) trust(log *slog.Logger) (*peerauth.Key, *policy.Policy, error) {
-	pol, err := policy.New(c.privateRegistries, c.upstreamTags)
+	private := c.privateRegistries
+	if c.canaryInterval > 0 {
+		// The canary's images are the node's own proof: never advertised.
+		private = append(slices.Clone(private), canary.Registry)
+	}
+	pol, err := policy.New(private, c.upstreamTags)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -175,8 +191,12 @@ func (c *mirrorConfig) localClients() []netip.Addr {
 }
 
 func (c *mirrorConfig) hostsConfig() hosts.Config {
-	return hosts.Config{CertsDir: c.certsDir, MirrorTargets: c.mirrorTargets, Registries: c.mirroredRegistries,
+	cfg := hosts.Config{CertsDir: c.certsDir, MirrorTargets: c.mirrorTargets, Registries: c.mirroredRegistries,
 		DialTimeout: c.dialTimeout, Prepend: c.prependExisting}
+	if c.canaryInterval > 0 {
+		cfg.Canary = canary.Registry
+	}
+	return cfg
 }
 
 func runMirror(ctx context.Context, c *mirrorConfig) error {
@@ -225,6 +245,10 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	if err != nil {
 		return err
 	}
+	can, err := c.canary(m, log)
+	if err != nil {
+		return err
+	}
 	// Read by /readyz handlers while the main goroutine writes hosts.toml.
 	var hostsWritten atomic.Bool
 	hostsWritten.Store(!c.mirrorAdd)
@@ -245,6 +269,9 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 				return errors.New("containerd not prepared: " + detail)
 			}
 		}
+		if can != nil && c.canaryGatesReady {
+			return can.Ready()
+		}
 		return nil
 	}
 	tr := &state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs), Policy: pol}
@@ -264,18 +291,27 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		Denied: func(reason string) { m.Denied.WithLabelValues(reason).Inc() }}
 	// Content is gated; the probes and the peer ID are not: they tell
 	// nothing about what the node holds.
-	regMux.Handle("/v2/", gate.Wrap(reg))
+	var content http.Handler = reg
+	if can != nil {
+		content = can.Wrap(reg)
+	}
+	regMux.Handle("/v2/", gate.Wrap(content))
 	regMux.Handle("/", reg)
 	metricsMux := http.NewServeMux()
 	metricsMux.Handle("/metrics", m.Handler())
 	metricsMux.Handle("/readyz", reg)
 	metricsMux.Handle("/livez", reg)
+	if can != nil {
+		metricsMux.Handle("/canary", can.StatusHandler())
+	} else {
+		metricsMux.Handle("/canary", canary.DisabledHandler())
+	}
 	if c.debugPprof {
 		metricsMux.HandleFunc("/debug/pprof/", pprof.Index)
 		metricsMux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	}
 	if c.debugWeb {
-		if err := c.mountDebugPage(metricsMux, router, st, m, regs, log); err != nil {
+		if err := c.mountDebugPage(metricsMux, router, st, m, regs, can, log); err != nil {
 			return err
 		}
 	}
@@ -312,6 +348,14 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		hostsWritten.Store(true)
 		log.Info("wrote containerd mirror configuration", "certsDir", c.certsDir, "targets", c.mirrorTargets.String())
 	}
+	if can != nil {
+		// After hosts.toml, so the first run proves what was written; the
+		// store's signal runs it at start and after containerd restarts.
+		g.Go(func() error {
+			can.Run(ctx, st.Connected())
+			return nil
+		})
+	}
 	return g.Wait()
 }
 
@@ -332,8 +376,21 @@ func (c *mirrorConfig) router(ctx context.Context, port uint16, key *peerauth.Ke
 	return routing.NewP2P(ctx, opts...)
 }
 
+// canary returns the node's canary, nil when --canary-interval is 0.
+func (c *mirrorConfig) canary(m *metrics.Metrics, log *slog.Logger) (*canary.Canary, error) {
+	if c.canaryInterval == 0 {
+		return nil, nil
+	}
+	opts := []canary.Option{canary.WithContainerd(c.containerdSocket), canary.WithHosts(c.hostsConfig(), c.mirrorAdd),
+		canary.WithInterval(c.canaryInterval), canary.WithMetrics(m), canary.WithLogger(log.With("component", "canary"))}
+	if c.prepCheckConfig != "" {
+		opts = append(opts, canary.WithConfigCheck(c.prepStatus))
+	}
+	return canary.New(opts...)
+}
+
 // mountDebugPage serves /debug/web on mux.
-func (c *mirrorConfig) mountDebugPage(mux *http.ServeMux, router *routing.P2P, st *store.Containerd, m *metrics.Metrics, regs []hosts.Registry, log *slog.Logger) error {
+func (c *mirrorConfig) mountDebugPage(mux *http.ServeMux, router *routing.P2P, st *store.Containerd, m *metrics.Metrics, regs []hosts.Registry, can *canary.Canary, log *slog.Logger) error {
 	opts := []web.Option{web.WithRouter(router), web.WithStore(st), web.WithGatherer(m.Registry),
 		web.WithLogger(log.With("component", "web")), web.WithConfig(web.Config{
 			RegistryURL:        localURL(c.registryAddr),
@@ -346,6 +403,12 @@ func (c *mirrorConfig) mountDebugPage(mux *http.ServeMux, router *routing.P2P, s
 	// Without --prep-check-config the page says "not configured".
 	if c.prepCheckConfig != "" {
 		opts = append(opts, web.WithPrepStatus(c.prepStatus))
+	}
+	if can != nil {
+		opts = append(opts, web.WithCanaryStatus(func() (string, string) {
+			s := can.Status()
+			return s.Verdict, s.Summary()
+		}))
 	}
 	dw, err := web.New(opts...)
 	if err != nil {
