@@ -58,6 +58,8 @@ const (
 	// runTimeout bounds a run: the image is a few KiB from loopback.
 	runTimeout  = time.Minute
 	dialTimeout = 5 * time.Second
+	// removeTimeout bounds the removal, which outlives a cancelled run.
+	removeTimeout = 15 * time.Second
 	// criWait is how long a run waits for CRI to answer after containerd
 	// (re)started: the content API answers before CRI is initialized.
 	criWait = 15 * time.Second
@@ -344,9 +346,12 @@ func (c *Canary) run(ctx context.Context) (r result) {
 	s := &served{im: im}
 	c.current.Store(s)
 	defer c.current.Store(nil)
-	// Whatever happens below, nothing of the canary stays on the node.
+	// Whatever happens below, nothing of the canary stays on the node,
+	// even when the agent is stopping.
 	defer func() {
-		if err := c.remove(ctx, n, im); err != nil && r.step == "" {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), removeTimeout)
+		defer cancel()
+		if err := c.remove(rctx, n, im); err != nil && r.step == "" {
 			r.fail(StepCleanup, "%v", err)
 		}
 	}()
