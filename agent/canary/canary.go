@@ -369,12 +369,10 @@ func (c *Canary) run(ctx context.Context) (r result) {
 		return r.fail(StepRequests, "containerd pulled the canary but asked this agent for only part of it (manifest %d, config %d, layer %d requests): something else answers at the mirror target %s",
 			manifests, configs, layers, c.hostsCfg.MirrorTargets[0])
 	}
-	kept, err := n.HasContent(ctx, im.layer.digest)
-	if err != nil {
+	if kept, err := layerKept(ctx, n, im); err != nil {
 		return r.fail(StepContent, "%v", err)
-	}
-	if !kept {
-		return r.fail(StepContent, "containerd deleted the canary's layer once it was unpacked: discard_unpacked_layers = true in %s of containerd's config, so this node serves its peers no layers; set it to false (`agent prep` does) and restart containerd",
+	} else if !kept {
+		return r.fail(StepContent, "containerd does not keep the canary's layer once it is unpacked: discard_unpacked_layers = true in %s of containerd's config, so this node serves its peers no layers; set it to false (`agent prep` does) and restart containerd",
 			criTable(r.version, ""))
 	}
 	if err := hosts.Verify(c.hostsCfg, readsHostPortDirs(r.version)); err != nil {
@@ -385,6 +383,32 @@ func (c *Canary) run(ctx context.Context) (r result) {
 		return r.fail(StepMirroredHosts, "%s; %s", oneLine(err), fix)
 	}
 	return r
+}
+
+// gcRefPrefix starts the labels by which content keeps what it references
+// from containerd's garbage collector.
+const gcRefPrefix = "containerd.io/gc.ref.content."
+
+// layerKept reports whether containerd keeps the layer: it is there, and
+// the manifest references it. With discard_unpacked_layers containerd
+// leaves that reference out, and its garbage collector deletes the layer
+// later, whenever it next runs, so the layer's presence alone proves
+// nothing right after a pull.
+func layerKept(ctx context.Context, n Node, im *image) (bool, error) {
+	_, found, err := n.Content(ctx, im.layer.digest)
+	if err != nil || !found {
+		return false, err
+	}
+	labels, found, err := n.Content(ctx, im.manifest.digest)
+	if err != nil || !found {
+		return false, err
+	}
+	for k, v := range labels {
+		if strings.HasPrefix(k, gcRefPrefix) && v == im.layer.digest.String() {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // bypassReason says why containerd pulled without asking the agent.
@@ -421,7 +445,7 @@ func (c *Canary) remove(ctx context.Context, n Node, im *image) error {
 		if err := n.DeleteContent(ctx, b.digest); err != nil {
 			return fmt.Errorf("the canary's content stays in containerd's content store: %v", err)
 		}
-		if has, err := n.HasContent(ctx, b.digest); err != nil || has {
+		if _, has, err := n.Content(ctx, b.digest); err != nil || has {
 			left = append(left, b.digest.String())
 		}
 	}

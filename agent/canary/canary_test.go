@@ -128,8 +128,8 @@ type fakeNode struct {
 	sticky  bool // RemoveImage does not remove
 
 	mu      sync.Mutex
-	images  map[string][]digest.Digest // ref -> content it holds
-	content map[digest.Digest]bool
+	images  map[string][]digest.Digest          // ref -> content it holds
+	content map[digest.Digest]map[string]string // digest -> labels
 	active  atomic.Int32
 	overlap atomic.Bool
 	pulls   atomic.Int32
@@ -184,11 +184,17 @@ func (f *fakeNode) Pull(ctx context.Context, ref string) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	// As containerd: the manifest references config and layers by GC
+	// labels, but not the layers when it discards them (the GC deletes
+	// them later).
 	f.images[ref] = held
-	for i, d := range held {
-		if !(f.discard && i == 2) {
-			f.content[d] = true
-		}
+	labels := map[string]string{"containerd.io/gc.ref.content.config": held[1].String()}
+	if !f.discard {
+		labels["containerd.io/gc.ref.content.l.0"] = held[2].String()
+	}
+	f.content[held[0]] = labels
+	for _, d := range held[1:] {
+		f.content[d] = map[string]string{}
 	}
 	return nil
 }
@@ -216,10 +222,11 @@ func (f *fakeNode) Images(context.Context) ([]string, error) {
 	return out, nil
 }
 
-func (f *fakeNode) HasContent(_ context.Context, d digest.Digest) (bool, error) {
+func (f *fakeNode) Content(_ context.Context, d digest.Digest) (map[string]string, bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.content[d], nil
+	labels, ok := f.content[d]
+	return labels, ok, nil
 }
 
 func (f *fakeNode) DeleteContent(_ context.Context, d digest.Digest) error {
@@ -236,7 +243,7 @@ const mirrored = "http://10.1.2.3:5000"
 func newTestCanary(t *testing.T, f *fakeNode, opts ...Option) *Canary {
 	t.Helper()
 	if f.images == nil {
-		f.images, f.content = map[string][]digest.Digest{}, map[digest.Digest]bool{}
+		f.images, f.content = map[string][]digest.Digest{}, map[digest.Digest]map[string]string{}
 	}
 	var c *Canary
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -27,8 +27,8 @@ type Node interface {
 	Remove(ctx context.Context, ref string) error
 	// Images lists the names (tags and digests) of CRI's images.
 	Images(ctx context.Context) ([]string, error)
-	// HasContent reports whether the content store holds dgst.
-	HasContent(ctx context.Context, dgst digest.Digest) (bool, error)
+	// Content reports whether the content store holds dgst, and its labels.
+	Content(ctx context.Context, dgst digest.Digest) (labels map[string]string, found bool, err error)
 	// DeleteContent deletes dgst from the content store; absent is no error.
 	DeleteContent(ctx context.Context, dgst digest.Digest) error
 	// Close ends the connection.
@@ -86,15 +86,15 @@ func (n *containerdNode) Images(ctx context.Context) ([]string, error) {
 	return names, nil
 }
 
-func (n *containerdNode) HasContent(ctx context.Context, dgst digest.Digest) (bool, error) {
-	_, err := n.c.ContentStore().Info(namespaces.WithNamespace(ctx, criNamespace), dgst)
+func (n *containerdNode) Content(ctx context.Context, dgst digest.Digest) (map[string]string, bool, error) {
+	info, err := n.c.ContentStore().Info(namespaces.WithNamespace(ctx, criNamespace), dgst)
 	if errdefs.IsNotFound(err) {
-		return false, nil
+		return nil, false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("content info %s: %w", dgst, err)
+		return nil, false, fmt.Errorf("content info %s: %w", dgst, err)
 	}
-	return true, nil
+	return info.Labels, true, nil
 }
 
 func (n *containerdNode) DeleteContent(ctx context.Context, dgst digest.Digest) error {
