@@ -333,7 +333,7 @@ func (c *Canary) run(ctx context.Context) (r result) {
 	// Images a killed agent left behind; this also waits for CRI, which
 	// answers later than the content API after containerd starts.
 	if err := c.removeLeftovers(ctx, n); err != nil {
-		return r.fail(StepContainerd, "containerd's CRI image service does not answer: %v", err)
+		return r.fail(StepContainerd, "containerd's CRI image service: %v", err)
 	}
 
 	nonce := make([]byte, 8)
