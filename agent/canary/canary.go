@@ -176,6 +176,11 @@ func (c *Canary) Run(ctx context.Context, trigger <-chan struct{}) {
 		case <-trigger:
 		case <-timer.C:
 		}
+		if ctx.Err() != nil {
+			// select picks at random among ready cases: a stopping agent
+			// must not write the canary's hosts.toml after cleanup ran.
+			return
+		}
 		c.RunOnce(ctx)
 		timer.Reset(c.interval)
 	}
