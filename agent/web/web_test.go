@@ -135,7 +135,7 @@ func TestStatsWithoutPeers(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{"Pending", "No peers connected", "not configured", "example.com", "20ms", "v-test", "Measure Image Pull"} {
+	for _, want := range []string{"Pending", "No peers connected", "not configured", "example.com", "20ms", "v-test", "Measure Image Pull", "Mirror path", "--canary-interval=0"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("page lacks %q", want)
 		}
