@@ -4,6 +4,7 @@ package metrics
 
 import (
 	"net/http"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -17,10 +18,25 @@ const (
 	OutcomeMiss  = "miss"  // no source: containerd goes upstream
 )
 
+// Registry label values besides registry hosts.
+const (
+	// RegistryOther stands for every registry that has no label of its own.
+	RegistryOther = "other"
+	// RegistryUnknown is a request that named no registry (no ?ns=: curl,
+	// skopeo, crane).
+	RegistryUnknown = "unknown"
+)
+
+// MaxOpenRegistries is how many registries get a label of their own when
+// the agent mirrors every registry: a node pulls from a handful, and the
+// label must stay bounded whatever ?ns= values reach the registry.
+const MaxOpenRegistries = 16
+
 // Metrics are the agent's collectors, registered on their own registry so
 // tests can make as many as they like.
 type Metrics struct {
 	Registry *prometheus.Registry
+	labels   registryLabels
 
 	Requests        *prometheus.CounterVec
 	ServedToPeers   prometheus.Counter
@@ -38,10 +54,27 @@ type Metrics struct {
 	CanaryDuration prometheus.Gauge
 }
 
+// Option configures Metrics.
+type Option func(*Metrics)
+
+// WithRegistries names the mirrored registries (hosts, as in ?ns=): only
+// they get a registry label of their own, every other value is "other".
+// Without it (mirroring every registry) the first MaxOpenRegistries names
+// seen get one, then "other".
+func WithRegistries(hosts []string) Option {
+	return func(m *Metrics) {
+		for _, h := range hosts {
+			m.labels.known[h] = true
+		}
+		m.labels.fixed = len(hosts) > 0
+	}
+}
+
 // New makes and registers the agent's metrics; peers is called at scrape
 // time for the connected-peers gauge.
-func New(peers func() int) *Metrics {
+func New(peers func() int, opts ...Option) *Metrics {
 	m := &Metrics{
+		labels:   registryLabels{known: map[string]bool{}},
 		Registry: prometheus.NewRegistry(),
 		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleetmirror_mirror_requests_total",
@@ -107,7 +140,40 @@ func New(peers func() int) *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	for _, o := range opts {
+		o(m)
+	}
 	return m
+}
+
+// RegistryLabel is the registry label for a request that named registry
+// ns: every ?ns= value would otherwise be a new series, and anyone who
+// reaches the registry port could grow the agent's memory without bound.
+func (m *Metrics) RegistryLabel(ns string) string {
+	if ns == "" {
+		return RegistryUnknown
+	}
+	return m.labels.label(ns)
+}
+
+// registryLabels is the bounded set of registries with a label of their own.
+type registryLabels struct {
+	mu    sync.Mutex
+	known map[string]bool
+	fixed bool // the configured registries; no more are admitted
+}
+
+func (l *registryLabels) label(ns string) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.known[ns] {
+		return ns
+	}
+	if l.fixed || len(l.known) >= MaxOpenRegistries {
+		return RegistryOther
+	}
+	l.known[ns] = true
+	return ns
 }
 
 // Handler serves the metrics in the Prometheus text format.

@@ -48,6 +48,20 @@ var ErrNoSource = errors.New("no peer could serve it")
 // refuse manifests over 4 MiB as well.
 const maxManifestSize = 4 << 20
 
+// MaxBlobSize is the largest blob a peer is believed to hold. The size
+// the manifest gives is not known here, so a peer's Content-Length is
+// taken as the blob's size; one beyond any real layer is a lie that would
+// have this agent promise containerd a transfer without end.
+const MaxBlobSize = 1 << 40
+
+// checkSize refuses a size a peer claims that no blob has.
+func checkSize(n int64) error {
+	if n < 0 || n > MaxBlobSize {
+		return fmt.Errorf("peer claims a blob of %d bytes (want 0 to %d)", n, int64(MaxBlobSize))
+	}
+	return nil
+}
+
 // Mirror finds and fetches content from peers.
 type Mirror struct {
 	router         routing.Router
@@ -300,6 +314,9 @@ func descriptorOf(resp *http.Response, want digest.Digest) (ocispec.Descriptor, 
 	if resp.ContentLength < 0 {
 		return ocispec.Descriptor{}, errors.New("peer sent no Content-Length")
 	}
+	if err := checkSize(resp.ContentLength); err != nil {
+		return ocispec.Descriptor{}, err
+	}
 	return ocispec.Descriptor{MediaType: resp.Header.Get("Content-Type"), Digest: d, Size: resp.ContentLength}, nil
 }
 
@@ -340,7 +357,7 @@ func contentSize(resp *http.Response, off int64) (int64, error) {
 		if resp.ContentLength < 0 {
 			return 0, errors.New("peer sent no Content-Length")
 		}
-		return resp.ContentLength, nil
+		return resp.ContentLength, checkSize(resp.ContentLength)
 	}
 	if resp.StatusCode != http.StatusPartialContent {
 		return 0, fmt.Errorf("status %s to a Range request", resp.Status)
@@ -352,7 +369,7 @@ func contentSize(resp *http.Response, off int64) (int64, error) {
 	if start != off || end != size-1 {
 		return 0, fmt.Errorf("Content-Range %q does not resume at %d", resp.Header.Get("Content-Range"), off)
 	}
-	return size, nil
+	return size, checkSize(size)
 }
 
 func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, kind, ref, rng string, wait time.Duration) (*http.Response, error) {

@@ -319,3 +319,42 @@ func TestHintedPeerWhenLookupMisses(t *testing.T) {
 		t.Fatal("wrong bytes")
 	}
 }
+
+// TestRefusesAbsurdSizes: a peer that claims a blob larger than any real
+// one (MaxBlobSize) is not believed, for a HEAD or a GET; the next source
+// (here none: ErrNoSource, so containerd goes upstream) is used instead.
+func TestRefusesAbsurdSizes(t *testing.T) {
+	blob := randomBlob(t, 1000)
+	d := digest.FromBytes(blob)
+	for _, tt := range []struct {
+		claim int64
+		ok    bool
+	}{{MaxBlobSize, true}, {MaxBlobSize + 1, false}, {1 << 62, false}} {
+		p := &testPeer{}
+		p.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Docker-Content-Digest", d.String())
+			w.Header().Set("Content-Length", strconv.FormatInt(tt.claim, 10))
+			w.WriteHeader(http.StatusOK)
+			if r.Method == http.MethodGet {
+				w.Write(blob) // then the handler ends, far short of its claim
+			}
+		}))
+		t.Cleanup(p.Close)
+		p.addr = netip.MustParseAddrPort(p.Listener.Addr().String())
+		m := newMirror(t, d.String(), []*testPeer{p})
+
+		desc, err := m.BlobHead(context.Background(), blobRequest(blob))
+		if tt.ok != (err == nil) || (tt.ok && desc.Size != tt.claim) {
+			t.Errorf("HEAD claiming %d bytes: size %d, err %v; want believed: %v", tt.claim, desc.Size, err, tt.ok)
+		}
+		if tt.ok {
+			continue
+		}
+		if s, err := m.OpenBlob(context.Background(), blobRequest(blob)); !errors.Is(err, ErrNoSource) {
+			if s != nil {
+				s.Close()
+			}
+			t.Errorf("GET claiming %d bytes: err %v, want ErrNoSource", tt.claim, err)
+		}
+	}
+}

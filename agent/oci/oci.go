@@ -55,7 +55,13 @@ var (
 	// The distribution spec's <name>: path components only. A domain is
 	// never part of it (the ns parameter names the registry).
 	nameRe = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$`)
+	// reference.DomainRegexp is unanchored: it would accept any value
+	// holding one letter or digit.
+	domainRe = regexp.MustCompile(`^(?:` + reference.DomainRegexp.String() + `)$`)
 )
+
+// maxRegistry bounds the ns parameter: a DNS name (253) and a port.
+const maxRegistry = 255
 
 // ParseRequest parses "/v2/<name>/(manifests|blobs)/<reference>" and the
 // registry containerd names in ns.
@@ -104,7 +110,7 @@ func checkName(name string) error {
 }
 
 func checkRegistry(ns string) error {
-	if !reference.DomainRegexp.MatchString(ns) || strings.ContainsAny(ns, "/") {
+	if len(ns) > maxRegistry || !domainRe.MatchString(ns) {
 		return fmt.Errorf("%w: registry %q in ns parameter", ErrNameInvalid, ns)
 	}
 	return nil

@@ -34,6 +34,15 @@ func TestParseRequest(t *testing.T) {
 		{path: "/v2/App/manifests/latest", err: "repository", is: ErrNameInvalid},
 		{path: "/v2/app/manifests/-bad", err: "tag", is: ErrTagInvalid},
 		{path: "/v2/app/manifests/latest", ns: "bad/host", err: "ns parameter", is: ErrNameInvalid},
+		// Each would be a tag key and a metric label of its own.
+		{path: "/v2/app/manifests/latest", ns: "a b", err: "ns parameter", is: ErrNameInvalid},
+		{path: "/v2/app/manifests/latest", ns: "x;y", err: "ns parameter", is: ErrNameInvalid},
+		{path: "/v2/app/manifests/latest", ns: "évil.io", err: "ns parameter", is: ErrNameInvalid},
+		{path: "/v2/app/manifests/latest", ns: strings.Repeat("a", 256), err: "ns parameter", is: ErrNameInvalid},
+		{path: "/v2/app/manifests/latest", ns: "[::1]:5000", want: Request{Registry: "[::1]:5000", Repository: "app", Kind: KindManifest, Tag: "latest"},
+			key: "[::1]:5000/app:latest"},
+		{path: "/v2/" + strings.Repeat("a", 256) + "/manifests/latest", err: "repository", is: ErrNameInvalid},
+		{path: "/v2/app/manifests/" + strings.Repeat("a", 129), err: "tag", is: ErrTagInvalid},
 		{path: "/v2/app/tags/list", err: "want /v2/", is: ErrUnknownPath},
 		{path: "/v2/", err: "want /v2/", is: ErrUnknownPath},
 		{path: "/v2/app/manifests/", err: "want /v2/", is: ErrUnknownPath},
@@ -214,6 +223,9 @@ func FuzzParseRequest(f *testing.F) {
 		}
 		if strings.Contains(req.Repository, "..") || strings.HasPrefix(req.Repository, "/") {
 			t.Fatalf("unsafe repository accepted: %q", req.Repository)
+		}
+		if req.Registry != "" && (len(req.Registry) > maxRegistry || !domainRe.MatchString(req.Registry)) {
+			t.Fatalf("invalid registry accepted: %q", req.Registry)
 		}
 		if k := req.Key(); k != "" && !IsDigestKey(k) && RegistryOfKey(k) != req.Registry {
 			t.Fatalf("key %q does not name registry %q", k, req.Registry)

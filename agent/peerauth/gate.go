@@ -17,9 +17,10 @@ type Gate struct {
 	// Key is the cluster's key; nil runs the network open: every client
 	// is served, as agents before membership did.
 	Key *Key
-	// Local are the addresses, besides loopback, the node's containerd
-	// reaches the registry from (the hosts of its mirror targets).
-	Local []netip.Addr
+	// Local are the networks, besides loopback, the node's containerd
+	// reaches the registry from (the hosts of its mirror targets, and
+	// what --local-clients adds).
+	Local []netip.Prefix
 	// Denied counts a refusal by reason; may be nil.
 	Denied func(reason string)
 	Log    *slog.Logger
@@ -75,7 +76,7 @@ func (g *Gate) local(remote string) bool {
 		return true
 	}
 	for _, l := range g.Local {
-		if l.Unmap() == a {
+		if l.Contains(a) {
 			return true
 		}
 	}

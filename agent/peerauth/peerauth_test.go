@@ -78,7 +78,7 @@ func TestVerify(t *testing.T) {
 func TestGate(t *testing.T) {
 	k := testKey(t, 1)
 	var denied []string
-	g := &Gate{Key: k, Local: []netip.Addr{netip.MustParseAddr("10.0.0.5")}, Denied: func(r string) { denied = append(denied, r) }}
+	g := &Gate{Key: k, Local: []netip.Prefix{netip.MustParsePrefix("10.0.0.5/32"), netip.MustParsePrefix("10.244.3.0/30")}, Denied: func(r string) { denied = append(denied, r) }}
 	h := g.Wrap(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Docker-Content-Digest", "sha256:abc")
 		io.Copy(w, strings.NewReader("content"))
@@ -96,7 +96,7 @@ func TestGate(t *testing.T) {
 		h.ServeHTTP(rec, req)
 		return rec.Result(), proof
 	}
-	for _, remote := range []string{"127.0.0.1:40000", "[::1]:40000", "10.0.0.5:40000"} {
+	for _, remote := range []string{"127.0.0.1:40000", "[::1]:40000", "10.0.0.5:40000", "10.244.3.1:40000"} {
 		if resp, _ := do(remote, nil, ""); resp.StatusCode != http.StatusOK {
 			t.Errorf("node-local client %s: status %d", remote, resp.StatusCode)
 		}

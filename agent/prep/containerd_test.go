@@ -126,6 +126,53 @@ disabled_plugins = [
       conf_dir = "%[1]s/cni-conf"
 `
 
+// config2xV2 is a version 2 file on containerd 2.x, which migrates it on
+// load: what prep writes for an empty config.toml (version 2 with the
+// 1.x tables) must take effect there too.
+const config2xV2 = `version = 2
+root = "%[1]s/root"
+state = "%[1]s/state"
+imports = []
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.snapshotter.v1.blockfile",
+  "io.containerd.differ.v1.erofs",
+  "io.containerd.mount-handler.v1.erofs",
+  "io.containerd.nri.v1.nri",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "%[1]s/c.sock"
+
+[ttrpc]
+  address = "%[1]s/c.sock.ttrpc"
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "%[1]s/opt"
+
+  [plugins."io.containerd.grpc.v1.cri"]
+    disable_tcp_service = true
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "overlayfs"
+      discard_unpacked_layers = true
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "%[1]s/cni-bin"
+      conf_dir = "%[1]s/cni-conf"
+`
+
 // unit is a containerd run the way systemd would run containerd.service:
 // restart stops it and starts it again from the same config.
 type unit struct {
@@ -199,7 +246,9 @@ func (u *unit) logTail() string {
 // through systemd's D-Bus API (a stand-in Manager on a real dbus-daemon,
 // see systemdtest) which restarts the real process. A CRI pull afterwards
 // asks the hosts.toml mirror first and keeps its layers; a second prep run
-// restarts nothing.
+// restarts nothing. The third case is a version 2 file on containerd 2.x
+// whose config.toml is a symbolic link: prep patches the link's target,
+// and containerd, started on the link, reads the patched file.
 func TestPrepRealContainerd(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("needs root to run containerd")
@@ -208,15 +257,19 @@ func TestPrepRealContainerd(t *testing.T) {
 	if v2 == "" {
 		v2 = "/var/cache/fleetmirror/tools/containerd-v2.4.2/bin/containerd"
 	}
-	for _, tc := range []struct{ name, bin, config string }{
-		{"containerd-2", v2, config2x},
-		{"containerd-1.6", "/usr/bin/containerd", config16},
+	for _, tc := range []struct {
+		name, bin, config string
+		link              bool
+	}{
+		{"containerd-2", v2, config2x, false},
+		{"containerd-1.6", "/usr/bin/containerd", config16, false},
+		{"containerd-2-version-2-symlink", v2, config2xV2, true},
 	} {
-		t.Run(tc.name, func(t *testing.T) { testPrep(t, tc.bin, tc.config) })
+		t.Run(tc.name, func(t *testing.T) { testPrep(t, tc.bin, tc.config, tc.link) })
 	}
 }
 
-func testPrep(t *testing.T, bin, config string) {
+func testPrep(t *testing.T, bin, config string, link bool) {
 	if _, err := os.Stat(bin); err != nil {
 		t.Fatalf("%v (run `make tools`)", err)
 	}
@@ -233,7 +286,15 @@ func testPrep(t *testing.T, bin, config string) {
 		os.MkdirAll(filepath.Join(dir, d), 0o755)
 	}
 	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(config, dir)), 0o644); err != nil {
+	file := cfgPath
+	if link {
+		file = filepath.Join(dir, "real", "config.toml")
+		os.MkdirAll(filepath.Dir(file), 0o755)
+		if err := os.Symlink("real/config.toml", cfgPath); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(file, []byte(fmt.Sprintf(config, dir)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	u := &unit{bin: bin, dir: dir}
@@ -268,6 +329,9 @@ func testPrep(t *testing.T, bin, config string) {
 	}
 	if !plan.Changed || mgr.Restarts("containerd.service") != 1 || u.pid() == pid0 {
 		t.Fatalf("first prep: changed=%v restarts=%d pid %d -> %d; want a change and one restart", plan.Changed, mgr.Restarts("containerd.service"), pid0, u.pid())
+	}
+	if fi, err := os.Lstat(cfgPath); err != nil || (fi.Mode()&os.ModeSymlink != 0) != link || plan.Path != file {
+		t.Fatalf("after prep: %s link=%v (want %v), patched %s (want %s)", cfgPath, err == nil && fi.Mode()&os.ModeSymlink != 0, link, plan.Path, file)
 	}
 	// Run waited for the socket: containerd answers right away.
 	cl, err := client.New(u.socket(), client.WithTimeout(5*time.Second))

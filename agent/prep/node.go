@@ -48,24 +48,66 @@ type Restarter interface {
 // Check reads the config and returns what is set and what would change;
 // the error says why the node cannot be prepared. It writes nothing.
 func Check(cfg Config) (*Plan, error) {
-	src, err := os.ReadFile(cfg.Path)
+	if _, err := os.Lstat(cfg.Path); errors.Is(err, os.ErrNotExist) {
+		return nil, refuse("%s does not exist; mount the host's containerd config folder there or set --config to its path", cfg.Path)
+	}
+	path, err := resolveLinks(cfg)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, refuse("%s does not exist; mount the host's containerd config folder there or set --config to its path", cfg.Path)
-		}
+		return nil, err
+	}
+	src, err := os.ReadFile(path)
+	if err != nil {
 		return nil, fmt.Errorf("reading containerd config: %w", err)
 	}
 	if err := detectPlatform(cfg, src); err != nil {
 		return nil, err
 	}
 	plan, err := Patch(src, cfg.Options)
-	if err != nil {
-		return plan, fmt.Errorf("%s: %w", cfg.Path, err)
+	if plan != nil {
+		plan.Path = path
 	}
+	if err != nil {
+		return plan, fmt.Errorf("%s: %w", path, err)
+	}
+	// Imports are read from the folder of Config.Path, not of the link's
+	// target: containerd resolves them against the path it was given.
 	if err := checkImports(cfg, src); err != nil {
 		return plan, err
 	}
 	return plan, nil
+}
+
+// resolveLinks follows Config.Path while it is a symbolic link (node
+// images that keep the real file elsewhere) and returns the file to read
+// and patch: replacing the link by a regular file would leave the file
+// containerd is configured with unpatched. Absolute targets are read under
+// HostRoot, as the host sees them.
+func resolveLinks(cfg Config) (string, error) {
+	root := cfg.HostRoot
+	if root == "" {
+		root = "/"
+	}
+	path := cfg.Path
+	for range 40 {
+		fi, err := os.Lstat(path)
+		if err != nil {
+			return "", refuse("%s leads to %s, which this process cannot read (%v); mount the folder holding it (the chart mounts only the config's folder) or set --config to it",
+				cfg.Path, path, err)
+		}
+		if fi.Mode()&os.ModeSymlink == 0 {
+			return path, nil
+		}
+		target, err := os.Readlink(path)
+		if err != nil {
+			return "", fmt.Errorf("reading the link %s: %w", path, err)
+		}
+		if filepath.IsAbs(target) {
+			path = filepath.Join(root, target)
+		} else {
+			path = filepath.Join(filepath.Dir(path), target)
+		}
+	}
+	return "", refuse("%s: too many levels of symbolic links", cfg.Path)
 }
 
 // Run prepares the node: when the config needs a change it checks that
@@ -88,27 +130,33 @@ func Run(ctx context.Context, cfg Config, r Restarter, log *slog.Logger) (*Plan,
 		return plan, fmt.Errorf("%w: cannot restart %s through systemd (%v); nothing was changed: mount the host's /run/systemd (or the system bus socket) and set --systemd-address, or prepare the node by hand",
 			ErrRefused, cfg.Unit, err)
 	}
-	fi, err := os.Stat(cfg.Path)
+	// The file itself, wherever Config.Path's links lead: it is
+	// replaced in its own folder, so the links keep pointing at it.
+	path := plan.Path
+	if path != cfg.Path {
+		log.Info("containerd config is a symbolic link; patching its target in place", "config", cfg.Path, "target", path)
+	}
+	fi, err := os.Stat(path)
 	if err != nil {
 		return plan, err
 	}
-	orig, err := os.ReadFile(cfg.Path)
+	orig, err := os.ReadFile(path)
 	if err != nil {
 		return plan, err
 	}
-	if err := writeAtomic(cfg.Path+BackupSuffix, orig, fi); err != nil {
+	if err := writeAtomic(path+BackupSuffix, orig, fi); err != nil {
 		return plan, fmt.Errorf("writing the backup: %w", err)
 	}
-	if err := writeAtomic(cfg.Path, plan.Patched, fi); err != nil {
-		return plan, fmt.Errorf("writing %s: %w", cfg.Path, err)
+	if err := writeAtomic(path, plan.Patched, fi); err != nil {
+		return plan, fmt.Errorf("writing %s: %w", path, err)
 	}
-	log.Info("patched containerd config", "config", cfg.Path, "backup", cfg.Path+BackupSuffix, "version", plan.Version)
+	log.Info("patched containerd config", "config", path, "backup", path+BackupSuffix, "version", plan.Version, "fromEmpty", plan.FromEmpty)
 	if err := restart(ctx, cfg, r); err != nil {
 		// Put the original back so containerd runs on a config it
 		// knows, and a second run tries again instead of finding the
 		// file already patched.
-		if werr := writeAtomic(cfg.Path, orig, fi); werr != nil {
-			return plan, fmt.Errorf("%w; restoring the original also failed: %v (the backup is %s)", err, werr, cfg.Path+BackupSuffix)
+		if werr := writeAtomic(path, orig, fi); werr != nil {
+			return plan, fmt.Errorf("%w; restoring the original also failed: %v (the backup is %s)", err, werr, path+BackupSuffix)
 		}
 		rerr := restart(ctx, cfg, r)
 		log.Error("restart failed, original config restored", "err", err, "restartAgain", fmt.Sprint(rerr))
@@ -300,7 +348,7 @@ func checkImports(cfg Config, src []byte) error {
 				}
 				var im map[string]any
 				if err := toml.Unmarshal(b, &im); err != nil {
-					return refuse("%s imports %s, which does not parse as TOML (%v); fix it (containerd would not start with it either)", cur.path, f, err)
+					return refuse("%s imports %s, which does not parse as TOML (%s); fix it (containerd would not start with it either)", cur.path, f, parseError(err))
 				}
 				for _, k := range managedKeys {
 					if lookup(im, k) != nil {

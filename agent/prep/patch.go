@@ -64,6 +64,12 @@ type Plan struct {
 	Settings []Setting // before the change
 	Patched  []byte    // the new file; equal to the input when nothing changes
 	Changed  bool
+	// FromEmpty: the file held no keys (containerd's defaults) and is
+	// written as version 2 with the settings.
+	FromEmpty bool
+	// Path is the file read and written: Config.Path, or where its
+	// symbolic links lead (set by Check; empty from Patch).
+	Path string
 }
 
 // Ready reports whether the file needs no change.
@@ -112,7 +118,17 @@ func Patch(src []byte, o Options) (*Plan, error) {
 	}
 	var before map[string]any
 	if err := toml.Unmarshal(src, &before); err != nil {
-		return nil, refuse("the file does not parse as TOML (%v); fix it (containerd would not start with it either)", err)
+		return nil, refuse("the file does not parse as TOML (%s); fix it (containerd would not start with it either)", parseError(err))
+	}
+	orig := src
+	fromEmpty := len(before) == 0
+	if fromEmpty {
+		// No keys at all (empty, blank or only comments) is containerd's
+		// defaults. Version 2 is the header every supported containerd
+		// reads: 1.6 and 1.7 natively, 2.x by migrating it on load, so
+		// the tables added below mean the same on either.
+		src = insertLine(src, len(src), "version = 2")
+		before = map[string]any{"version": int64(2)}
 	}
 	doc, err := parseDocument(src)
 	if err != nil {
@@ -130,11 +146,11 @@ func Patch(src []byte, o Options) (*Plan, error) {
 	// discard first: its table is the parent of the registry table in
 	// version 3, and a new parent reads better above its child.
 	cur := lookup(before, append(discard.table, discard.key))
-	plan := &Plan{Version: version}
+	plan := &Plan{Version: version, FromEmpty: fromEmpty}
 	plan.Settings = append(plan.Settings, Setting{Table: discard.table, Key: discard.key, Current: cur, Want: false, OK: cur == false})
 	for _, t := range cps {
 		cur := lookup(before, append(t.table, t.key))
-		plan.Settings = append(plan.Settings, Setting{Table: t.table, Key: t.key, Current: cur, Want: o.CertsDir, OK: namesDir(cur, o.CertsDir)})
+		plan.Settings = append(plan.Settings, Setting{Table: t.table, Key: t.key, Current: cur, Want: o.CertsDir, OK: namesDir(cur, o.CertsDir, version)})
 	}
 
 	out := src
@@ -143,7 +159,7 @@ func Patch(src []byte, o Options) (*Plan, error) {
 			continue
 		}
 		if s.Key == "config_path" {
-			if err := checkConfigPath(s, o); err != nil {
+			if err := checkConfigPath(s, o, version); err != nil {
 				return plan, err
 			}
 		} else if s.Current != nil {
@@ -163,8 +179,19 @@ func Patch(src []byte, o Options) (*Plan, error) {
 		return plan, err
 	}
 	plan.Patched = out
-	plan.Changed = string(out) != string(src)
+	plan.Changed = string(out) != string(orig)
 	return plan, nil
+}
+
+// parseError names the line and column of a TOML error, so the file can
+// be fixed without a TOML linter.
+func parseError(err error) string {
+	var de *toml.DecodeError
+	if !errors.As(err, &de) {
+		return err.Error()
+	}
+	row, col := de.Position()
+	return fmt.Sprintf("line %d, column %d: %s", row, col, strings.TrimPrefix(de.Error(), "toml: "))
 }
 
 // configVersion reads the top-level version. containerd 1.x reads a file
@@ -218,7 +245,7 @@ func checkLayout(m map[string]any, version int) error {
 	return nil
 }
 
-func checkConfigPath(s Setting, o Options) error {
+func checkConfigPath(s Setting, o Options, version int) error {
 	cur, isString := s.Current.(string)
 	if s.Current != nil && !isString {
 		return refuse("%s config_path is %#v, not a string; fix it by hand", displayTable(s.Table), s.Current)
@@ -226,18 +253,29 @@ func checkConfigPath(s Setting, o Options) error {
 	if cur == "" || o.OverrideConfigPath {
 		return nil
 	}
+	if dirs := filepath.SplitList(cur); len(dirs) > 1 && namesDir(dirs[0], o.CertsDir, 2) {
+		return fmt.Errorf("%w: %w: %s config_path is the list %q: from containerd 2.1, CRI pulls go through the transfer service by default, which reads config_path as one folder, "+
+			"so containerd reads no hosts.toml at all (containerd/containerd#12415); move what the other folders hold into %s and run prep with --override-config-path, which sets %q alone",
+			ErrRefused, ErrConfigPathElsewhere, displayTable(s.Table), cur, o.CertsDir, o.CertsDir)
+	}
 	return fmt.Errorf("%w: %w: %s config_path is %q; either run the agent with --certs-dir=%s (the chart's certsDir) so it writes hosts.toml where containerd looks, or run prep with --override-config-path to point containerd at %s",
 		ErrRefused, ErrConfigPathElsewhere, displayTable(s.Table), cur, filepath.SplitList(cur)[0], o.CertsDir)
 }
 
 // namesDir reports whether config_path value v has containerd look in dir
-// first; containerd accepts a list like $PATH.
-func namesDir(v any, dir string) bool {
+// first. containerd 1.x reads a list like $PATH; 2.x files (version 3 and
+// later) must name dir alone, since from 2.1 the transfer service, which
+// CRI pulls go through, takes the whole value as one folder.
+func namesDir(v any, dir string, version int) bool {
 	s, ok := v.(string)
 	if !ok || s == "" {
 		return false
 	}
-	return filepath.Clean(filepath.SplitList(s)[0]) == filepath.Clean(dir)
+	dirs := filepath.SplitList(s)
+	if version >= 3 && len(dirs) > 1 {
+		return false
+	}
+	return filepath.Clean(dirs[0]) == filepath.Clean(dir)
 }
 
 // lookup returns the value at path, nil when absent.

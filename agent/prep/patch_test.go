@@ -88,7 +88,7 @@ func TestGolden(t *testing.T) {
 		{"containerd-1.7-default.toml", false, true},
 		{"containerd-2.4-default.toml", false, true},
 		{"eks-al2-1.7.toml", false, true},
-		{"eks-al2023-2.x.toml", false, true},
+		{"eks-al2023-2.x.toml", true, true}, // its config_path list needs the override (see namesDir)
 		{"gke-cos-1.7.toml", true, true},
 		{"imports", false, true},
 		{"comments-dotted-1.6.toml", false, true},
@@ -166,7 +166,7 @@ func assertSettings(t *testing.T, b []byte, version int) {
 	}
 	cps, discard := targets(version)
 	for _, c := range cps {
-		if v := lookup(m, append(c.table, c.key)); !namesDir(v, certsDir) {
+		if v := lookup(m, append(c.table, c.key)); !namesDir(v, certsDir, version) {
 			t.Errorf("%v %s = %#v, want %q first", c.table, c.key, v, certsDir)
 		}
 	}
@@ -201,7 +201,13 @@ func TestRefusals(t *testing.T) {
 		want         string
 		elsewhere    bool
 	}{
-		{name: "unparsable", config: "version = 2\n[plugins\n", want: "does not parse"},
+		{name: "unparsable", config: "version = 2\n[plugins\n", want: "does not parse as TOML (line 2, column 9: expected ']' to close table name)"},
+		{name: "duplicate key", config: "version = 2\nroot = \"/a\"\nroot = \"/b\"\n", want: "line 3, column 1: key root is already defined"},
+		{name: "link to nothing", config: "version = 2\n", setup: func(d string) { relink(d, "/etc/containerd/real/config.toml") },
+			want: "leads to " + "%DIR%/etc/containerd/real/config.toml, which this process cannot read"},
+		{name: "link loop", config: "version = 2\n", setup: func(d string) { relink(d, "config.toml") }, want: "too many levels of symbolic links"},
+		{name: "list config_path in v3", config: "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = \"/etc/containerd/certs.d:/etc/docker/certs.d\"\n",
+			want: "reads config_path as one folder", elsewhere: true},
 		{name: "no version", config: "[plugins.cri]\n  sandbox_image = \"x\"\n", want: "no `version` line"},
 		{name: "version 1", config: "version = 1\n", want: "config version 1"},
 		{name: "version 9", config: "version = 9\n", want: "config version 9"},
@@ -244,8 +250,9 @@ func TestRefusals(t *testing.T) {
 			if err == nil {
 				t.Fatal("not refused")
 			}
-			if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("error %q: want ErrRefused mentioning %q", err, tc.want)
+			want := strings.ReplaceAll(tc.want, "%DIR%", filepath.Dir(path))
+			if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), want) {
+				t.Fatalf("error %q: want ErrRefused mentioning %q", err, want)
 			}
 			if errors.Is(err, ErrConfigPathElsewhere) != tc.elsewhere {
 				t.Errorf("errors.Is(err, ErrConfigPathElsewhere) = %v", !tc.elsewhere)
@@ -260,6 +267,12 @@ func TestRefusals(t *testing.T) {
 			}
 		})
 	}
+}
+
+// relink replaces dir/config.toml by a symbolic link to target.
+func relink(dir, target string) {
+	os.Remove(filepath.Join(dir, "config.toml"))
+	os.Symlink(target, filepath.Join(dir, "config.toml"))
 }
 
 func osRelease(id string) func(string) {
@@ -312,7 +325,7 @@ func FuzzPatch(f *testing.F) {
 		}
 		cps, discard := targets(plan.Version)
 		for _, c := range cps {
-			if v := lookup(m, append(c.table, c.key)); !namesDir(v, certsDir) {
+			if v := lookup(m, append(c.table, c.key)); !namesDir(v, certsDir, plan.Version) {
 				t.Fatalf("%v %s = %#v after patch:\n%s", c.table, c.key, v, plan.Patched)
 			}
 		}
@@ -324,4 +337,102 @@ func FuzzPatch(f *testing.F) {
 			t.Fatalf("second patch: err=%v changed=%v", err, again != nil && again.Changed)
 		}
 	})
+}
+
+// TestEmptyFile: a file without keys is containerd's defaults. It becomes
+// a version 2 file (read by 1.6, 1.7 and, migrated, 2.x) holding the
+// settings; comments and blank lines stay. A second run changes nothing.
+func TestEmptyFile(t *testing.T) {
+	for name, in := range map[string]string{
+		"empty":    "",
+		"blank":    "\n  \n\t\n",
+		"comments": "# managed by the image; containerd's defaults\n# see containerd config default\n",
+		"crlf":     "# defaults\r\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "config.toml")
+			if err := os.WriteFile(path, []byte(in), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			cfg := Config{Options: Options{CertsDir: certsDir}, Path: path, HostRoot: filepath.Dir(path), Unit: "containerd.service", RestartTimeout: time.Second}
+			r := &fakeRestarter{}
+			plan, err := Run(context.Background(), cfg, r, quiet)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !plan.FromEmpty || !plan.Changed || plan.Version != 2 || r.restarts != 1 {
+				t.Fatalf("fromEmpty=%v changed=%v version=%d restarts=%d; want a version 2 file and one restart", plan.FromEmpty, plan.Changed, plan.Version, r.restarts)
+			}
+			got, _ := os.ReadFile(path)
+			t.Logf("patched:\n%s", got)
+			if !strings.HasPrefix(string(got), in) {
+				t.Errorf("the original text is not kept at the top:\n%q", got)
+			}
+			assertSettings(t, got, 2)
+			if backup, _ := os.ReadFile(path + BackupSuffix); string(backup) != in {
+				t.Errorf("backup %q, want the empty original", backup)
+			}
+			if plan, err := Run(context.Background(), cfg, r, quiet); err != nil || plan.Changed || plan.FromEmpty || r.restarts != 1 {
+				t.Errorf("second run: err=%v changed=%v restarts=%d", err, plan != nil && plan.Changed, r.restarts)
+			}
+		})
+	}
+}
+
+// TestSymlink: a config.toml that is a symbolic link (relative, or
+// absolute and so read under the host root) is followed: its target is
+// patched in place, with the backup beside it, and the link stays a link.
+func TestSymlink(t *testing.T) {
+	for _, tc := range []struct{ name, link, target string }{
+		{"relative", "config-generated.toml", "config-generated.toml"},
+		{"absolute", "/etc/containerd/real/config.toml", "etc/containerd/real/config.toml"},
+		{"chain", "link2.toml", "etc/containerd/real/config.toml"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			path := filepath.Join(root, "config.toml")
+			target := filepath.Join(root, tc.target)
+			os.MkdirAll(filepath.Dir(target), 0o755)
+			in, err := os.ReadFile(filepath.Join("testdata", "eks-al2-1.7.toml"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(target, in, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if tc.name == "chain" {
+				os.Symlink("/etc/containerd/real/config.toml", filepath.Join(root, "link2.toml"))
+			}
+			if err := os.Symlink(tc.link, path); err != nil {
+				t.Fatal(err)
+			}
+			cfg := Config{Options: Options{CertsDir: certsDir}, Path: path, HostRoot: root, Unit: "containerd.service", RestartTimeout: time.Second}
+			r := &fakeRestarter{}
+			var logs strings.Builder
+			plan, err := Run(context.Background(), cfg, r, slog.New(slog.NewTextHandler(&logs, nil)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if plan.Path != target || !plan.Changed || r.restarts != 1 {
+				t.Fatalf("path=%s changed=%v restarts=%d; want %s patched and one restart", plan.Path, plan.Changed, r.restarts, target)
+			}
+			if fi, err := os.Lstat(path); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+				t.Fatalf("config.toml is no longer a link: %v %v", fi.Mode(), err)
+			}
+			got, _ := os.ReadFile(target)
+			assertSettings(t, got, 2)
+			if fi, _ := os.Stat(target); fi.Mode().Perm() != 0o600 {
+				t.Errorf("target mode %v, want 0600 kept", fi.Mode().Perm())
+			}
+			if b, _ := os.ReadFile(target + BackupSuffix); !bytes.Equal(b, in) {
+				t.Error("no backup of the original beside the target")
+			}
+			if !strings.Contains(logs.String(), "symbolic link") || !strings.Contains(logs.String(), target) {
+				t.Errorf("the log does not say the link was followed:\n%s", logs.String())
+			}
+			if p, err := Check(cfg); err != nil || !p.Ready() {
+				t.Errorf("check through the link after prep: ready=%v err=%v", p != nil && p.Ready(), err)
+			}
+		})
+	}
 }

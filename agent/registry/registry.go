@@ -45,6 +45,7 @@ type Registry struct {
 	held    Holder
 	claims  *claim.Decider
 	policy  *policy.Policy
+	limit   *limiter
 }
 
 // followWait is how long a node that agreed to follow another waits for it
@@ -75,6 +76,12 @@ func WithInFlight(flights *store.InFlight, h Holder) Option {
 // the registry itself, with its own credentials.
 func WithPolicy(p *policy.Policy) Option { return func(r *Registry) { r.policy = p } }
 
+// WithMaxRequests bounds the requests served at once to n in total and
+// n/ClientShare (at least 1) per client IP; DefaultMaxRequests without it.
+func WithMaxRequests(n int) Option {
+	return func(r *Registry) { r.limit = newLimiter(n, max(n/ClientShare, 1)) }
+}
+
 // Option configures a Registry.
 type Option func(*Registry)
 
@@ -99,6 +106,12 @@ func New(st store.Store, opts ...Option) (*Registry, error) {
 	r := &Registry{store: st, log: slog.Default(), ready: func(context.Context) error { return nil }}
 	for _, o := range opts {
 		o(r)
+	}
+	if r.limit == nil {
+		WithMaxRequests(DefaultMaxRequests)(r)
+	}
+	if r.limit.total < 1 {
+		return nil, fmt.Errorf("registry: at least 1 request at a time, got %d", r.limit.total)
 	}
 	if r.metrics == nil {
 		r.metrics = metrics.New(func() int { return 0 })
@@ -135,6 +148,16 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		writeError(w, http.StatusNotFound, "NOT_FOUND", "not a distribution API path: "+req.URL.Path)
 		return
 	}
+	if rng := req.Header.Values("Range"); len(rng) > 1 || (len(rng) == 1 && len(rng[0]) > maxRangeHeader) {
+		writeError(w, http.StatusBadRequest, "RANGE_INVALID", fmt.Sprintf(
+			"one Range header of at most %d bytes, e.g. bytes=1048576-, is served here", maxRangeHeader))
+		return
+	}
+	release, ok := r.limit.acquire(w, req)
+	if !ok {
+		return
+	}
+	defer release()
 	if l, ok, err := oci.ParseList(req.URL.Path, req.URL.Query().Get("ns")); ok {
 		if err != nil {
 			writeParseError(w, err)
@@ -149,7 +172,7 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	if !r.policy.Shared(oreq) {
-		r.metrics.Requests.WithLabelValues(registryLabel(oreq), string(oreq.Kind), metrics.OutcomeMiss).Inc()
+		r.metrics.Requests.WithLabelValues(r.metrics.RegistryLabel(oreq.Registry), string(oreq.Kind), metrics.OutcomeMiss).Inc()
 		writeError(w, http.StatusNotFound, notFoundCode(oreq), oreq.Registry+"/"+oreq.Repository+
 			" resolves at its registry only (--private-registries or --upstream-tags): ask the registry")
 		return
@@ -226,7 +249,7 @@ func (r *Registry) serveLocal(w http.ResponseWriter, req *http.Request, oreq oci
 	defer rc.Close()
 	fromPeer := req.Header.Get(mirror.PeerHeader) != ""
 	if !fromPeer {
-		r.metrics.Requests.WithLabelValues(registryLabel(oreq), string(oreq.Kind), metrics.OutcomeLocal).Inc()
+		r.metrics.Requests.WithLabelValues(r.metrics.RegistryLabel(oreq.Registry), string(oreq.Kind), metrics.OutcomeLocal).Inc()
 	}
 	w.Header().Set(SourceHeader, metrics.OutcomeLocal)
 	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedBytes.WithLabelValues(metrics.OutcomeLocal)}
@@ -257,6 +280,9 @@ func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.
 	}
 	if err != nil {
 		r.miss(w, oreq, err)
+		return
+	}
+	if refuseRange(w, req, desc.Size) {
 		return
 	}
 	r.hit(w, oreq, nil)
@@ -390,6 +416,61 @@ func rangeStart(h string) (int64, bool) {
 	return off, err == nil && off >= 0
 }
 
+// refuseRange answers a Range that selects no byte of size bytes with a
+// 416 and reports whether it did. http.ServeContent would answer bytes=-0
+// with a 206 of "bytes 10-9/10", and others with no Content-Range.
+func refuseRange(w http.ResponseWriter, req *http.Request, size int64) bool {
+	err := checkRange(req.Header.Get("Range"), size)
+	if err == nil {
+		return false
+	}
+	w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+	writeError(w, http.StatusRequestedRangeNotSatisfiable, "RANGE_INVALID", err.Error())
+	return true
+}
+
+// checkRange accepts no Range, or one byte range that selects at least
+// one byte of size bytes: "bytes=a-", "bytes=a-b" or "bytes=-n".
+func checkRange(h string, size int64) error {
+	if h == "" {
+		return nil
+	}
+	spec, ok := strings.CutPrefix(h, "bytes=")
+	first, last, dash := strings.Cut(spec, "-")
+	if !ok || !dash || strings.Contains(spec, ",") {
+		return fmt.Errorf("range %q: want one byte range, bytes=<first>-[<last>] or bytes=-<suffix length>", h)
+	}
+	if first == "" {
+		n, ok := digits(last)
+		if !ok || n == 0 || size == 0 {
+			return fmt.Errorf("range %q selects none of the %d bytes", h, size)
+		}
+		return nil
+	}
+	a, ok := digits(first)
+	if !ok {
+		return fmt.Errorf("range %q: the first byte is not a number", h)
+	}
+	if last != "" {
+		if b, ok := digits(last); !ok || b < a {
+			return fmt.Errorf("range %q: the last byte is not a number at or after the first", h)
+		}
+	}
+	if a >= size {
+		return fmt.Errorf("range %q starts past the end of the %d bytes", h, size)
+	}
+	return nil
+}
+
+// digits parses a non-negative decimal number without sign.
+func digits(s string) (int64, bool) {
+	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	return n, err == nil
+}
+
 // ingestAborter is a store that can drop what containerd has written so
 // far of a blob (store.Containerd).
 type ingestAborter interface {
@@ -397,20 +478,27 @@ type ingestAborter interface {
 }
 
 func (r *Registry) miss(w http.ResponseWriter, oreq oci.Request, err error) {
-	r.metrics.Requests.WithLabelValues(registryLabel(oreq), string(oreq.Kind), metrics.OutcomeMiss).Inc()
+	r.metrics.Requests.WithLabelValues(r.metrics.RegistryLabel(oreq.Registry), string(oreq.Kind), metrics.OutcomeMiss).Inc()
 	r.log.Debug("mirror miss", "key", oreq.Key(), "err", err)
 	notFound(w, oreq)
 }
 
 func (r *Registry) hit(w http.ResponseWriter, oreq oci.Request, peers []netip.AddrPort) {
-	r.metrics.Requests.WithLabelValues(registryLabel(oreq), string(oreq.Kind), metrics.OutcomePeer).Inc()
+	r.metrics.Requests.WithLabelValues(r.metrics.RegistryLabel(oreq.Registry), string(oreq.Kind), metrics.OutcomePeer).Inc()
 	r.metrics.LastSuccess.Set(float64(time.Now().Unix()))
 	w.Header().Set(SourceHeader, peerSource(peers))
 }
 
+// maxRangeHeader bounds the Range header: containerd and peers send one
+// range, "bytes=<offset>-", far shorter.
+const maxRangeHeader = 64
+
 // serve writes content with its headers; http.ServeContent answers HEAD and
 // single Range requests, and sends files with sendfile.
 func serve(w http.ResponseWriter, req *http.Request, desc ocispec.Descriptor, kind oci.Kind, content io.ReadSeeker) {
+	if refuseRange(w, req, desc.Size) {
+		return
+	}
 	setHeaders(w, desc, kind)
 	w.Header().Set("Etag", `"`+desc.Digest.String()+`"`)
 	http.ServeContent(w, req, "", time.Time{}, content)
@@ -438,13 +526,6 @@ func peerSource(peers []netip.AddrPort) string {
 		s += p.String()
 	}
 	return s
-}
-
-func registryLabel(oreq oci.Request) string {
-	if oreq.Registry == "" {
-		return "unknown"
-	}
-	return oreq.Registry
 }
 
 func notFoundCode(oreq oci.Request) string {

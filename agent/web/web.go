@@ -145,7 +145,10 @@ func New(opts ...Option) (*Web, error) {
 	return w, nil
 }
 
-// Handler serves everything under Path: the page, stats, measure and static files.
+// Handler serves everything under Path: the page, stats, measure and
+// static files. Every action (any method but GET, HEAD and OPTIONS:
+// Measure Image Pull) is refused to cross-origin requests, so a page
+// elsewhere cannot make a visitor's browser run it (see crossOrigin).
 func (w *Web) Handler() http.Handler {
 	mux := http.NewServeMux()
 	static, _ := fs.Sub(staticFiles, "static")
@@ -154,7 +157,29 @@ func (w *Web) Handler() http.Handler {
 	mux.HandleFunc("POST "+Path+"measure", w.serveMeasure)
 	mux.HandleFunc("GET "+Path+"{$}", w.servePage)
 	mux.Handle("GET /debug/web", http.RedirectHandler(Path, http.StatusMovedPermanently))
-	return mux
+	// The page has a listener of its own (--debug-web-addr): its root is
+	// the page.
+	mux.Handle("GET /{$}", http.RedirectHandler(Path, http.StatusFound))
+	return crossOrigin(mux)
+}
+
+// crossOrigin refuses unsafe requests a browser marks as sent by another
+// site (Sec-Fetch-Site other than same-origin or none: same-site too,
+// since another port or subdomain of a node is another program), or whose
+// Origin is not the Host asked for. Through kubectl port-forward the page
+// is its own origin (localhost:<port>), so it keeps working; curl sends
+// neither header and is let through.
+func crossOrigin(h http.Handler) http.Handler {
+	p := http.NewCrossOriginProtection()
+	p.SetDenyHandler(http.HandlerFunc(func(rw http.ResponseWriter, req *http.Request) {
+		why := "its Origin " + req.Header.Get("Origin") + " is not this page's " + req.Host
+		if site := req.Header.Get("Sec-Fetch-Site"); site != "" {
+			why = "the browser sent it from another site (Sec-Fetch-Site: " + site + ")"
+		}
+		writeJSON(rw, http.StatusForbidden, errorBody{"refused: " + req.Method + " " + req.URL.Path + " acts on this node, and " + why +
+			"; use the debug page itself (e.g. through kubectl port-forward) or curl"})
+	}))
+	return p.Handler(h)
 }
 
 func (w *Web) servePage(rw http.ResponseWriter, req *http.Request) {

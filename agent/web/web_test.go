@@ -324,6 +324,8 @@ func TestStaticAndRedirect(t *testing.T) {
 	nd := newNodes(t, 1)[0]
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	for path, want := range map[string]int{
+		"/":                           http.StatusFound,
+		"/other":                      http.StatusNotFound,
 		"/debug/web":                  http.StatusMovedPermanently,
 		"/debug/web/static/app.js":    http.StatusOK,
 		"/debug/web/static/style.css": http.StatusOK,
@@ -353,4 +355,87 @@ func TestNewRequires(t *testing.T) {
 			t.Errorf("without %s: %v", name, err)
 		}
 	}
+}
+
+// TestMeasureRefusesCrossOrigin: Measure Image Pull runs for the page
+// itself (same-origin, through kubectl port-forward too) and for curl, and
+// is refused, before it pulls anything, to a form or script of another
+// site; reading the page stays open.
+func TestMeasureRefusesCrossOrigin(t *testing.T) {
+	nodes := newNodes(t, 2)
+	nodes[1].holdImage(t, "example.com/team/app:v1", 1000)
+	page := nodes[0].page.URL
+	host := strings.TrimPrefix(page, "http://")
+	tests := []struct {
+		name    string
+		method  string
+		path    string
+		host    string // Host header; the page's address when empty
+		headers []string
+		status  int
+	}{
+		{"cross-site form", "POST", "measure", "", []string{"Sec-Fetch-Site", "cross-site", "Origin", "https://evil.example"}, 403},
+		{"same-site page", "POST", "measure", "", []string{"Sec-Fetch-Site", "same-site", "Origin", "http://other.node.example"}, 403},
+		{"older browser, foreign Origin", "POST", "measure", "", []string{"Origin", "https://evil.example"}, 403},
+		{"Origin with another port", "POST", "measure", "", []string{"Origin", "http://127.0.0.1:1"}, 403},
+		{"cross-site DELETE", "DELETE", "measure", "", []string{"Sec-Fetch-Site", "cross-site"}, 403},
+		{"the page itself", "POST", "measure", "", []string{"Sec-Fetch-Site", "same-origin", "Origin", page}, 200},
+		{"through kubectl port-forward", "POST", "measure", "localhost:30023",
+			[]string{"Sec-Fetch-Site", "same-origin", "Origin", "http://localhost:30023"}, 200},
+		{"older browser, port-forward", "POST", "measure", "localhost:30023", []string{"Origin", "http://localhost:30023"}, 200},
+		{"typed into the address bar", "POST", "measure", "", []string{"Sec-Fetch-Site", "none"}, 200},
+		{"curl", "POST", "measure", "", nil, 200},
+		{"cross-site read of stats", "GET", "stats", "", []string{"Sec-Fetch-Site", "cross-site", "Origin", "https://evil.example"}, 200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, _ := http.NewRequest(tt.method, page+Path+tt.path, strings.NewReader(url.Values{"image": {"example.com/team/app:v1"}}.Encode()))
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+			req.Host = host
+			if tt.host != "" {
+				req.Host = tt.host
+			}
+			for i := 0; i+1 < len(tt.headers); i += 2 {
+				req.Header.Set(tt.headers[i], tt.headers[i+1])
+			}
+			before := requests(t, nodes[0])
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tt.status {
+				t.Fatalf("%s: %d %s, want %d", tt.name, resp.StatusCode, body, tt.status)
+			}
+			if tt.status != http.StatusForbidden {
+				return
+			}
+			var e errorBody
+			if err := json.Unmarshal(body, &e); err != nil || !strings.Contains(e.Error, "refused") {
+				t.Errorf("403 body %q does not say why", body)
+			}
+			if after := requests(t, nodes[0]); after != before {
+				t.Errorf("a refused measurement still pulled: %v requests before, %v after", before, after)
+			}
+		})
+	}
+}
+
+// requests is how many requests the node's registry counted.
+func requests(t *testing.T, nd *node) float64 {
+	t.Helper()
+	mfs, err := nd.metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, mf := range mfs {
+		if mf.GetName() == "fleetmirror_mirror_requests_total" {
+			for _, m := range mf.GetMetric() {
+				n += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return n
 }

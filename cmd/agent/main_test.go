@@ -1,12 +1,22 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/fleetmirror/fleetmirror/agent/metrics"
+	"github.com/fleetmirror/fleetmirror/agent/routing"
+	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
+	"github.com/fleetmirror/fleetmirror/agent/web"
 	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 )
 
@@ -59,7 +69,8 @@ func TestEnvTwins(t *testing.T) {
 func TestValidate(t *testing.T) {
 	base := func() *mirrorConfig {
 		return &mirrorConfig{registryAddr: ":30020", routerAddr: "10.0.0.1:30021", metricsAddr: ":30022",
-			certsDir: "/etc/containerd/certs.d", resolveTimeout: 20 * time.Millisecond, resolveRetries: 3}
+			certsDir: "/etc/containerd/certs.d", resolveTimeout: 20 * time.Millisecond, resolveRetries: 3,
+			maxRequests: 512, debugWeb: true, debugWebAddr: "127.0.0.1:30023"}
 	}
 	tests := []struct {
 		name string
@@ -70,6 +81,9 @@ func TestValidate(t *testing.T) {
 		{name: "port", mod: func(c *mirrorConfig) { c.registryAddr = "30020" }, err: "--registry-addr"},
 		{name: "timeout", mod: func(c *mirrorConfig) { c.resolveTimeout = 0 }, err: "--mirror-resolve-timeout"},
 		{name: "retries", mod: func(c *mirrorConfig) { c.resolveRetries = 0 }, err: "--mirror-resolve-retries"},
+		{name: "max requests", mod: func(c *mirrorConfig) { c.maxRequests = 0 }, err: "--max-requests"},
+		{name: "debug page address", mod: func(c *mirrorConfig) { c.debugWebAddr = "localhost" }, err: "--debug-web-addr"},
+		{name: "debug page off", mod: func(c *mirrorConfig) { c.debugWeb, c.debugWebAddr = false, "" }},
 		{name: "both bootstraps", mod: func(c *mirrorConfig) { c.bootstrapDNS = "x"; c.bootstrapPeers = cli.List{"a:1"} }, err: "choose one"},
 		{name: "canary interval", mod: func(c *mirrorConfig) { c.canaryInterval = time.Millisecond }, err: "--canary-interval"},
 		{name: "canary's name mirrored", mod: func(c *mirrorConfig) {
@@ -93,5 +107,84 @@ func TestValidate(t *testing.T) {
 				t.Fatalf("error %v, want %q", err, tt.err)
 			}
 		})
+	}
+}
+
+// memoryRouter is a routing.Memory with the peer list the page shows.
+type memoryRouter struct{ *routing.Memory }
+
+func (memoryRouter) Peers() []routing.Peer { return nil }
+
+// TestDebugPageWiring: the page the agent serves on --debug-web-addr is
+// the debug page at its root, and refuses a cross-site Measure Image Pull
+// while one from the page itself reaches the handler.
+func TestDebugPageWiring(t *testing.T) {
+	c := &mirrorConfig{registryAddr: "127.0.0.1:1", resolveTimeout: 20 * time.Millisecond, resolveRetries: 3}
+	h, err := c.debugPage(memoryRouter{routing.NewMemory(netip.MustParseAddrPort("127.0.0.1:1"))[0]}, storetest.NewMemory(),
+		metrics.New(func() int { return 0 }), nil, nil, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	post := func(headers ...string) (int, string) {
+		t.Helper()
+		// No image: the handler answers 400 at once, pulling nothing.
+		req, _ := http.NewRequest(http.MethodPost, srv.URL+web.Path+"measure", strings.NewReader("image="))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		for i := 0; i+1 < len(headers); i += 2 {
+			req.Header.Set(headers[i], headers[i+1])
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if status, body := post("Sec-Fetch-Site", "cross-site", "Origin", "https://evil.example"); status != http.StatusForbidden {
+		t.Errorf("cross-site POST: %d %s, want 403", status, body)
+	}
+	if status, body := post("Sec-Fetch-Site", "same-origin", "Origin", srv.URL); status != http.StatusBadRequest {
+		t.Errorf("same-origin POST: %d %s, want the handler's 400", status, body)
+	}
+	resp, err := http.Get(srv.URL + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Request.URL.Path != web.Path {
+		t.Errorf("GET /: %d at %s, want the page at %s", resp.StatusCode, resp.Request.URL.Path, web.Path)
+	}
+}
+
+// TestHeaderBound: the registry's and metrics' servers refuse a request
+// whose headers are larger than any containerd, peer or Prometheus sends.
+func TestHeaderBound(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- serve(ctx, slog.New(slog.DiscardHandler), ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), maxHeaderBytes)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	for _, tt := range []struct {
+		size int
+		want int
+	}{{1 << 10, http.StatusOK}, {maxHeaderBytes + 8<<10, http.StatusRequestHeaderFieldsTooLarge}} {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+ln.Addr().String()+"/v2/", nil)
+		req.Header.Set("X-Padding", strings.Repeat("a", tt.size))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tt.want {
+			t.Errorf("a %d byte header: %s, want %d", tt.size, resp.Status, tt.want)
+		}
 	}
 }

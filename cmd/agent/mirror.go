@@ -56,13 +56,16 @@ type mirrorConfig struct {
 	networkKeyFile      string
 	privateRegistries   cli.List
 	upstreamTags        cli.List
+	localClients        cli.List
 	bootstrapPeers      cli.List
 	bootstrapDNS        string
 	dataDir             string
 	prepCheckConfig     string
 	logLevel            string
 	debugWeb            bool
+	debugWebAddr        string
 	debugPprof          bool
+	maxRequests         int
 	canaryInterval      time.Duration
 	canaryGatesReady    bool
 }
@@ -90,13 +93,20 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 		"file holding the cluster's shared secret (at least 32 bytes): only agents with it join the DHT and are served as peers; empty runs an open network")
 	fs.Var(&c.privateRegistries, "private-registries", "registry hosts whose content is neither advertised nor served to peers, e.g. registry.corp.example:5000")
 	fs.Var(&c.upstreamTags, "upstream-tags", "tags that always resolve upstream: :latest (in every repository), a registry, registry/repository, or registry/repository:tag")
+	fs.Var(&c.localClients, "local-clients", "IPs or CIDRs the node's own containerd reaches the registry from, besides loopback and the mirror target's IP (e.g. the node's bridge address when a NodePort masquerades it)")
 	fs.Var(&c.bootstrapPeers, "bootstrap-peers", "peers to join: host:port of their registries, or multiaddrs ending in /p2p/<id>")
 	fs.StringVar(&c.bootstrapDNS, "bootstrap-dns", "", "DNS name listing the agents (the chart's headless Service)")
 	fs.StringVar(&c.dataDir, "data-dir", "/var/lib/fleetmirror", "where the peer identity key is kept, the agent's only state")
 	fs.StringVar(&c.prepCheckConfig, "prep-check-config", "",
 		"containerd config.toml (read-only mount) that readiness checks like `agent prep --check`; empty disables the check")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.BoolVar(&c.debugWeb, "debug-web", true, "serve the debug page at /debug/web on the metrics address")
+	fs.IntVar(&c.maxRequests, "max-requests", registry.DefaultMaxRequests,
+		fmt.Sprintf("requests the registry serves at once, one client IP at most 1/%d of them; more get 503 or 429 with Retry-After", registry.ClientShare))
+	fs.BoolVar(&c.debugWeb, "debug-web", true, "serve the debug page at /debug/web on --debug-web-addr")
+	// Loopback by default: kubectl port-forward reaches it (it connects
+	// to localhost in the pod's network namespace), the pod network does
+	// not; set the node address to open it to the node network.
+	fs.StringVar(&c.debugWebAddr, "debug-web-addr", "127.0.0.1:30023", "listen address of the debug page")
 	fs.BoolVar(&c.debugPprof, "debug-pprof", false, "serve Go's profiles at /debug/pprof/ on the metrics address")
 	fs.DurationVar(&c.canaryInterval, "canary-interval", canary.DefaultInterval,
 		"how often containerd pulls the agent's canary image to prove the mirror path (also at start and after containerd restarts); 0 turns the canary off")
@@ -109,7 +119,11 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 // the registry port and the registries to mirror.
 func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 	var port uint16
-	for _, a := range []struct{ flag, val string }{{"registry-addr", c.registryAddr}, {"router-addr", c.routerAddr}, {"metrics-addr", c.metricsAddr}} {
+	addrs := []struct{ flag, val string }{{"registry-addr", c.registryAddr}, {"router-addr", c.routerAddr}, {"metrics-addr", c.metricsAddr}}
+	if c.debugWeb {
+		addrs = append(addrs, struct{ flag, val string }{"debug-web-addr", c.debugWebAddr})
+	}
+	for _, a := range addrs {
 		_, p, err := net.SplitHostPort(a.val)
 		n, perr := strconv.ParseUint(p, 10, 16)
 		if err != nil || perr != nil || n == 0 {
@@ -124,6 +138,9 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 	}
 	if c.burstSettle < 0 || c.burstSettle > 2*time.Second {
 		return 0, nil, fmt.Errorf("--burst-settle %s: want 0 (off) to 2s; a blob miss waits this long", c.burstSettle)
+	}
+	if c.maxRequests < 1 || c.maxRequests > 1<<16 {
+		return 0, nil, fmt.Errorf("--max-requests %d: want 1 to 65536", c.maxRequests)
 	}
 	if c.canaryInterval < 0 || c.canaryInterval > 0 && c.canaryInterval < time.Second {
 		return 0, nil, fmt.Errorf("--canary-interval %s: want 0 (off) or at least 1s (minutes in production)", c.canaryInterval)
@@ -174,20 +191,32 @@ func (c *mirrorConfig) trust(log *slog.Logger) (*peerauth.Key, *policy.Policy, e
 	return key, pol, nil
 }
 
-// localClients are the addresses the node's containerd reaches the
-// registry from besides loopback: the IP hosts of its mirror targets.
-func (c *mirrorConfig) localClients() []netip.Addr {
-	var out []netip.Addr
+// nodeClients are the networks the node's containerd reaches the
+// registry from besides loopback: the IP hosts of its mirror targets and
+// --local-clients.
+func (c *mirrorConfig) nodeClients() ([]netip.Prefix, error) {
+	var out []netip.Prefix
 	for _, t := range c.mirrorTargets {
 		u, err := url.Parse(t)
 		if err != nil {
 			continue
 		}
 		if a, err := netip.ParseAddr(u.Hostname()); err == nil {
-			out = append(out, a)
+			out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
 		}
 	}
-	return out
+	for _, l := range c.localClients {
+		p, err := netip.ParsePrefix(l)
+		if err != nil {
+			a, aerr := netip.ParseAddr(l)
+			if aerr != nil {
+				return nil, fmt.Errorf("--local-clients %q: want an IP or a CIDR such as 10.244.3.1 or 10.244.3.1/32", l)
+			}
+			p = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
 }
 
 func (c *mirrorConfig) hostsConfig() hosts.Config {
@@ -235,7 +264,7 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	defer router.Close()
 
-	m := metrics.New(func() int { return len(router.Peers()) })
+	m := metrics.New(func() int { return len(router.Peers()) }, metrics.WithRegistries(hostsOf(regs)))
 	mirOpts := []mirror.Option{mirror.WithResolveTimeout(c.resolveTimeout), mirror.WithPeers(c.resolveRetries),
 		mirror.WithMetrics(m), mirror.WithLogger(log.With("component", "mirror"))}
 	if key != nil {
@@ -276,7 +305,7 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	tr := &state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs), Policy: pol}
 	regOpts := []registry.Option{registry.WithMirror(mir), registry.WithMetrics(m), registry.WithPolicy(pol),
-		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready),
+		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready), registry.WithMaxRequests(c.maxRequests),
 		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr)}
 	if c.burstSettle > 0 {
 		regOpts = append(regOpts, registry.WithClaims(claim.New(router, c.burstSettle, log.With("component", "claim"))))
@@ -287,7 +316,11 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	regMux := http.NewServeMux()
 	regMux.Handle("/p2p/id", router.IDHandler())
-	gate := &peerauth.Gate{Key: key, Local: c.localClients(), Log: log.With("component", "gate"),
+	local, err := c.nodeClients()
+	if err != nil {
+		return err
+	}
+	gate := &peerauth.Gate{Key: key, Local: local, Log: log.With("component", "gate"),
 		Denied: func(reason string) { m.Denied.WithLabelValues(reason).Inc() }}
 	// Content is gated; the probes and the peer ID are not: they tell
 	// nothing about what the node holds.
@@ -310,8 +343,9 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		metricsMux.HandleFunc("/debug/pprof/", pprof.Index)
 		metricsMux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	}
+	var debugPage http.Handler
 	if c.debugWeb {
-		if err := c.mountDebugPage(metricsMux, router, st, m, regs, can, log); err != nil {
+		if debugPage, err = c.debugPage(router, st, m, regs, can, log); err != nil {
 			return err
 		}
 	}
@@ -325,6 +359,14 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		regLn.Close()
 		return fmt.Errorf("--metrics-addr %s: %w", c.metricsAddr, err)
 	}
+	var debugLn net.Listener
+	if debugPage != nil {
+		if debugLn, err = net.Listen("tcp", c.debugWebAddr); err != nil {
+			regLn.Close()
+			metricsLn.Close()
+			return fmt.Errorf("--debug-web-addr %s: %w", c.debugWebAddr, err)
+		}
+	}
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -337,8 +379,12 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		tr.Run(ctx)
 		return nil
 	})
-	g.Go(func() error { return serve(ctx, log, regLn, regMux) })
-	g.Go(func() error { return serve(ctx, log, metricsLn, metricsMux) })
+	g.Go(func() error { return serve(ctx, log, regLn, regMux, maxHeaderBytes) })
+	g.Go(func() error { return serve(ctx, log, metricsLn, metricsMux, maxHeaderBytes) })
+	if debugLn != nil {
+		// A browser on localhost may send other local apps' cookies.
+		g.Go(func() error { return serve(ctx, log, debugLn, debugPage, http.DefaultMaxHeaderBytes) })
+	}
 	if c.mirrorAdd {
 		// Written once the registry listens, so containerd never meets a
 		// mirror that is not there yet.
@@ -389,8 +435,8 @@ func (c *mirrorConfig) canary(m *metrics.Metrics, log *slog.Logger) (*canary.Can
 	return canary.New(opts...)
 }
 
-// mountDebugPage serves /debug/web on mux.
-func (c *mirrorConfig) mountDebugPage(mux *http.ServeMux, router *routing.P2P, st *store.Containerd, m *metrics.Metrics, regs []hosts.Registry, can *canary.Canary, log *slog.Logger) error {
+// debugPage serves /debug/web.
+func (c *mirrorConfig) debugPage(router web.Router, st web.Keys, m *metrics.Metrics, regs []hosts.Registry, can *canary.Canary, log *slog.Logger) (http.Handler, error) {
 	opts := []web.Option{web.WithRouter(router), web.WithStore(st), web.WithGatherer(m.Registry),
 		web.WithLogger(log.With("component", "web")), web.WithConfig(web.Config{
 			RegistryURL:        localURL(c.registryAddr),
@@ -412,11 +458,9 @@ func (c *mirrorConfig) mountDebugPage(mux *http.ServeMux, router *routing.P2P, s
 	}
 	dw, err := web.New(opts...)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	mux.Handle("/debug/web", dw.Handler())
-	mux.Handle(web.Path, dw.Handler())
-	return nil
+	return dw.Handler(), nil
 }
 
 // prepStatus is the containerd-prep check as the debug page shows it.
@@ -448,10 +492,17 @@ func hostsOf(regs []hosts.Registry) []string {
 	return out
 }
 
+// maxHeaderBytes bounds a request's line and headers on the registry and
+// metrics listeners: containerd's, peers' and Prometheus's requests carry a
+// path and a few short headers, and Go's default would let every
+// connection hold 1 MiB.
+const maxHeaderBytes = 16 << 10
+
 // serve runs an HTTP server until ctx is done, then drains it.
-func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler) error {
+func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler, maxHeader int) error {
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second,
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		MaxHeaderBytes: maxHeader,
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {

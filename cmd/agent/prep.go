@@ -85,7 +85,14 @@ func printPlan(path string, plan *prep.Plan) {
 	if plan == nil {
 		return
 	}
-	fmt.Fprintf(os.Stdout, "%s (config version %d):\n", path, plan.Version)
+	if plan.Path != "" && plan.Path != path {
+		path += " -> " + plan.Path
+	}
+	if plan.FromEmpty {
+		fmt.Fprintf(os.Stdout, "%s has no settings (containerd's defaults); it is written as config version 2:\n", path)
+	} else {
+		fmt.Fprintf(os.Stdout, "%s (config version %d):\n", path, plan.Version)
+	}
 	for _, s := range plan.Settings {
 		fmt.Fprintf(os.Stdout, "  %s\n", s)
 	}

@@ -19,7 +19,7 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 	o := manager.Options{}
 	var agentImage, operatorImage, logLevel, configFile string
 	fs.StringVar(&o.WatchesFile, "watches-file", "watches.yaml", "kinds and the charts they are reconciled into")
-	fs.StringVar(&configFile, "config", "", "the operator chart's configuration file (images map, imageMirror, provider override, nodeReadiness); flags given explicitly win over it")
+	fs.StringVar(&configFile, "config", "", "the operator chart's configuration file (images map, imageMirror, provider override, nodeReadiness, managedNamespaces); flags given explicitly win over it")
 	// The images map's defaults until the operator chart passes its own.
 	fs.StringVar(&agentImage, "agent-image", "ghcr.io/fleetmirror/agent:"+version.Version, "agent image, used when a resource names none")
 	fs.StringVar(&operatorImage, "operator-image", "ghcr.io/fleetmirror/operator:"+version.Version, "operator image, for the uninstall hook that waits for node cleanup")
@@ -31,7 +31,7 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.DurationVar(&o.Timeouts.Install, "install-timeout", 5*time.Minute, "longest wait on install hooks")
 	fs.DurationVar(&o.Timeouts.Upgrade, "upgrade-timeout", 5*time.Minute, "longest wait on upgrade hooks")
 	fs.DurationVar(&o.Timeouts.Uninstall, "uninstall-timeout", 10*time.Minute, "longest wait on the uninstall's node cleanup")
-	fs.DurationVar(&o.ReconcilePeriod, "reconcile-period", 10*time.Minute, "re-check every release this often, besides events")
+	fs.DurationVar(&o.ReconcilePeriod, "reconcile-period", 10*time.Minute, "re-check every release this often, besides events; a watches.yaml entry's reconcilePeriod wins for its kind")
 	fs.DurationVar(&o.HitRatioWindow, "hit-ratio-window", 10*time.Minute, "window of the cluster peer hit ratio in status.peerHits, scraped from the agents; 0 turns it off")
 	fs.IntVar(&o.AgentMetricsPort, "agent-metrics-port", 30022, "where agents serve /metrics when a resource's values do not say")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -59,6 +59,7 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 			}
 			o.Provider, o.Inputs.Defaults = c.Provider.Name, c.Provider.Spegel
 			o.NodeReadiness, o.ReportAfter = c.NodeReadiness.Enabled, c.ReportAfter()
+			o.ManagedNamespaces = c.ManagedNamespaces
 		}
 		cfg, err := ctrl.GetConfig()
 		if err != nil {
@@ -69,7 +70,7 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 			return err
 		}
 		log.Info("starting operator", "version", version.Version, "watches", o.WatchesFile, "provider", o.Provider,
-			"imageMirror", o.Inputs.Mirror, "nodeReadiness", o.NodeReadiness)
+			"imageMirror", o.Inputs.Mirror, "nodeReadiness", o.NodeReadiness, "managedNamespaces", o.ManagedNamespaces)
 		return mgr.Start(ctx)
 	}
 }

@@ -1,6 +1,7 @@
 // Package config reads the operator's configuration file, which the
 // operator chart renders into a ConfigMap: the images map, imageMirror,
-// the provider override in force with its values, and node readiness.
+// the provider override in force with its values, node readiness, and
+// the namespaces the operator manages.
 package config
 
 import (
@@ -25,6 +26,11 @@ type Config struct {
 	Provider Provider `json:"provider"`
 	// NodeReadiness holds new nodes back until their agent is ready.
 	NodeReadiness NodeReadiness `json:"nodeReadiness"`
+	// ManagedNamespaces are the namespaces the chart gave the operator
+	// rights in, and so the only ones it watches and acts in; Spegel
+	// resources elsewhere are refused with a condition. Empty: every
+	// namespace (an operator given cluster-wide rights).
+	ManagedNamespaces []string `json:"managedNamespaces"`
 }
 
 // Provider names the override file in force (overrides/<name>.yaml) and
@@ -43,7 +49,10 @@ type NodeReadiness struct {
 	ReportAfter metav1.Duration `json:"reportAfter"`
 }
 
-var providerName = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+var (
+	providerName  = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	namespaceName = providerName // both are DNS labels
+)
 
 // Load reads and validates path. Unknown keys are refused, so a typo
 // names itself instead of being ignored.
@@ -66,6 +75,11 @@ func Load(path string) (Config, error) {
 func (c Config) Validate() error {
 	if c.Provider.Name != "" && !providerName.MatchString(c.Provider.Name) {
 		return fmt.Errorf("provider.name %q: want a lower-case name like nebius or cks", c.Provider.Name)
+	}
+	for _, ns := range c.ManagedNamespaces {
+		if !namespaceName.MatchString(ns) {
+			return fmt.Errorf("managedNamespaces: %q is not a namespace name", ns)
+		}
 	}
 	if c.NodeReadiness.ReportAfter.Duration < 0 {
 		return fmt.Errorf("nodeReadiness.reportAfter %s: must not be negative", c.NodeReadiness.ReportAfter.Duration)

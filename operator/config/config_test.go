@@ -17,6 +17,7 @@ provider:
   spegel:
     resources: {limits: {memory: 256Mi}}
 nodeReadiness: {enabled: true, reportAfter: 90s}
+managedNamespaces: [spegel, kube-system]
 `
 	for _, tc := range []struct{ name, body, wantErr string }{
 		{"good", good, ""},
@@ -25,6 +26,7 @@ nodeReadiness: {enabled: true, reportAfter: 90s}
 		{"bad image", strings.Replace(good, "agent:v1", "Agent:v1", 1), "images.agent"},
 		{"bad mirror", strings.Replace(good, "registry.corp:5000/mirror/", "https://registry.corp", 1), "imageMirror"},
 		{"bad provider", strings.Replace(good, "name: cks", "name: CKS!", 1), "provider.name"},
+		{"bad namespace", strings.Replace(good, "kube-system", "Kube_System", 1), "managedNamespaces"},
 		{"bad duration", strings.Replace(good, "90s", "soon", 1), "soon"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -42,7 +44,7 @@ nodeReadiness: {enabled: true, reportAfter: 90s}
 			if err != nil {
 				t.Fatal(err)
 			}
-			if c.Provider.Name != "cks" || !c.NodeReadiness.Enabled || c.ReportAfter().String() != "1m30s" || c.Images["agent"] == "" {
+			if c.Provider.Name != "cks" || !c.NodeReadiness.Enabled || c.ReportAfter().String() != "1m30s" || c.Images["agent"] == "" || len(c.ManagedNamespaces) != 2 {
 				t.Fatalf("read %+v", c)
 			}
 		})

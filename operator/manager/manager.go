@@ -36,6 +36,7 @@ import (
 	helmrelease "helm.sh/helm/v3/pkg/release"
 
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
+	"github.com/fleetmirror/fleetmirror/operator/networkkey"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/operator/release"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
@@ -82,6 +83,11 @@ type Options struct {
 	// do not say (the chart's default, 30022).
 	HitRatioWindow   time.Duration
 	AgentMetricsPort int
+	// ManagedNamespaces are the only namespaces the operator watches and
+	// acts in (where the operator chart gave it Roles); Spegel resources,
+	// watched everywhere, are refused elsewhere with a condition naming
+	// the fix. Empty: every namespace.
+	ManagedNamespaces []string
 	// SkipNameValidation lets one process start several managers (tests).
 	SkipNameValidation bool
 	Log                *slog.Logger
@@ -111,6 +117,7 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	if err != nil {
 		return nil, err
 	}
+	managed := spegels.Namespaces(o.ManagedNamespaces)
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Logger:                  log,
 		Metrics:                 metricsserver.Options{BindAddress: o.MetricsAddr},
@@ -121,8 +128,7 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		// Give up a lost lease at once rather than keep acting on it.
 		LeaderElectionReleaseOnCancel: true,
 		Controller:                    config.Controller{SkipNameValidation: &o.SkipNameValidation},
-		// Node readiness reads agent pods only: never cache every pod.
-		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{&corev1.Pod{}: {Label: readiness.AgentPods}}},
+		Cache:                         cacheOptions(ws, managed),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("creating manager: %w", err)
@@ -141,22 +147,27 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	for _, w := range ws {
 		released := status.NewReleased()
 		gvk := w.GroupVersionKind
+		in := o.Inputs
+		in.Overrides = w.OverrideValues
 		opts := []reconciler.Option{
 			reconciler.WithChart(*w.Chart),
 			reconciler.WithGroupVersionKind(gvk),
-			reconciler.WithActionClientGetter(release.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator")}),
-			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, o.Inputs)),
+			reconciler.WithActionClientGetter(release.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator"), Namespaces: managed}),
+			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, in, managed)),
 			reconciler.WithPauseReconcileHandler(reconciler.PauseReconcileIfAnnotationTrue(PauseAnnotation)),
 			reconciler.WithPostHook(hook.PostHookFunc(func(obj *unstructured.Unstructured, _ helmrelease.Release, _ logr.Logger) error {
 				released.Mark(obj)
 				return nil
 			})),
-			reconciler.WithReconcilePeriod(o.ReconcilePeriod),
+			reconciler.WithReconcilePeriod(reconcilePeriod(w, o.ReconcilePeriod)),
 			reconciler.WithMaxReleaseHistory(10),
 			reconciler.WithLog(log.WithName("helm").WithValues("kind", gvk.Kind)),
 		}
 		if w.WatchDependentResources != nil && !*w.WatchDependentResources {
 			opts = append(opts, reconciler.SkipDependentWatches(true))
+		}
+		if w.MaxConcurrentReconciles != nil {
+			opts = append(opts, reconciler.WithMaxConcurrentReconciles(*w.MaxConcurrentReconciles))
 		}
 		r, err := reconciler.New(opts...)
 		if err != nil {
@@ -165,8 +176,8 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		if err := r.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
 		}
-		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Provider: o.Provider,
-			AgentMetricsPort: o.AgentMetricsPort}
+		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Overrides: w.OverrideValues,
+			Provider: o.Provider, AgentMetricsPort: o.AgentMetricsPort, Namespaces: managed}
 		if o.HitRatioWindow > 0 {
 			sc.HitRatio = hitratio.New(o.HitRatioWindow, nil)
 		}
@@ -174,13 +185,38 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 			return nil, fmt.Errorf("setting up status controller for %s: %w", gvk, err)
 		}
 		if o.NodeReadiness {
-			rc := &readiness.Controller{Client: mgr.GetClient(), GVK: gvk, Recorder: mgr.GetEventRecorderFor("spegel-node-readiness"), ReportAfter: o.ReportAfter}
+			rc := &readiness.Controller{Client: mgr.GetClient(), GVK: gvk, Recorder: mgr.GetEventRecorderFor("spegel-node-readiness"), ReportAfter: o.ReportAfter,
+				Namespaces: managed}
 			if err := rc.SetupWithManager(mgr); err != nil {
 				return nil, fmt.Errorf("setting up node readiness for %s: %w", gvk, err)
 			}
 		}
 	}
 	return mgr, nil
+}
+
+// cacheOptions restricts the cache to what the operator's RBAC allows:
+// namespaced kinds only in the managed namespaces (so it needs no
+// cluster-wide list or watch on Secrets, DaemonSets or pods), the watched
+// kinds everywhere (a resource in another namespace must still be seen, to
+// be refused with a condition), cluster-scoped kinds (nodes) as they are.
+func cacheOptions(ws []watches.Watch, managed spegels.Namespaces) cache.Options {
+	// Node readiness reads agent pods only: never cache every pod.
+	o := cache.Options{ByObject: map[client.Object]cache.ByObject{&corev1.Pod{}: {Label: readiness.AgentPods}}}
+	if len(managed) == 0 {
+		return o
+	}
+	o.DefaultNamespaces = map[string]cache.Config{}
+	for _, ns := range managed {
+		o.DefaultNamespaces[ns] = cache.Config{}
+	}
+	for _, w := range ws {
+		cr := &unstructured.Unstructured{}
+		cr.SetGroupVersionKind(w.GroupVersionKind)
+		// An empty, non-nil map: every namespace.
+		o.ByObject[cr] = cache.ByObject{Namespaces: map[string]cache.Config{}}
+	}
+	return o
 }
 
 func actionClientGetter(mgr ctrl.Manager, t release.Timeouts) (helmclient.ActionClientGetter, error) {
@@ -191,15 +227,29 @@ func actionClientGetter(mgr ctrl.Manager, t release.Timeouts) (helmclient.Action
 	return helmclient.NewActionClientGetter(cg, t.Options()...)
 }
 
-// translator checks that obj is the one resource of its kind allowed to
-// act and turns its spec into chart values.
-func translator(c client.Client, gvk schema.GroupVersionKind, in values.Inputs) helmvalues.Translator {
+// translator checks that obj is in a managed namespace and the one
+// resource of its kind allowed to act, makes sure its network key Secret
+// exists (the one step before the release: the reconciler runs it before
+// every install and dry-run upgrade), and turns its spec into chart values.
+func translator(c client.Client, gvk schema.GroupVersionKind, in values.Inputs, managed spegels.Namespaces) helmvalues.Translator {
 	return helmvalues.TranslatorFunc(func(ctx context.Context, obj *unstructured.Unstructured) (chartutil.Values, error) {
+		if err := managed.Refusal(obj); err != nil {
+			return nil, err
+		}
 		if err := onlyOne(ctx, c, gvk, obj); err != nil {
 			return nil, err
 		}
 		spec, _, _ := unstructured.NestedMap(obj.Object, "spec")
-		return values.Translate(spec, in)
+		own := networkkey.SecretName(obj.GetName())
+		vals, err := values.Translate(spec, own, in)
+		if err != nil {
+			return nil, err
+		}
+		name := values.KeySecret(vals)
+		if err := networkkey.Ensure(ctx, c, obj, name, name == own); err != nil {
+			return nil, err
+		}
+		return vals, nil
 	})
 }
 
@@ -219,7 +269,25 @@ func onlyOne(ctx context.Context, c client.Client, gvk schema.GroupVersionKind, 
 		gvk.Kind, first.GetNamespace(), first.GetName(), obj.GetNamespace(), obj.GetName(), first.GetNamespace(), first.GetName())
 }
 
+// reconcilePeriod is the entry's reconcilePeriod when it has one (it names
+// its kind, so it is the more specific), else the operator's flag.
+func reconcilePeriod(w watches.Watch, flag time.Duration) time.Duration {
+	if w.ReconcilePeriod != nil {
+		return w.ReconcilePeriod.Duration
+	}
+	return flag
+}
+
+// watchFields are the fields of a watches.yaml entry this operator
+// honours: the library's, but selector (see loadWatches).
+var watchFields = map[string]bool{
+	"group": true, "version": true, "kind": true, "chart": true, "watchDependentResources": true,
+	"overrideValues": true, "reconcilePeriod": true, "maxConcurrentReconciles": true,
+}
+
 // loadWatches reads watches.yaml, resolving chart paths against its folder.
+// A field it would not honour refuses the file, by name, rather than
+// being parsed and ignored.
 func loadWatches(path string) ([]watches.Watch, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -232,7 +300,20 @@ func loadWatches(path string) ([]watches.Watch, error) {
 	if len(raw) == 0 {
 		return nil, fmt.Errorf("watches file %s: no entries; want at least one group/version/kind and chart", path)
 	}
-	for _, w := range raw {
+	for i, w := range raw {
+		for k := range w {
+			switch {
+			case k == "selector":
+				// One resource manages every node and the oldest wins
+				// (onlyOne); the status and node readiness controllers
+				// watch every resource of the kind. A selector would make
+				// the release follow only some of them while the others
+				// still block and report: refuse rather than half-honour.
+				return nil, fmt.Errorf("watches file %s: entry %d: selector is not supported: one resource of the kind manages every node of the cluster, so the operator reconciles all of them; remove it", path, i+1)
+			case !watchFields[k]:
+				return nil, fmt.Errorf("watches file %s: entry %d: unknown field %q; known: group, version, kind, chart, watchDependentResources, overrideValues, reconcilePeriod, maxConcurrentReconciles", path, i+1, k)
+			}
+		}
 		if p, ok := w["chart"].(string); ok && !filepath.IsAbs(p) {
 			w["chart"] = filepath.Join(filepath.Dir(path), p)
 		}
@@ -244,6 +325,19 @@ func loadWatches(path string) ([]watches.Watch, error) {
 	ws, err := watches.LoadReader(bytes.NewReader(b))
 	if err != nil {
 		return nil, fmt.Errorf("watches file %s: %w", path, err)
+	}
+	for _, w := range ws {
+		// Checked here so that a bad value stops the start, naming it,
+		// instead of failing every reconcile.
+		if w.MaxConcurrentReconciles != nil && *w.MaxConcurrentReconciles < 1 {
+			return nil, fmt.Errorf("watches file %s: %s: maxConcurrentReconciles is %d; want 1 or more", path, w.Kind, *w.MaxConcurrentReconciles)
+		}
+		if w.ReconcilePeriod != nil && w.ReconcilePeriod.Duration < 0 {
+			return nil, fmt.Errorf("watches file %s: %s: reconcilePeriod %s is negative; want 0 (only on events) or more", path, w.Kind, w.ReconcilePeriod.Duration)
+		}
+		if _, err := values.Effective(nil, nil, w.OverrideValues); err != nil {
+			return nil, fmt.Errorf("watches file %s: %s: %w", path, w.Kind, err)
+		}
 	}
 	return ws, nil
 }

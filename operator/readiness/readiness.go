@@ -70,6 +70,9 @@ type Controller struct {
 	Recorder record.EventRecorder
 	// ReportAfter: a node held this long gets a warning event.
 	ReportAfter time.Duration
+	// Namespaces the operator manages: a resource elsewhere has no
+	// release, so it holds no node.
+	Namespaces spegels.Namespaces
 	// Resync re-checks this often while nodes are held (default 30s).
 	Resync time.Duration
 
@@ -185,6 +188,9 @@ func (c *Controller) active(ctx context.Context) (*unstructured.Unstructured, *a
 	}
 	if owner == nil || owner.GetDeletionTimestamp() != nil {
 		return nil, nil, nil
+	}
+	if !c.Namespaces.Manages(owner.GetNamespace()) {
+		return owner, nil, nil
 	}
 	var dss appsv1.DaemonSetList
 	if err := c.Client.List(ctx, &dss, client.InNamespace(owner.GetNamespace()), client.MatchingLabels{

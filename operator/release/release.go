@@ -18,6 +18,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	helmclient "github.com/operator-framework/helm-operator-plugins/pkg/client"
+
+	"github.com/fleetmirror/fleetmirror/operator/spegels"
 )
 
 // Timeouts bound Helm's waits on hooks, so a hook that never finishes (a
@@ -41,6 +43,9 @@ func (t Timeouts) Options() []helmclient.ActionClientGetterOption {
 type Getter struct {
 	Next     helmclient.ActionClientGetter
 	Recorder record.EventRecorder
+	// Namespaces the operator may act in; a resource elsewhere gets a
+	// client that touches nothing (see unmanaged).
+	Namespaces spegels.Namespaces
 }
 
 // ActionClientFor implements helmclient.ActionClientGetter. Before handing
@@ -49,6 +54,9 @@ type Getter struct {
 // keeps other operators out, so a pending release at this point belongs to
 // an operator that is gone, and Helm would refuse every later action.
 func (g Getter) ActionClientFor(ctx context.Context, obj client.Object) (helmclient.ActionInterface, error) {
+	if err := g.Namespaces.Refusal(obj); err != nil {
+		return unmanaged{err}, nil
+	}
 	ac, err := g.Next.ActionClientFor(ctx, obj)
 	if err != nil {
 		return nil, err
@@ -80,6 +88,37 @@ func RecoverPending(cfg *action.Configuration, name string) error {
 	cfg.Log("release %s revision %d was %s; marked failed so it can be upgraded", name, last.Version, was)
 	return nil
 }
+
+// unmanaged is the client for a resource in a namespace the operator has
+// no rights in. The operator cannot have installed anything there, so
+// there is no release to read or uninstall (deleting the resource just
+// drops the finalizer); installing is refused with the reason, which the
+// value translator reports first as the Irreconcilable condition.
+type unmanaged struct{ err error }
+
+func (unmanaged) Get(string, ...helmclient.GetOption) (*release.Release, error) {
+	return nil, driver.ErrReleaseNotFound
+}
+
+func (unmanaged) History(string, ...helmclient.HistoryOption) ([]*release.Release, error) {
+	return nil, driver.ErrReleaseNotFound
+}
+
+func (u unmanaged) Install(string, string, *chart.Chart, map[string]any, ...helmclient.InstallOption) (*release.Release, error) {
+	return nil, u.err
+}
+
+func (u unmanaged) Upgrade(string, string, *chart.Chart, map[string]any, ...helmclient.UpgradeOption) (*release.Release, error) {
+	return nil, u.err
+}
+
+func (unmanaged) Uninstall(string, ...helmclient.UninstallOption) (*release.UninstallReleaseResponse, error) {
+	return nil, driver.ErrReleaseNotFound
+}
+
+func (u unmanaged) Reconcile(*release.Release) error { return u.err }
+
+func (unmanaged) Config() *action.Configuration { return &action.Configuration{} }
 
 type actionClient struct {
 	helmclient.ActionInterface

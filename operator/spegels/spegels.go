@@ -2,7 +2,8 @@
 // release runs an agent on every node with the same host ports and
 // hosts.toml files, so only one may: the oldest, in any namespace. The
 // reconciler (refusing the others) and node readiness (following the
-// active one's agents) must agree on it, hence one place.
+// active one's agents) must agree on it, hence one place. It also says
+// which namespaces the operator may act in at all (Namespaces).
 package spegels
 
 import (
@@ -38,4 +39,26 @@ func Oldest(ctx context.Context, c client.Reader, gvk schema.GroupVersionKind) (
 		return strings.Compare(a.GetNamespace()+"/"+a.GetName(), b.GetNamespace()+"/"+b.GetName())
 	})
 	return &oldest, nil
+}
+
+// Namespaces are the namespaces the operator may act in: where its chart
+// gave it Roles, and all its cache watches of namespaced kinds. Empty
+// means every namespace (an operator run with cluster-wide rights).
+type Namespaces []string
+
+// Manages says whether the operator may act in namespace ns.
+func (n Namespaces) Manages(ns string) bool {
+	return len(n) == 0 || slices.Contains(n, ns)
+}
+
+// Refusal says why obj, in a namespace the operator does not manage, is
+// not reconciled, and how to fix it; nil when its namespace is managed.
+func (n Namespaces) Refusal(obj client.Object) error {
+	ns := obj.GetNamespace()
+	if n.Manages(ns) {
+		return nil
+	}
+	return fmt.Errorf("namespace %s is not managed by the operator: it may act only in %s (the operator chart's managedNamespaces gives it rights there and nowhere else); "+
+		"add %s to managedNamespaces (helm upgrade <release> helm-charts/operator --reuse-values --set 'managedNamespaces={%s}'), or delete %s/%s and create it in one of %s",
+		ns, strings.Join(n, ", "), ns, strings.Join(append(slices.Clone(n), ns), ","), obj.GetNamespace(), obj.GetName(), strings.Join(n, ", "))
 }

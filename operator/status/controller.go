@@ -26,6 +26,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
+	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
@@ -82,6 +83,8 @@ type Controller struct {
 	// Defaults are the provider override's values under every spec: they
 	// decide, with the spec, whether the prep DaemonSet is wanted.
 	Defaults map[string]any
+	// Overrides are watches.yaml's overrideValues, set over every spec.
+	Overrides map[string]string
 	// Provider names the override in force, shown in the ProviderOverride
 	// condition; empty: none.
 	Provider string
@@ -90,6 +93,9 @@ type Controller struct {
 	// AgentMetricsPort (default 30022) unless the values name another port.
 	HitRatio         *hitratio.Sampler
 	AgentMetricsPort int
+	// Namespaces the operator manages; a resource elsewhere is Ready
+	// false, saying how to fix it.
+	Namespaces spegels.Namespaces
 }
 
 // hitRatioPeriod is how often the hit ratio is sampled.
@@ -135,6 +141,10 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	if obj.GetDeletionTimestamp() != nil {
 		return reconcile.Result{}, nil
 	}
+	if err := c.Namespaces.Refusal(obj); err != nil {
+		// Nothing of it is cached or readable there; only say why.
+		return reconcile.Result{}, c.writeCondition(ctx, obj, "Ready", false, ReasonNamespaceNotManaged, err.Error())
+	}
 	var list appsv1.DaemonSetList
 	if err := c.Client.List(ctx, &list, client.InNamespace(req.Namespace), client.MatchingLabels{
 		"app.kubernetes.io/part-of": "fleetmirror", "app.kubernetes.io/instance": req.Name,
@@ -143,7 +153,12 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	}
 	want := []string{ComponentAgent}
 	spec, _, _ := unstructured.NestedMap(obj.Object, "spec")
-	if on, _, _ := unstructured.NestedBool(values.Merge(c.Defaults, spec), "containerdPrep", "enabled"); on {
+	eff, err := values.Effective(c.Defaults, spec, c.Overrides)
+	if err != nil {
+		// The release cannot render either; its conditions say why.
+		eff = values.Merge(c.Defaults, spec)
+	}
+	if on, _, _ := unstructured.NestedBool(eff, "containerdPrep", "enabled"); on {
 		want = append(want, ComponentPrep)
 	}
 	rd := Evaluate(list.Items, want)
@@ -168,7 +183,7 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	st["nodes"] = map[string]any{"desired": rd.Nodes.Desired, "updated": rd.Nodes.Updated, "ready": rd.Nodes.Ready}
 	resync := c.Resync
 	if c.HitRatio != nil {
-		if hits, err := c.peerHits(ctx, req, values.Merge(c.Defaults, spec)); err == nil {
+		if hits, err := c.peerHits(ctx, req, eff); err == nil {
 			st["peerHits"] = hits
 		} else {
 			log.FromContext(ctx).V(1).Info("peer hit ratio unavailable", "err", err.Error())
@@ -190,6 +205,28 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		return reconcile.Result{}, fmt.Errorf("updating status of %s: %w", req, err)
 	}
 	return reconcile.Result{RequeueAfter: resync}, nil
+}
+
+// ReasonNamespaceNotManaged: the resource is in a namespace the operator
+// has no rights in.
+const ReasonNamespaceNotManaged = "NamespaceNotManaged"
+
+// writeCondition sets one condition on obj's status, keeping the rest.
+func (c *Controller) writeCondition(ctx context.Context, obj *unstructured.Unstructured, typ string, ok bool, reason, msg string) error {
+	orig := obj.DeepCopy()
+	conds, _, _ := unstructured.NestedSlice(obj.Object, "status", "conditions")
+	conds = setCondition(conds, typ, ok, reason, msg)
+	if err := unstructured.SetNestedSlice(obj.Object, conds, "status", "conditions"); err != nil {
+		return err
+	}
+	patch := client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
+	if data, err := patch.Data(obj); err == nil && string(data) == "{}" {
+		return nil
+	}
+	if err := c.Client.Status().Patch(ctx, obj, patch); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("updating status of %s/%s: %w", obj.GetNamespace(), obj.GetName(), err)
+	}
+	return nil
 }
 
 // peerHits scrapes the resource's agent pods and tells the cluster's peer

@@ -1,11 +1,13 @@
 // Package values turns a Spegel resource's spec into the values of the
 // helm-charts/spegel chart. Spec fields are named like the chart's values,
 // so the spec is copied as it is, over the provider override's values;
-// what the operator adds are the images: defaults from the images map and
-// the imageMirror rewrite.
+// what the operator adds are the images (defaults from the images map and
+// the imageMirror rewrite) and the name of the network key Secret it made
+// for the resource.
 //
 // Precedence, lowest first: the chart's values.yaml < the provider
-// override (Inputs.Defaults) < the resource's spec < the images map,
+// override (Inputs.Defaults) < the resource's spec < watches.yaml's
+// overrideValues (Inputs.Overrides) < the images map,
 // which fills only the images the spec leaves out; imageMirror then
 // rewrites every image, given or filled.
 package values
@@ -13,8 +15,10 @@ package values
 import (
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 
+	"helm.sh/helm/v3/pkg/strvals"
 	"k8s.io/apimachinery/pkg/runtime"
 
 	"github.com/fleetmirror/fleetmirror/operator/imageref"
@@ -37,6 +41,9 @@ type Inputs struct {
 	// Defaults are the provider override's values (overrides/<provider>.yaml),
 	// spec-shaped; every resource's spec is merged over them.
 	Defaults map[string]any
+	// Overrides are watches.yaml's overrideValues ("image.tag": "v1", as
+	// `helm --set` reads them), set over every spec as helm-operator does.
+	Overrides map[string]string
 }
 
 // Validate says what is missing from the inputs.
@@ -58,12 +65,28 @@ func (in Inputs) Validate() error {
 }
 
 // Translate returns the chart values for spec (the resource's .spec, as
-// decoded JSON). Errors name the spec field that is wrong.
-func Translate(spec map[string]any, in Inputs) (map[string]any, error) {
+// decoded JSON). keySecret names the network key Secret the operator made
+// for the resource, used unless the spec names one of its own; so the
+// values are a function of the spec and that name alone, and a reconcile
+// without a change renders the same release. Errors name the spec field
+// that is wrong.
+func Translate(spec map[string]any, keySecret string, in Inputs) (map[string]any, error) {
 	if err := in.Validate(); err != nil {
 		return nil, err
 	}
-	vals := Merge(in.Defaults, spec)
+	vals, err := Effective(in.Defaults, spec, in.Overrides)
+	if err != nil {
+		return nil, err
+	}
+
+	nk, _ := vals["networkKey"].(map[string]any)
+	if nk == nil {
+		nk = map[string]any{}
+	}
+	if s, _ := nk["secretName"].(string); s == "" && keySecret != "" {
+		nk["secretName"] = keySecret
+	}
+	vals["networkKey"] = nk
 
 	img, _ := vals["image"].(map[string]any)
 	if img == nil {
@@ -115,6 +138,14 @@ func Translate(spec map[string]any, in Inputs) (map[string]any, error) {
 	return vals, nil
 }
 
+// KeySecret is the network key Secret that values (from Translate) name;
+// empty when the chart is to make its own.
+func KeySecret(vals map[string]any) string {
+	nk, _ := vals["networkKey"].(map[string]any)
+	s, _ := nk["secretName"].(string)
+	return s
+}
+
 // place parses ref and puts it under the mirror, if any.
 func place(ref, mirror, field string) (imageref.Reference, error) {
 	if mirror != "" {
@@ -148,6 +179,24 @@ func tagOf(r imageref.Reference) string {
 	default:
 		return r.Tag + "@" + r.Digest
 	}
+}
+
+// Effective is what a resource asks of the chart before images are
+// filled in: the provider override's values, the spec over them, and
+// watches.yaml's overrideValues over both. The inputs are left as they are.
+func Effective(defaults, spec map[string]any, overrides map[string]string) (map[string]any, error) {
+	vals := Merge(defaults, spec)
+	keys := make([]string, 0, len(overrides))
+	for k := range overrides {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // a deeper key after its parent, whatever the map order
+	for _, k := range keys {
+		if err := strvals.ParseInto(k+"="+overrides[k], vals); err != nil {
+			return nil, fmt.Errorf("watches.yaml overrideValues %q: %w", k, err)
+		}
+	}
+	return vals, nil
 }
 
 // Merge returns over laid on base, both left as they are: maps merge key

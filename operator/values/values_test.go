@@ -10,11 +10,12 @@ var images = map[string]string{AgentImage: "ghcr.io/fleetmirror/agent:v0.1.0", O
 
 func TestTranslate(t *testing.T) {
 	for _, tc := range []struct {
-		name    string
-		spec    map[string]any
-		mirror  string
-		want    map[string]any // checked keys only
-		wantErr string
+		name      string
+		spec      map[string]any
+		mirror    string
+		keySecret string
+		want      map[string]any // checked keys only
+		wantErr   string
 	}{
 		{name: "defaults from the images map", spec: nil, want: map[string]any{
 			"image":   map[string]any{"repository": "ghcr.io/fleetmirror/agent", "tag": "v0.1.0"},
@@ -35,12 +36,19 @@ func TestTranslate(t *testing.T) {
 			}},
 		{name: "other fields pass through", spec: map[string]any{"mirroredRegistries": []any{"https://docker.io"}, "logLevel": "debug"},
 			want: map[string]any{"mirroredRegistries": []any{"https://docker.io"}, "logLevel": "debug"}},
+		{name: "the operator's network key Secret", keySecret: "spegel-operator-network-key",
+			want: map[string]any{"networkKey": map[string]any{"secretName": "spegel-operator-network-key"}}},
+		{name: "a Secret the spec names wins over the operator's", keySecret: "spegel-operator-network-key",
+			spec: map[string]any{"networkKey": map[string]any{"secretName": "mine"}},
+			want: map[string]any{"networkKey": map[string]any{"secretName": "mine"}}},
+		{name: "no Secret: the chart makes its own",
+			want: map[string]any{"networkKey": map[string]any{}}},
 		{name: "tag without repository", spec: map[string]any{"image": map[string]any{"tag": "v1"}}, wantErr: "spec.image.tag is set without spec.image.repository"},
 		{name: "bad prep image", spec: map[string]any{"containerdPrep": map[string]any{"image": "Bad Image"}}, wantErr: "spec.containerdPrep.image"},
 		{name: "bad mirror", mirror: "https://registry.corp", wantErr: "imageMirror"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := Translate(tc.spec, Inputs{Images: images, Mirror: tc.mirror})
+			got, err := Translate(tc.spec, tc.keySecret, Inputs{Images: images, Mirror: tc.mirror})
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("error %v, want one containing %q", err, tc.wantErr)
@@ -61,7 +69,7 @@ func TestTranslate(t *testing.T) {
 
 func TestTranslateDoesNotChangeSpec(t *testing.T) {
 	spec := map[string]any{"image": map[string]any{"repository": "registry.corp/fm/agent"}}
-	if _, err := Translate(spec, Inputs{Images: images, Mirror: "m.corp"}); err != nil {
+	if _, err := Translate(spec, "", Inputs{Images: images, Mirror: "m.corp"}); err != nil {
 		t.Fatal(err)
 	}
 	if got := spec["image"].(map[string]any); len(got) != 1 {
@@ -89,7 +97,7 @@ func TestPrecedence(t *testing.T) {
 		"resources":      map[string]any{"limits": map[string]any{"memory": "512Mi"}},
 		"tolerations":    []any{map[string]any{"key": "a", "operator": "Exists"}},
 	}
-	got, err := Translate(spec, Inputs{Images: images, Defaults: defaults, Mirror: "m.corp"})
+	got, err := Translate(spec, "", Inputs{Images: images, Defaults: defaults, Mirror: "m.corp"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +121,7 @@ func TestPrecedence(t *testing.T) {
 		t.Error("Translate changed its inputs")
 	}
 	// An image in the spec wins over the map, and is still mirrored.
-	got, err = Translate(map[string]any{"image": map[string]any{"repository": "registry.corp/agent", "tag": "v2"}}, Inputs{Images: images, Defaults: defaults, Mirror: "m.corp"})
+	got, err = Translate(map[string]any{"image": map[string]any{"repository": "registry.corp/agent", "tag": "v2"}}, "", Inputs{Images: images, Defaults: defaults, Mirror: "m.corp"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,9 @@ const (
 	AgentRegistryPort = 30020
 	AgentRouterPort   = 30021
 	AgentMetricsPort  = 30022
+	// The debug page; on the node's IP here (the agent's default is
+	// loopback), so tests reach it from outside the namespace.
+	AgentDebugWebPort = 30023
 )
 
 // Node is one "machine": a network namespace with its own containerd and,
@@ -269,8 +272,10 @@ func (n *Node) startAgent(ctx context.Context, probe string) error {
 		n.mu.Unlock()
 		return err
 	}
-	// The key goes in the environment, which agents that predate it ignore.
-	var env []string
+	// Flags newer than the previous release go in the environment, which
+	// agents that predate them ignore: the debug page on the node's IP (so
+	// tests outside reach it) and the network key.
+	env := []string{"FLEETMIRROR_DEBUG_WEB_ADDR=" + netip.AddrPortFrom(n.IP, AgentDebugWebPort).String()}
 	if key := n.keyFile(); key != "" {
 		env = append(env, "FLEETMIRROR_NETWORK_KEY_FILE="+key)
 	}

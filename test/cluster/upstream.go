@@ -414,58 +414,42 @@ func (c *countingWriter) Flush() {
 
 // listenInNetns creates a listening socket inside the network namespace at
 // path. A socket stays in the namespace it was created in, so only creation
-// needs the namespace: it runs on a locked OS thread that is switched into
-// the namespace and never unlocked, so Go discards the thread afterwards
-// instead of reusing it for unrelated goroutines.
+// needs the namespace.
 func listenInNetns(path, network, addr string) (net.Listener, error) {
+	return inNetns(path, func() (net.Listener, error) { return net.Listen(network, addr) })
+}
+
+// dialInNetns connects from inside the network namespace at path.
+func dialInNetns(ctx context.Context, path, network, addr string) (net.Conn, error) {
+	return inNetns(path, func() (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, network, addr) })
+}
+
+// inNetns runs f on a locked OS thread switched into the network
+// namespace at path. The thread is never unlocked, so Go discards it
+// afterwards instead of reusing it for unrelated goroutines.
+func inNetns[T any](path string, f func() (T, error)) (T, error) {
 	type result struct {
-		ln  net.Listener
+		v   T
 		err error
 	}
 	ch := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
 		// Deliberately no UnlockOSThread: the thread dies with this goroutine.
-		f, err := os.Open(path)
+		var zero T
+		nsf, err := os.Open(path)
 		if err != nil {
-			ch <- result{err: err}
+			ch <- result{zero, err}
 			return
 		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("setns %s: %w", path, err)}
+		defer nsf.Close()
+		if err := unix.Setns(int(nsf.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{zero, fmt.Errorf("setns %s: %w", path, err)}
 			return
 		}
-		ln, err := net.Listen(network, addr)
-		ch <- result{ln, err}
+		v, err := f()
+		ch <- result{v, err}
 	}()
 	r := <-ch
-	return r.ln, r.err
-}
-
-// dialInNetns connects from inside the network namespace at path, on a
-// thread discarded afterwards as in listenInNetns.
-func dialInNetns(ctx context.Context, path, network, addr string) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		f, err := os.Open(path)
-		if err != nil {
-			ch <- result{err: err}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("setns %s: %w", path, err)}
-			return
-		}
-		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-		ch <- result{c, err}
-	}()
-	r := <-ch
-	return r.c, r.err
+	return r.v, r.err
 }

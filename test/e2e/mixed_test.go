@@ -13,13 +13,9 @@ import (
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
-// TestMixedVersions runs agents of two adjacent versions in one cluster, as
-// a rolling update does: the previous release's agent (built by `make
-// agent-prev` from PREV_AGENT_REF) on nodes 1 and 2, this one on nodes 3
-// and 4. Each serves the other, and a burst across both kinds completes.
-// Both run an open network here: an agent with the network key serves
-// only members (see TestRollingTrust for the way there).
-func TestMixedVersions(t *testing.T) {
+// prevAgent returns the previous release's agent binary and a context
+// for a test that runs it.
+func prevAgent(t *testing.T) (string, context.Context) {
 	prev := os.Getenv("FLEETMIRROR_AGENT_PREV")
 	if prev == "" {
 		t.Fatal("FLEETMIRROR_AGENT_PREV is not set: run `make e2e`, which builds bin/agent-prev")
@@ -28,7 +24,18 @@ func TestMixedVersions(t *testing.T) {
 		t.Fatal("the e2e suite needs root for network namespaces")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
+	t.Cleanup(cancel)
+	return prev, ctx
+}
+
+// TestMixedVersions runs agents of two adjacent versions in one cluster, as
+// a rolling update does: the previous release's agent (built by `make
+// agent-prev` from PREV_AGENT_REF) on nodes 1 and 2, this one on nodes 3
+// and 4. Each serves the other, and a burst across both kinds completes.
+// Both run an open network here: an agent with the network key serves
+// only members (see TestRollingTrust for the way there).
+func TestMixedVersions(t *testing.T) {
+	prev, ctx := prevAgent(t)
 	c := startCluster(t, ctx, cluster.Options{Nodes: 4, Containerd: "2", Logf: t.Logf, OpenNetwork: true})
 	for i, n := range c.Nodes {
 		n.AgentBin = agentBin(t)
@@ -68,15 +75,7 @@ func TestMixedVersions(t *testing.T) {
 // during each roll the two kinds cannot reach each other, so a node pulls
 // from the peers of its own kind or from upstream.
 func TestRollingTrust(t *testing.T) {
-	prev := os.Getenv("FLEETMIRROR_AGENT_PREV")
-	if prev == "" {
-		t.Fatal("FLEETMIRROR_AGENT_PREV is not set: run `make e2e`, which builds bin/agent-prev")
-	}
-	if os.Geteuid() != 0 {
-		t.Fatal("the e2e suite needs root for network namespaces")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
+	prev, ctx := prevAgent(t)
 	c := startCluster(t, ctx, cluster.Options{Nodes: 4, Containerd: "2", Logf: t.Logf})
 	for _, n := range c.Nodes {
 		n.AgentBin = prev

@@ -136,6 +136,32 @@ func TestDebugWeb(t *testing.T) {
 		}
 	})
 
+	t.Run("a cross-site measure is refused", func(t *testing.T) {
+		req, _ := http.NewRequestWithContext(e.ctx, http.MethodPost, debugURL(n2, "measure"),
+			strings.NewReader(url.Values{"image": {shared.ref}}.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.Header.Set("Sec-Fetch-Site", "cross-site")
+		req.Header.Set("Origin", "https://elsewhere.example")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("cross-site POST: %s %s, want 403", resp.Status, b)
+		}
+		// The page has its own listener: the metrics port no longer serves it.
+		resp, err = http.Get("http://" + netip.AddrPortFrom(n2.IP, cluster.AgentMetricsPort).String() + web.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNotFound {
+			t.Errorf("the metrics port answers %s for %s, want 404", resp.Status, web.Path)
+		}
+	})
+
 	t.Run("page in a browser", func(t *testing.T) { browse(t, e, n1, n2, peerOnly) })
 }
 
@@ -146,7 +172,7 @@ type (
 )
 
 func debugURL(n *cluster.Node, path string) string {
-	return "http://" + netip.AddrPortFrom(n.IP, cluster.AgentMetricsPort).String() + web.Path + path
+	return "http://" + netip.AddrPortFrom(n.IP, cluster.AgentDebugWebPort).String() + web.Path + path
 }
 
 func stats(t *testing.T, e *env, n *cluster.Node) webStats {

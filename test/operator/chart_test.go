@@ -26,6 +26,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/fleetmirror/fleetmirror/operator/imageref"
+	"github.com/fleetmirror/fleetmirror/operator/networkkey"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
@@ -38,6 +39,10 @@ var testImages = map[string]string{
 	values.AgentImage:    "ghcr.io/fleetmirror/agent:v0.1.0",
 	values.OperatorImage: "ghcr.io/fleetmirror/operator:v0.1.0",
 }
+
+// testKeySecret is the network key Secret the operator makes for a
+// resource named spegel.
+var testKeySecret = networkkey.SecretName("spegel")
 
 // chartCase is one file of testdata/cases: a Spegel spec and, optionally,
 // the imageMirror the operator is run with.
@@ -85,7 +90,7 @@ func loadRepoChart(t *testing.T, name string) *chart.Chart {
 // hooks included, as the operator would install them.
 func render(t *testing.T, ch *chart.Chart, c chartCase) string {
 	t.Helper()
-	vals, err := values.Translate(c.Spec, values.Inputs{Images: testImages, Mirror: c.Mirror})
+	vals, err := values.Translate(c.Spec, testKeySecret, values.Inputs{Images: testImages, Mirror: c.Mirror})
 	if err != nil {
 		t.Fatalf("%s: %v", c.Name, err)
 	}
@@ -171,7 +176,7 @@ func firstDiff(a, b string) string {
 func TestChartLint(t *testing.T) {
 	dir := filepath.Join(repoRoot, "helm-charts", "spegel")
 	for _, c := range loadCases(t) {
-		vals, err := values.Translate(c.Spec, values.Inputs{Images: testImages, Mirror: c.Mirror})
+		vals, err := values.Translate(c.Spec, testKeySecret, values.Inputs{Images: testImages, Mirror: c.Mirror})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -198,8 +203,13 @@ func TestChartValuesRefused(t *testing.T) {
 		{map[string]any{"hostNetwork": true, "service": map[string]any{"registry": map[string]any{"type": "NodePort"}}}, "NodePort needs hostNetwork: false"},
 		{map[string]any{"containerdMirrorAdd": false, "prependExisting": true}, "prependExisting: true needs containerdMirrorAdd: true"},
 		{map[string]any{"mirrorResolveTimout": "20ms"}, "mirrorResolveTimout"},
+		{map[string]any{"debugWebAddr": "localhost"}, "debugWebAddr"},
+		{map[string]any{"maxRequests": int64(0)}, "maxRequests"},
+		{map[string]any{"privateRegistries": []any{"https://registry.corp"}}, "/privateRegistries/0"},
+		{map[string]any{"upstreamTags": []any{"docker.io:latest"}}, "/upstreamTags/0"},
+		{map[string]any{"networkKey": map[string]any{"secretName": "Not A Name"}}, "/networkKey/secretName"},
 	} {
-		vals, err := values.Translate(tc.spec, values.Inputs{Images: testImages})
+		vals, err := values.Translate(tc.spec, testKeySecret, values.Inputs{Images: testImages})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -287,7 +287,7 @@ func TestOperatorChartServerDryRun(t *testing.T) {
 				t.Errorf("%s: only %d objects in the operator chart", name, n)
 			}
 			// What the operator configured by this chart renders.
-			vals, err := values.Translate(addonSpec(manifests, t), inputs(c))
+			vals, err := values.Translate(addonSpec(manifests, t), testKeySecret, inputs(c))
 			if err != nil {
 				t.Fatalf("%s: %v", name, err)
 			}
@@ -367,6 +367,7 @@ func startOperator(t *testing.T, manifests string, c config.Config, reportAfter 
 		Provider:                c.Provider.Name,
 		NodeReadiness:           c.NodeReadiness.Enabled,
 		ReportAfter:             reportAfter,
+		ManagedNamespaces:       c.ManagedNamespaces,
 		Timeouts:                release.Timeouts{Install: time.Minute, Upgrade: time.Minute, Uninstall: time.Minute},
 		MetricsAddr:             "0",
 		ProbeAddr:               "0",

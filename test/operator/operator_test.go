@@ -408,6 +408,8 @@ func TestOperator(t *testing.T) {
 		{map[string]any{"mirrorResolveRetries": int64(0)}, "spec.mirrorResolveRetries"},
 		{map[string]any{"image": map[string]any{"repository": "Registry/Agent"}}, "spec.image.repository"},
 		{map[string]any{"containerdMirrorAdd": false, "prependExisting": true}, "spec.prependExisting"},
+		{map[string]any{"privateRegistries": []any{"https://registry.corp"}}, "spec.privateRegistries[0]"},
+		{map[string]any{"upstreamTags": []any{"docker.io:latest"}}, "spec.upstreamTags[0]"},
 	} {
 		err := cl.Create(ctx, spegel("fm", "invalid", tc.spec))
 		if !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), tc.field) {

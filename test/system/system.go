@@ -201,6 +201,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		{"start the cluster", s.start},
 		{"build and push our images", s.pushImages},
 		{"helm install the operator", s.install},
+		{"the operator's rights and the network key", s.checkLeastPrivilege},
 		{"prep ran once per node", s.checkPrep},
 		{"roll out the workload", s.rollout},
 		{"delete an agent pod mid-rollout", s.faultAgentPod},

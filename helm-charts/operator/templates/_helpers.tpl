@@ -44,3 +44,16 @@ port needs rewriting). A test checks it against imageref.Mirror.
 {{- define "operator.spegelNamespace" -}}
 {{- .Values.components.spegel.namespace | default .Release.Namespace -}}
 {{- end -}}
+
+{{/*
+The namespaces the operator manages, as a JSON list: managedNamespaces,
+or the default Spegel resource's namespace. The default resource must be
+in one of them, or the operator would refuse its own chart's resource.
+*/}}
+{{- define "operator.managedNamespaces" -}}
+{{- $ns := .Values.managedNamespaces | default (list (include "operator.spegelNamespace" .)) | uniq -}}
+{{- if and .Values.components.spegel.enabled (not (has (include "operator.spegelNamespace" .) $ns)) -}}
+{{- fail (printf "components.spegel.namespace %s is not among managedNamespaces %s: add it, or the operator has no rights there" (include "operator.spegelNamespace" .) (join "," $ns)) -}}
+{{- end -}}
+{{- $ns | toJson -}}
+{{- end -}}

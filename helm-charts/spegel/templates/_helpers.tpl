@@ -48,6 +48,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-bootstrap.%s.svc.%s" (include "spegel.fullname" .) .Release.Namespace .Values.clusterDomain -}}
 {{- end -}}
 
+{{/* The Secret holding the cluster's network key: named, or the chart's own. */}}
+{{- define "spegel.networkKeySecret" -}}
+{{- .Values.networkKey.secretName | default (printf "%s-network-key" (include "spegel.fullname" .)) -}}
+{{- end -}}
+
 {{- define "spegel.mirrorTarget" -}}
 {{- if .Values.mirrorTarget -}}
 {{- .Values.mirrorTarget -}}
