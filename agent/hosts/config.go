@@ -56,6 +56,10 @@ type Config struct {
 	// Prepend keeps an existing hosts.toml: our mirror targets come first,
 	// followed by the hosts (and server settings) that were already there.
 	Prepend bool
+	// Canary, when set, is a registry name only the agent serves (see
+	// agent/canary): its hosts.toml names the first mirror target as host
+	// and as server, so containerd never asks anyone else for it.
+	Canary string
 }
 
 // Registry is one mirrored registry after validation.
@@ -146,6 +150,7 @@ func parseBaseURL(what, raw string) (*url.URL, error) {
 type plan struct {
 	mirrors    []string
 	registries []Registry
+	canary     *Registry
 }
 
 // Validate reports the first problem with cfg's mirror targets, registries
@@ -176,6 +181,12 @@ func (cfg Config) plan() (plan, error) {
 		seen[s] = raw
 		p.mirrors = append(p.mirrors, s)
 	}
+	if cfg.Canary != "" {
+		if strings.ContainsAny(cfg.Canary, ":/\\\"' \t") || strings.HasPrefix(cfg.Canary, ".") {
+			return p, fmt.Errorf("canary registry %q: want a plain host name", cfg.Canary)
+		}
+		p.canary = &Registry{Host: cfg.Canary, Server: p.mirrors[0], Dir: HostDir(cfg.Canary)}
+	}
 	if len(cfg.Registries) == 0 {
 		p.registries = []Registry{{Dir: DefaultDir}}
 		return p, nil
@@ -188,6 +199,9 @@ func (cfg Config) plan() (plan, error) {
 		}
 		if prev, ok := dirs[r.Dir]; ok {
 			return p, fmt.Errorf("registry %q and %q both configure %s; keep one (a registry host has a single scheme)", prev, raw, r.Dir)
+		}
+		if p.canary != nil && r.Dir == p.canary.Dir {
+			return p, fmt.Errorf("registry %q is the canary's name, which only the agent serves; remove it", raw)
 		}
 		dirs[r.Dir] = raw
 		p.registries = append(p.registries, r)

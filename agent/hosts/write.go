@@ -31,6 +31,10 @@ func Write(cfg Config) error {
 			errs = append(errs, err)
 		}
 	}
+	if p.canary != nil {
+		wanted[p.canary.Dir] = true
+		errs = append(errs, writeCanary(cfg, p))
+	}
 	entries, err := os.ReadDir(cfg.CertsDir)
 	if err != nil {
 		errs = append(errs, err)
@@ -43,6 +47,26 @@ func Write(cfg Config) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// WriteCanary installs only the canary's hosts.toml (Config.Canary), for
+// agents whose node writes the mirrored registries' files itself.
+func WriteCanary(cfg Config) error {
+	if cfg.CertsDir == "" || cfg.Canary == "" {
+		return errors.New("canary hosts.toml: certs dir and canary name are required")
+	}
+	p, err := cfg.plan()
+	if err != nil {
+		return err
+	}
+	return writeCanary(cfg, p)
+}
+
+// writeCanary writes the canary's file: the first mirror target only, as
+// host and server, and never a user's hosts (no name could have any).
+func writeCanary(cfg Config, p plan) error {
+	cfg.Prepend = false
+	return writeRegistry(cfg, p.mirrors[:1], *p.canary)
 }
 
 // Cleanup undoes Write: every backup is restored, and files we wrote without

@@ -47,6 +47,11 @@ type Metrics struct {
 	AdvertisedKeys  *prometheus.GaugeVec
 	PeerFailures    *prometheus.CounterVec
 	Denied          *prometheus.CounterVec
+
+	CanaryOK       prometheus.Gauge
+	CanaryRuns     *prometheus.CounterVec
+	CanaryLastRun  prometheus.Gauge
+	CanaryDuration prometheus.Gauge
 }
 
 // Option configures Metrics.
@@ -108,8 +113,25 @@ func New(peers func() int, opts ...Option) *Metrics {
 			Name: "fleetmirror_registry_denied_total",
 			Help: "Registry requests refused with 403 by reason (stranger: neither this node nor a member; old-agent: a peer without membership; bad-proof).",
 		}, []string{"reason"}),
+		CanaryOK: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "fleetmirror_canary_ok",
+			Help: "1 when the last canary pull proved that containerd pulls through this node's agent, 0 when it failed or none has run yet.",
+		}),
+		CanaryRuns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleetmirror_canary_runs_total",
+			Help: "Canary pulls by result: ok, or the step that failed (hosts, pull, requests, content, mirrored-hosts, cleanup).",
+		}, []string{"result"}),
+		CanaryLastRun: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "fleetmirror_canary_last_run_timestamp_seconds",
+			Help: "Unix time the last canary pull ended; 0 until the first.",
+		}),
+		CanaryDuration: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "fleetmirror_canary_duration_seconds",
+			Help: "How long the last canary took, pull, checks and removal.",
+		}),
 	}
-	m.Registry.MustRegister(m.Requests, m.ServedToPeers, m.FetchedBytes, m.ServedBytes,
+	m.Registry.MustRegister(m.CanaryOK, m.CanaryRuns, m.CanaryLastRun, m.CanaryDuration,
+		m.Requests, m.ServedToPeers, m.FetchedBytes, m.ServedBytes,
 		m.ResolveDuration, m.LastSuccess, m.AdvertisedKeys, m.PeerFailures, m.Denied,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fleetmirror_peers",

@@ -25,6 +25,7 @@ func scrape(t *testing.T) string {
 	m.ResolveDuration.WithLabelValues("blob").Observe(0.001)
 	m.AdvertisedKeys.WithLabelValues("tag").Set(1)
 	m.PeerFailures.WithLabelValues("digest").Inc()
+	m.CanaryRuns.WithLabelValues("ok").Inc()
 	rec := httptest.NewRecorder()
 	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	body, _ := io.ReadAll(rec.Result().Body)

@@ -68,8 +68,9 @@ type Containerd struct {
 	log        *slog.Logger
 	shared     func(image string) bool
 
-	indexer *indexer // used by Run's goroutine only
-	changed chan struct{}
+	indexer   *indexer // used by Run's goroutine only
+	changed   chan struct{}
+	connected chan struct{}
 
 	mu     sync.RWMutex
 	idx    *index
@@ -110,6 +111,7 @@ func NewContainerd(ctx context.Context, opts ...Option) (*Containerd, error) {
 	s := &Containerd{
 		namespace: "k8s.io",
 		changed:   make(chan struct{}, 1),
+		connected: make(chan struct{}, 1),
 		idx:       emptyIndex(),
 		ready:     errors.New("not yet synced with containerd"),
 	}
@@ -254,6 +256,11 @@ func (s *Containerd) Keys() []string {
 // Changed implements Store.
 func (s *Containerd) Changed() <-chan struct{} { return s.changed }
 
+// Connected receives once Run has synced with a containerd it (re)connected
+// to: at start, and after containerd restarted, when its configuration may
+// have changed. Signals coalesce while nobody receives.
+func (s *Containerd) Connected() <-chan struct{} { return s.connected }
+
 // Ready implements Store.
 func (s *Containerd) Ready() error {
 	s.mu.RLock()
@@ -332,6 +339,10 @@ func (s *Containerd) session(ctx context.Context) (synced bool, err error) {
 		return false, err
 	}
 	s.log.InfoContext(ctx, "in step with containerd", "version", v.Version, "keys", len(s.Keys()))
+	select {
+	case s.connected <- struct{}{}:
+	default:
+	}
 
 	timer := time.NewTimer(catchUpDelay)
 	defer timer.Stop()

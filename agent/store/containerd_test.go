@@ -153,7 +153,12 @@ func testStore(t *testing.T, bin string) {
 	waitKeys(t, viaAPI, want)
 
 	// Containerd crashes: the store says so, keeps its keys, and catches
-	// up once containerd is back.
+	// up once containerd is back, and says it connected again.
+	select {
+	case <-withDir.Connected():
+	default:
+		t.Error("no Connected signal for the first connection")
+	}
 	ctd.Kill(t)
 	waitFor(t, "Ready reporting the outage", 10*time.Second, func() error {
 		if err := withDir.Ready(); !errors.Is(err, ErrUnreachable) {
@@ -169,6 +174,11 @@ func testStore(t *testing.T, bin string) {
 	}
 	ctd.Start(t)
 	waitFor(t, "ready after restart", 20*time.Second, withDir.Ready)
+	select {
+	case <-withDir.Connected():
+	case <-time.After(5 * time.Second):
+		t.Error("no Connected signal after containerd restarted")
+	}
 	if got := withDir.Keys(); !slices.Equal(got, want) {
 		t.Errorf("Keys() after restart = %q, want %q", got, want)
 	}

@@ -29,6 +29,7 @@ type Stats struct {
 	Bytes      Bytes      `json:"bytes"`
 	Config     ConfigView `json:"config"`
 	Prep       Prep       `json:"prep"`
+	Canary     Canary     `json:"canary"`
 	// Error is set when the metrics could not be read; the rest still is.
 	Error string `json:"error,omitempty"`
 }
@@ -89,6 +90,12 @@ type Prep struct {
 	Detail     string `json:"detail"`
 }
 
+// Canary is the node's last canary pull, the proof of its mirror path.
+type Canary struct {
+	State  string `json:"state"` // ok, failed, pending or disabled
+	Detail string `json:"detail"`
+}
+
 // maxTagKeys bounds the tag list so a node with thousands of images still
 // gets a small page.
 const maxTagKeys = 200
@@ -113,13 +120,17 @@ func (w *Web) Stats(ctx context.Context) Stats {
 			ResolveRetries:     w.cfg.ResolveRetries,
 			RegistryURL:        w.cfg.RegistryURL,
 		},
-		Prep: Prep{Detail: "not configured"},
+		Prep:   Prep{Detail: "not configured"},
+		Canary: Canary{State: "disabled", Detail: "disabled (--canary-interval=0)"},
 	}
 	for _, p := range w.router.Peers() {
 		s.Peers = append(s.Peers, Peer{ID: p.ID, Address: p.Address})
 	}
 	if s.Config.MirroredRegistries == nil {
 		s.Config.MirroredRegistries = []string{}
+	}
+	if w.canary != nil {
+		s.Canary.State, s.Canary.Detail = w.canary()
 	}
 	if w.prep != nil {
 		s.Prep.Configured = true

@@ -55,6 +55,11 @@ type Keys interface {
 // prepared, and a one-line detail saying what was found or what is wrong.
 type PrepStatus func() (ok bool, detail string)
 
+// CanaryStatus reports the node's canary pull (agent/canary): state is
+// ok, failed, pending or disabled, detail one line saying when it last ran
+// and, when it failed, why.
+type CanaryStatus func() (state, detail string)
+
 // Config is the agent configuration the page shows; RegistryURL is also
 // where Measure Image Pull sends its requests.
 type Config struct {
@@ -75,6 +80,7 @@ type Web struct {
 	gatherer prometheus.Gatherer
 	cfg      Config
 	prep     PrepStatus
+	canary   CanaryStatus
 	log      *slog.Logger
 	client   *http.Client
 	now      func() time.Time
@@ -101,6 +107,10 @@ func WithConfig(c Config) Option { return func(w *Web) { w.cfg = c } }
 // WithPrepStatus sets the node's prep check; without it the page says
 // "not configured".
 func WithPrepStatus(p PrepStatus) Option { return func(w *Web) { w.prep = p } }
+
+// WithCanaryStatus sets the node's canary; without it the page says
+// "disabled".
+func WithCanaryStatus(c CanaryStatus) Option { return func(w *Web) { w.canary = c } }
 
 // WithLogger sets the logger.
 func WithLogger(l *slog.Logger) Option { return func(w *Web) { w.log = l } }

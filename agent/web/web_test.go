@@ -135,7 +135,7 @@ func TestStatsWithoutPeers(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{"Pending", "No peers connected", "not configured", "example.com", "20ms", "v-test", "Measure Image Pull"} {
+	for _, want := range []string{"Pending", "No peers connected", "not configured", "example.com", "20ms", "v-test", "Measure Image Pull", "Mirror path", "--canary-interval=0"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("page lacks %q", want)
 		}
@@ -152,6 +152,7 @@ func TestStatsFromMetrics(t *testing.T) {
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	nd.web.now = func() time.Time { return now }
 	nd.web.prep = func() (bool, string) { return false, "config_path is not set in /etc/containerd/config.toml" }
+	nd.web.canary = func() (string, string) { return "failed", "step content: discard_unpacked_layers = true" }
 	nd.metrics.LastSuccess.Set(float64(now.Add(-150 * time.Second).Unix()))
 	nd.metrics.Requests.WithLabelValues("example.com", "blob", metrics.OutcomePeer).Add(3)
 	nd.metrics.Requests.WithLabelValues("example.com", "manifest", metrics.OutcomePeer).Add(1)
@@ -187,6 +188,9 @@ func TestStatsFromMetrics(t *testing.T) {
 	}
 	if !s.Prep.Configured || s.Prep.OK || !strings.Contains(s.Prep.Detail, "config_path") {
 		t.Errorf("prep = %+v", s.Prep)
+	}
+	if s.Canary.State != "failed" || !strings.Contains(s.Canary.Detail, "discard_unpacked_layers") {
+		t.Errorf("canary = %+v", s.Canary)
 	}
 }
 

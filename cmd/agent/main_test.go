@@ -85,6 +85,11 @@ func TestValidate(t *testing.T) {
 		{name: "debug page address", mod: func(c *mirrorConfig) { c.debugWebAddr = "localhost" }, err: "--debug-web-addr"},
 		{name: "debug page off", mod: func(c *mirrorConfig) { c.debugWeb, c.debugWebAddr = false, "" }},
 		{name: "both bootstraps", mod: func(c *mirrorConfig) { c.bootstrapDNS = "x"; c.bootstrapPeers = cli.List{"a:1"} }, err: "choose one"},
+		{name: "canary interval", mod: func(c *mirrorConfig) { c.canaryInterval = time.Millisecond }, err: "--canary-interval"},
+		{name: "canary's name mirrored", mod: func(c *mirrorConfig) {
+			c.canaryInterval = time.Minute
+			c.mirroredRegistries = cli.List{"https://canary.fleetmirror.invalid"}
+		}, err: "only the agent serves"},
 		{name: "registry without scheme", mod: func(c *mirrorConfig) { c.mirroredRegistries = cli.List{"ghcr.io"} }, err: `use "https://ghcr.io"`},
 	}
 	for _, tt := range tests {
@@ -116,7 +121,7 @@ func (memoryRouter) Peers() []routing.Peer { return nil }
 func TestDebugPageWiring(t *testing.T) {
 	c := &mirrorConfig{registryAddr: "127.0.0.1:1", resolveTimeout: 20 * time.Millisecond, resolveRetries: 3}
 	h, err := c.debugPage(memoryRouter{routing.NewMemory(netip.MustParseAddrPort("127.0.0.1:1"))[0]}, storetest.NewMemory(),
-		metrics.New(func() int { return 0 }), nil, slog.New(slog.DiscardHandler))
+		metrics.New(func() int { return 0 }), nil, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,12 +13,14 @@ import (
 	"net/url"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fleetmirror/fleetmirror/agent/canary"
 	"github.com/fleetmirror/fleetmirror/agent/claim"
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
@@ -64,6 +66,8 @@ type mirrorConfig struct {
 	debugWebAddr        string
 	debugPprof          bool
 	maxRequests         int
+	canaryInterval      time.Duration
+	canaryGatesReady    bool
 }
 
 func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
@@ -104,6 +108,13 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	// not; set the node address to open it to the node network.
 	fs.StringVar(&c.debugWebAddr, "debug-web-addr", "127.0.0.1:30023", "listen address of the debug page")
 	fs.BoolVar(&c.debugPprof, "debug-pprof", false, "serve Go's profiles at /debug/pprof/ on the metrics address")
+	fs.DurationVar(&c.canaryInterval, "canary-interval", canary.DefaultInterval,
+		"how often containerd pulls the agent's canary image to prove the mirror path (also at start and after containerd restarts); 0 turns the canary off")
+	// Off by default until the operator releases a node held longer than a
+	// bound (issue 16's fail-open): a gate alone could hold a node's
+	// readiness taint, and a DaemonSet rollout, on a broken path forever.
+	fs.BoolVar(&c.canaryGatesReady, "canary-gates-readiness", false,
+		"readiness waits for the canary's first proof and fails, with the reason, while the mirror path is broken")
 	return func(ctx context.Context) error { return runMirror(ctx, c) }
 }
 
@@ -134,6 +145,9 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 	if c.maxRequests < 1 || c.maxRequests > 1<<16 {
 		return 0, nil, fmt.Errorf("--max-requests %d: want 1 to 65536", c.maxRequests)
 	}
+	if c.canaryInterval < 0 || c.canaryInterval > 0 && c.canaryInterval < time.Second {
+		return 0, nil, fmt.Errorf("--canary-interval %s: want 0 (off) or at least 1s (minutes in production)", c.canaryInterval)
+	}
 	if c.resolveRetries < 1 || c.resolveRetries > 20 {
 		return 0, nil, fmt.Errorf("--mirror-resolve-retries %d: want 1 to 20", c.resolveRetries)
 	}
@@ -160,7 +174,12 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 // trust loads what the agent needs to take part as a member: the network
 // key (nil for an open network) and the sharing policy.
 func (c *mirrorConfig) trust(log *slog.Logger) (*peerauth.Key, *policy.Policy, error) {
-	pol, err := policy.New(c.privateRegistries, c.upstreamTags)
+	private := c.privateRegistries
+	if c.canaryInterval > 0 {
+		// The canary's images are the node's own proof: never advertised.
+		private = append(slices.Clone(private), canary.Registry)
+	}
+	pol, err := policy.New(private, c.upstreamTags)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -204,8 +223,12 @@ func (c *mirrorConfig) nodeClients() ([]netip.Prefix, error) {
 }
 
 func (c *mirrorConfig) hostsConfig() hosts.Config {
-	return hosts.Config{CertsDir: c.certsDir, MirrorTargets: c.mirrorTargets, Registries: c.mirroredRegistries,
+	cfg := hosts.Config{CertsDir: c.certsDir, MirrorTargets: c.mirrorTargets, Registries: c.mirroredRegistries,
 		DialTimeout: c.dialTimeout, Prepend: c.prependExisting}
+	if c.canaryInterval > 0 {
+		cfg.Canary = canary.Registry
+	}
+	return cfg
 }
 
 func runMirror(ctx context.Context, c *mirrorConfig) error {
@@ -254,6 +277,10 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	if err != nil {
 		return err
 	}
+	can, err := c.canary(m, log)
+	if err != nil {
+		return err
+	}
 	// Read by /readyz handlers while the main goroutine writes hosts.toml.
 	var hostsWritten atomic.Bool
 	hostsWritten.Store(!c.mirrorAdd)
@@ -273,6 +300,9 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 			if ok, detail := c.prepStatus(); !ok {
 				return errors.New("containerd not prepared: " + detail)
 			}
+		}
+		if can != nil && c.canaryGatesReady {
+			return can.Ready()
 		}
 		return nil
 	}
@@ -297,19 +327,28 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		Denied: func(reason string) { m.Denied.WithLabelValues(reason).Inc() }}
 	// Content is gated; the probes and the peer ID are not: they tell
 	// nothing about what the node holds.
-	regMux.Handle("/v2/", gate.Wrap(reg))
+	var content http.Handler = reg
+	if can != nil {
+		content = can.Wrap(reg)
+	}
+	regMux.Handle("/v2/", gate.Wrap(content))
 	regMux.Handle("/", reg)
 	metricsMux := http.NewServeMux()
 	metricsMux.Handle("/metrics", m.Handler())
 	metricsMux.Handle("/readyz", reg)
 	metricsMux.Handle("/livez", reg)
+	if can != nil {
+		metricsMux.Handle("/canary", can.StatusHandler())
+	} else {
+		metricsMux.Handle("/canary", canary.DisabledHandler())
+	}
 	if c.debugPprof {
 		metricsMux.HandleFunc("/debug/pprof/", pprof.Index)
 		metricsMux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	}
 	var debugPage http.Handler
 	if c.debugWeb {
-		if debugPage, err = c.debugPage(router, st, m, regs, log); err != nil {
+		if debugPage, err = c.debugPage(router, st, m, regs, can, log); err != nil {
 			return err
 		}
 	}
@@ -358,6 +397,14 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		hostsWritten.Store(true)
 		log.Info("wrote containerd mirror configuration", "certsDir", c.certsDir, "targets", c.mirrorTargets.String())
 	}
+	if can != nil {
+		// After hosts.toml, so the first run proves what was written; the
+		// store's signal runs it at start and after containerd restarts.
+		g.Go(func() error {
+			can.Run(ctx, st.Connected())
+			return nil
+		})
+	}
 	return g.Wait()
 }
 
@@ -378,8 +425,21 @@ func (c *mirrorConfig) router(ctx context.Context, port uint16, key *peerauth.Ke
 	return routing.NewP2P(ctx, opts...)
 }
 
+// canary returns the node's canary, nil when --canary-interval is 0.
+func (c *mirrorConfig) canary(m *metrics.Metrics, log *slog.Logger) (*canary.Canary, error) {
+	if c.canaryInterval == 0 {
+		return nil, nil
+	}
+	opts := []canary.Option{canary.WithContainerd(c.containerdSocket), canary.WithHosts(c.hostsConfig(), c.mirrorAdd),
+		canary.WithInterval(c.canaryInterval), canary.WithMetrics(m), canary.WithLogger(log.With("component", "canary"))}
+	if c.prepCheckConfig != "" {
+		opts = append(opts, canary.WithConfigCheck(c.prepStatus))
+	}
+	return canary.New(opts...)
+}
+
 // debugPage serves /debug/web.
-func (c *mirrorConfig) debugPage(router web.Router, st web.Keys, m *metrics.Metrics, regs []hosts.Registry, log *slog.Logger) (http.Handler, error) {
+func (c *mirrorConfig) debugPage(router web.Router, st web.Keys, m *metrics.Metrics, regs []hosts.Registry, can *canary.Canary, log *slog.Logger) (http.Handler, error) {
 	opts := []web.Option{web.WithRouter(router), web.WithStore(st), web.WithGatherer(m.Registry),
 		web.WithLogger(log.With("component", "web")), web.WithConfig(web.Config{
 			RegistryURL:        localURL(c.registryAddr),
@@ -392,6 +452,12 @@ func (c *mirrorConfig) debugPage(router web.Router, st web.Keys, m *metrics.Metr
 	// Without --prep-check-config the page says "not configured".
 	if c.prepCheckConfig != "" {
 		opts = append(opts, web.WithPrepStatus(c.prepStatus))
+	}
+	if can != nil {
+		opts = append(opts, web.WithCanaryStatus(func() (string, string) {
+			s := can.Status()
+			return s.Verdict, s.Summary()
+		}))
 	}
 	dw, err := web.New(opts...)
 	if err != nil {

@@ -67,6 +67,8 @@ var examples = map[string]example{
 	"debugWeb":              {A: false, B: true, C: "false"},
 	"debugWebAddr":          {A: ":30023", B: "127.0.0.1:30024", C: "127.0.0.1:30025"},
 	"maxRequests":           {A: 256, B: 1024, C: "2048"},
+	"canaryInterval":        {A: "10m", B: "1m", C: "30s"},
+	"canaryGatesReadiness":  {A: true, B: false, C: "true"},
 	"containerd.socket":     {A: "/run/a.sock", B: "/run/b.sock", C: "/run/c.sock"},
 	"containerd.namespace":  {A: "a", B: "b", C: "c"},
 	"containerd.contentDir": {A: "/a/content", B: "/b/content", C: "/c/content"},

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -52,6 +53,9 @@ type Node struct {
 	// KeyFile, when set, replaces the cluster's network key for this
 	// node's agent; "none" starts it without one.
 	KeyFile string
+	// AgentFlags, "--name=value" each, replace the flags of that name in
+	// this node's agent command line (or are added), for the next start.
+	AgentFlags []string
 
 	// With Options.PrivateMounts: the file pinning the node's own mount
 	// namespace, where its containerd and kubelet run and its dirs sit at
@@ -225,7 +229,13 @@ func (n *Node) AgentArgs() []string {
 		"--bootstrap-peers=" + strings.Join(peers, ","),
 		"--data-dir=" + filepath.Join(n.Dir, "agent"),
 	}
-	return append(args, c.opts.AgentArgs...)
+	args = append(args, c.opts.AgentArgs...)
+	for _, f := range n.AgentFlags {
+		name, _, _ := strings.Cut(f, "=")
+		args = slices.DeleteFunc(args, func(a string) bool { return strings.HasPrefix(a, name+"=") })
+		args = append(args, f)
+	}
+	return args
 }
 
 func (n *Node) keyFile() string {
@@ -239,7 +249,13 @@ func (n *Node) keyFile() string {
 }
 
 // StartAgent starts the agent and waits up to 30s for GET /readyz == 200.
-func (n *Node) StartAgent(ctx context.Context) error {
+func (n *Node) StartAgent(ctx context.Context) error { return n.startAgent(ctx, "/readyz") }
+
+// StartAgentLive starts the agent and waits only until it serves
+// (GET /livez == 200), for agents that are not meant to become ready.
+func (n *Node) StartAgentLive(ctx context.Context) error { return n.startAgent(ctx, "/livez") }
+
+func (n *Node) startAgent(ctx context.Context, probe string) error {
 	bin := n.cluster.opts.AgentBin
 	if n.AgentBin != "" {
 		bin = n.AgentBin
@@ -271,7 +287,7 @@ func (n *Node) StartAgent(ctx context.Context) error {
 	n.agent = p
 	n.mu.Unlock()
 
-	url := "http://" + n.RegistryAddr() + "/readyz"
+	url := "http://" + n.RegistryAddr() + probe
 	client := &http.Client{Timeout: time.Second}
 	deadline := time.Now().Add(30 * time.Second)
 	var last error
@@ -285,14 +301,14 @@ func (n *Node) StartAgent(ctx context.Context) error {
 			_, _ = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				n.logf("agent ready (pid %d)", p.pid())
+				n.logf("agent answers %s (pid %d)", probe, p.pid())
 				return nil
 			}
 			err = fmt.Errorf("GET %s: %s", url, resp.Status)
 		}
 		last = err
 		if ctx.Err() != nil || time.Now().After(deadline) {
-			return fmt.Errorf("%s: agent not ready after 30s: %v; log tail:\n%s", n.Name, errors.Join(last, ctx.Err()), TailFile(n.AgentLog, 30))
+			return fmt.Errorf("%s: agent not answering %s after 30s: %v; log tail:\n%s", n.Name, probe, errors.Join(last, ctx.Err()), TailFile(n.AgentLog, 30))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

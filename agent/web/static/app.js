@@ -76,6 +76,9 @@ function renderStats(s) {
   }
   setText("adv-more", s.advertised.more ? "and " + s.advertised.more + " more" : "");
 
+  const canary = $("canary");
+  canary.className = s.canary.state === "ok" ? "good" : s.canary.state === "failed" ? "bad" : "muted";
+  canary.textContent = (s.canary.state === "ok" ? "PROVEN: " : s.canary.state === "failed" ? "BROKEN: " : "") + s.canary.detail;
   const prep = $("prep");
   prep.className = !s.prep.configured ? "muted" : s.prep.ok ? "good" : "bad";
   prep.textContent = (s.prep.configured ? (s.prep.ok ? "OK: " : "FAILED: ") : "") + s.prep.detail;
