@@ -5,10 +5,12 @@ SHELL := /bin/bash
 GO ?= go
 export FLEETMIRROR_TOOLS ?= /var/cache/fleetmirror/tools
 export GOFLAGS ?= -buildvcs=false
-VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# The release version: the VERSION file, the one place it is set
+# (hack/set-version.sh X.Y.Z also updates the charts that repeat it).
+VERSION ?= $(shell cat VERSION)
 LDFLAGS := -s -w -X github.com/fleetmirror/fleetmirror/agent/version.Version=$(VERSION)
 
-.PHONY: agent-prev all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e system-e2e crds
+.PHONY: release agent-prev all build tools test unit e2e demo bench lint fuzz clean images images-check release-images mirror-images operator-test kube-e2e system-e2e crds
 
 all: build
 
@@ -70,6 +72,30 @@ release-images:
 	$(GO) run ./cmd/images --images "$(strip $(IMAGES))" --version $(VERSION) --platforms linux/amd64,linux/arm64 --push $(MIRROR) --refs bin/images/refs
 	$(GO) run ./cmd/mirror-images push --to $(MIRROR)
 	$(GO) run ./cmd/mirror-images write-map $$(sed 's/^/--set /' bin/images/refs)
+
+## release: REGISTRY=host[:port][/prefix]: release VERSION (the VERSION file's):
+## our images (amd64, arm64, no daemon) pushed to REGISTRY at their imageMirror
+## path, the images map (mirror-images/images.yaml) given their digests, and
+## both charts packaged (bin/release/) and pushed to oci://REGISTRY/helm-charts,
+## the operator chart's images pinned by those digests. PLAIN_HTTP=1 for a
+## registry without TLS.
+HELM ?= $(FLEETMIRROR_TOOLS)/helm-v3.22.0/bin/helm
+RELEASE_PLATFORMS ?= linux/amd64,linux/arm64
+release:
+	@test -n "$(REGISTRY)" || { echo "release: set REGISTRY=host[:port][/prefix]" >&2; exit 2; }
+	@test "$(VERSION)" = "$$(cat VERSION)" || { echo "release: VERSION=$(VERSION) but the VERSION file says $$(cat VERSION); run hack/set-version.sh $(VERSION) and commit first" >&2; exit 2; }
+	@test -x "$(HELM)" || { echo "release: no helm at $(HELM): run make tools" >&2; exit 2; }
+	$(GO) test -count=1 -run TestRepositoryAgrees ./release/version
+	rm -rf bin/release && mkdir -p bin/release bin/images
+	$(GO) run ./cmd/images --images "$(strip $(IMAGES))" --version $(VERSION) --revision "$$(git rev-parse HEAD 2>/dev/null)" --platforms $(RELEASE_PLATFORMS) --push $(REGISTRY) --refs bin/images/refs
+	$(GO) run ./cmd/mirror-images write-map $$(sed 's/^/--set /' bin/images/refs)
+	cp -r helm-charts/spegel helm-charts/operator bin/release/
+	while IFS='=' read -r k ref; do sed -i -E "s#^  $$k: .*#  $$k: $$ref#" bin/release/operator/values.yaml; done <bin/images/refs
+	$(HELM) package bin/release/spegel --version $(VERSION) --app-version $(VERSION) -d bin/release
+	$(HELM) package bin/release/operator --version $(VERSION) --app-version $(VERSION) -d bin/release
+	$(HELM) push bin/release/spegel-$(VERSION).tgz oci://$(REGISTRY)/helm-charts $(if $(PLAIN_HTTP),--plain-http)
+	$(HELM) push bin/release/fleetmirror-operator-$(VERSION).tgz oci://$(REGISTRY)/helm-charts $(if $(PLAIN_HTTP),--plain-http)
+	@echo "released $(VERSION): helm install fleetmirror oci://$(REGISTRY)/helm-charts/fleetmirror-operator --version $(VERSION) --set imageMirror=$(REGISTRY)"
 
 ## mirror-images: lint the third-party set and the images map; MIRROR=... also plans the copy
 mirror-images:
