@@ -79,7 +79,7 @@ func BenchmarkAgentMemory(b *testing.B) {
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmRSS"), "rss-MiB")
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "RssAnon"), "anon-rss-MiB")
 	if out := os.Getenv("FLEETMIRROR_BENCH_HEAP"); out != "" {
-		saveHeap(b, "http://"+n2.IP.String()+":30022/debug/pprof/heap", out)
+		saveHeap(b, "http://"+n2.IP.String()+":30122/debug/pprof/heap", out)
 	}
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmHWM"), "peak-rss-MiB")
 	b.ReportMetric(float64(want), "digests")

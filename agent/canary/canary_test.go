@@ -424,7 +424,7 @@ func TestRunLoop(t *testing.T) {
 }
 
 func TestNewNeeds(t *testing.T) {
-	cfg := hosts.Config{CertsDir: "/x", MirrorTargets: []string{"http://127.0.0.1:30020"}}
+	cfg := hosts.Config{CertsDir: "/x", MirrorTargets: []string{"http://127.0.0.1:30120"}}
 	for _, opts := range [][]Option{
 		{WithHosts(cfg, true)},
 		{WithContainerd("/s")},

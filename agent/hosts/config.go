@@ -44,7 +44,7 @@ type Config struct {
 	// CertsDir is containerd's config_path, e.g. DefaultCertsDir.
 	CertsDir string
 	// MirrorTargets are the agent URLs containerd should try first, in
-	// order, e.g. "http://127.0.0.1:30020".
+	// order, e.g. "http://127.0.0.1:30120".
 	MirrorTargets []string
 	// Registries are the upstream registry URLs to mirror, e.g.
 	// "https://docker.io" or "http://10.1.2.3:5000". Empty means every
@@ -163,7 +163,7 @@ func (cfg Config) Validate() error {
 func (cfg Config) plan() (plan, error) {
 	var p plan
 	if len(cfg.MirrorTargets) == 0 {
-		return p, errors.New("no mirror targets: set at least one agent URL, e.g. \"http://127.0.0.1:30020\"")
+		return p, errors.New("no mirror targets: set at least one agent URL, e.g. \"http://127.0.0.1:30120\"")
 	}
 	if cfg.DialTimeout < 0 {
 		return p, fmt.Errorf("dial timeout %s is negative; use e.g. %s, or 0 for containerd's default", cfg.DialTimeout, DefaultDialTimeout)

@@ -53,8 +53,8 @@ func views(hs []docker.RegistryHost) []hostView {
 }
 
 func TestContainerdReadsOurFiles(t *testing.T) {
-	mirror := hostView{"http", "127.0.0.1:30020", "/v2", capsMirror, nil}
-	mirror2 := hostView{"https", "10.0.0.7:30021", "/v2", capsMirror, nil}
+	mirror := hostView{"http", "127.0.0.1:30120", "/v2", capsMirror, nil}
+	mirror2 := hostView{"https", "10.0.0.7:30121", "/v2", capsMirror, nil}
 	tests := []struct {
 		name     string
 		cfg      Config
@@ -70,7 +70,7 @@ func TestContainerdReadsOurFiles(t *testing.T) {
 		},
 		{
 			name: "docker.io goes upstream to registry-1",
-			cfg:  Config{MirrorTargets: []string{local, "https://10.0.0.7:30021"}, Registries: []string{"https://docker.io", "https://ghcr.io"}},
+			cfg:  Config{MirrorTargets: []string{local, "https://10.0.0.7:30121"}, Registries: []string{"https://docker.io", "https://ghcr.io"}},
 			pull: "docker.io",
 			want: []hostView{mirror, mirror2, {"https", "registry-1.docker.io", "/v2", capsAll, nil}},
 		},
@@ -152,7 +152,7 @@ func TestContainerdReadsRender(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(hs) != 2 || hs[0].Host != "127.0.0.1:30020" || hs[0].Capabilities != capsMirror {
+		if len(hs) != 2 || hs[0].Host != "127.0.0.1:30120" || hs[0].Capabilities != capsMirror {
 			t.Errorf("%s: %+v", host, views(hs))
 		}
 	}
@@ -170,7 +170,7 @@ func FuzzPrepend(f *testing.F) {
 		"override_path = true\n[host.'x']\ndial_timeout = '1s'\nclient = [['a', 'b'], 'c']\n",
 		"[host]\n\"https://inline\" = { capabilities = [\"pull\"] }\n",
 		"capabilities = [\"PULL\"]\nskip_verify = false\n[header]\nx = [\"1\"]\n",
-		"[host.\"http://127.0.0.1:30020\"]\ncapabilities = [\"push\"]\n",
+		"[host.\"http://127.0.0.1:30120\"]\ncapabilities = [\"push\"]\n",
 	} {
 		f.Add([]byte(s))
 	}
@@ -202,13 +202,13 @@ func FuzzPrepend(f *testing.F) {
 			}
 			return
 		}
-		if len(got) < 2 || got[0].Host != "127.0.0.1:30020" || got[0].Capabilities != capsMirror {
+		if len(got) < 2 || got[0].Host != "127.0.0.1:30120" || got[0].Capabilities != capsMirror {
 			t.Fatalf("containerd did not take our mirror first: %+v\n%s", views(got), out)
 		}
 		if wantErr != nil {
 			t.Fatalf("original fails (%v) but ours does not\n%s", wantErr, out)
 		}
-		if strings.Contains(string(data), "127.0.0.1:30020") || hasRepeatedHost(data) {
+		if strings.Contains(string(data), "127.0.0.1:30120") || hasRepeatedHost(data) {
 			return // deliberately deduplicated, not comparable
 		}
 		if !reflect.DeepEqual(views(got[1:]), views(want)) {

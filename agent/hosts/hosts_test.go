@@ -11,7 +11,7 @@ import (
 
 const header = markerLine + "\n" + headerNote
 
-const local = "http://127.0.0.1:30020"
+const local = "http://127.0.0.1:30120"
 
 func mirrorBlock(url string) string {
 	return "\n[host.\"" + url + "\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"200ms\"\n"
@@ -33,15 +33,15 @@ func TestRender(t *testing.T) {
 		{
 			name: "several registries and mirrors, docker.io server",
 			cfg: Config{
-				MirrorTargets: []string{local, "https://10.0.0.7:30021/"},
+				MirrorTargets: []string{local, "https://10.0.0.7:30121/"},
 				Registries:    []string{"https://docker.io", "https://quay.io/"},
 				DialTimeout:   200 * time.Millisecond,
 			},
 			want: map[string]string{
 				"docker.io/hosts.toml": header + "server = \"https://registry-1.docker.io\"\n" +
-					mirrorBlock(local) + mirrorBlock("https://10.0.0.7:30021"),
+					mirrorBlock(local) + mirrorBlock("https://10.0.0.7:30121"),
 				"quay.io/hosts.toml": header + "server = \"https://quay.io\"\n" +
-					mirrorBlock(local) + mirrorBlock("https://10.0.0.7:30021"),
+					mirrorBlock(local) + mirrorBlock("https://10.0.0.7:30121"),
 			},
 		},
 		{
@@ -117,8 +117,8 @@ func TestValidateErrors(t *testing.T) {
 		{"docker.io over http", Config{MirrorTargets: []string{local}, Registries: []string{"http://docker.io"}}, []string{`"http://docker.io"`, "https://docker.io"}},
 		{"duplicate registry", Config{MirrorTargets: []string{local}, Registries: []string{"https://ghcr.io", "http://ghcr.io"}}, []string{`"http://ghcr.io"`, "ghcr.io"}},
 		{"no mirrors", Config{Registries: []string{"https://ghcr.io"}}, []string{"no mirror targets"}},
-		{"bad mirror", Config{MirrorTargets: []string{"127.0.0.1:30020"}}, []string{`mirror target "127.0.0.1:30020"`, "missing scheme"}},
-		{"mirror with path", Config{MirrorTargets: []string{"http://127.0.0.1:30020/v2"}}, []string{`"http://127.0.0.1:30020/v2"`, "path"}},
+		{"bad mirror", Config{MirrorTargets: []string{"127.0.0.1:30120"}}, []string{`mirror target "127.0.0.1:30120"`, "missing scheme"}},
+		{"mirror with path", Config{MirrorTargets: []string{"http://127.0.0.1:30120/v2"}}, []string{`"http://127.0.0.1:30120/v2"`, "path"}},
 		{"duplicate mirror", Config{MirrorTargets: []string{local, local + "/"}}, []string{"duplicates"}},
 		{"negative dial timeout", Config{MirrorTargets: []string{local}, DialTimeout: -time.Second}, []string{"negative"}},
 	}

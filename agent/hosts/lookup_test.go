@@ -16,7 +16,7 @@ const canaryName = "canary.fleetmirror.invalid"
 // as host and as server, nothing else, whatever else is mirrored.
 func TestCanaryHosts(t *testing.T) {
 	root := t.TempDir()
-	cfg := Config{CertsDir: root, MirrorTargets: []string{local, "https://10.0.0.7:30021"}, Registries: []string{"https://ghcr.io"}, Canary: canaryName}
+	cfg := Config{CertsDir: root, MirrorTargets: []string{local, "https://10.0.0.7:30121"}, Registries: []string{"https://ghcr.io"}, Canary: canaryName}
 	if err := Write(cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -24,8 +24,8 @@ func TestCanaryHosts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mirror := hostView{"http", "127.0.0.1:30020", "/v2", capsMirror, nil}
-	if want := []hostView{mirror, {"http", "127.0.0.1:30020", "/v2", capsAll, nil}}; !reflect.DeepEqual(views(got), want) {
+	mirror := hostView{"http", "127.0.0.1:30120", "/v2", capsMirror, nil}
+	if want := []hostView{mirror, {"http", "127.0.0.1:30120", "/v2", capsAll, nil}}; !reflect.DeepEqual(views(got), want) {
 		t.Errorf("containerd hosts for the canary:\n got %+v\nwant %+v", views(got), want)
 	}
 	// A second Write keeps it; Cleanup removes it with its folder.
@@ -73,7 +73,7 @@ func TestVerify(t *testing.T) {
 		{name: "one deleted", write: true, files: map[string]string{"ghcr.io/hosts.toml": ""},
 			want: []string{"ghcr.io/hosts.toml is missing: containerd pulls ghcr.io from upstream"}},
 		{name: "replaced by a user's", write: true, files: map[string]string{"ghcr.io/hosts.toml": userFile},
-			want: []string{`names "https://proxy.example" first, not the mirror target "http://127.0.0.1:30020"`}},
+			want: []string{`names "https://proxy.example" first, not the mirror target "http://127.0.0.1:30120"`}},
 		{name: "host_port_ shadows on 1.7 and 2.x", write: true, hostPortDirs: true,
 			files: map[string]string{"10.1.2.3_5000_/hosts.toml": userFile}, want: []string{"10.1.2.3_5000_ shadows"}},
 		{name: "host_port_ is ignored by 1.6", write: true, files: map[string]string{"10.1.2.3_5000_/hosts.toml": userFile}},

@@ -30,7 +30,7 @@ import (
 
 // SourceHeader tells a client of this node where a response's content came
 // from: "local", or "peer" followed by the peers' registry addresses when
-// known ("peer 10.0.0.12:30020"). The debug page's Measure Image Pull reads
+// known ("peer 10.0.0.12:30120"). The debug page's Measure Image Pull reads
 // it; containerd ignores it.
 const SourceHeader = "X-Fleetmirror-Source"
 

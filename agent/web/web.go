@@ -64,7 +64,7 @@ type CanaryStatus func() (state, detail string)
 // where Measure Image Pull sends its requests.
 type Config struct {
 	// RegistryURL is the node's own registry as containerd reaches it,
-	// e.g. http://127.0.0.1:30020.
+	// e.g. http://127.0.0.1:30120.
 	RegistryURL        string
 	MirroredRegistries []string // hosts; empty means all
 	MirrorTargets      []string
@@ -132,7 +132,7 @@ func New(opts ...Option) (*Web, error) {
 	}
 	u, err := url.Parse(w.cfg.RegistryURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, errors.New("web: Config.RegistryURL must be the node's registry URL, e.g. http://127.0.0.1:30020")
+		return nil, errors.New("web: Config.RegistryURL must be the node's registry URL, e.g. http://127.0.0.1:30120")
 	}
 	w.client = &http.Client{Transport: &http.Transport{
 		// The node's own registry only: never an environment proxy.

@@ -349,7 +349,7 @@ func TestNewRequires(t *testing.T) {
 		"store":    {WithRouter(nd.router), WithGatherer(nd.metrics.Registry), WithConfig(Config{RegistryURL: "http://127.0.0.1:1"})},
 		"gatherer": {WithRouter(nd.router), WithStore(nd.store), WithConfig(Config{RegistryURL: "http://127.0.0.1:1"})},
 		"RegistryURL": {WithRouter(nd.router), WithStore(nd.store), WithGatherer(nd.metrics.Registry),
-			WithConfig(Config{RegistryURL: ":30020"})},
+			WithConfig(Config{RegistryURL: ":30120"})},
 	} {
 		if _, err := New(opts...); err == nil || !strings.Contains(err.Error(), name) {
 			t.Errorf("without %s: %v", name, err)
@@ -380,9 +380,9 @@ func TestMeasureRefusesCrossOrigin(t *testing.T) {
 		{"Origin with another port", "POST", "measure", "", []string{"Origin", "http://127.0.0.1:1"}, 403},
 		{"cross-site DELETE", "DELETE", "measure", "", []string{"Sec-Fetch-Site", "cross-site"}, 403},
 		{"the page itself", "POST", "measure", "", []string{"Sec-Fetch-Site", "same-origin", "Origin", page}, 200},
-		{"through kubectl port-forward", "POST", "measure", "localhost:30023",
-			[]string{"Sec-Fetch-Site", "same-origin", "Origin", "http://localhost:30023"}, 200},
-		{"older browser, port-forward", "POST", "measure", "localhost:30023", []string{"Origin", "http://localhost:30023"}, 200},
+		{"through kubectl port-forward", "POST", "measure", "localhost:30123",
+			[]string{"Sec-Fetch-Site", "same-origin", "Origin", "http://localhost:30123"}, 200},
+		{"older browser, port-forward", "POST", "measure", "localhost:30123", []string{"Origin", "http://localhost:30123"}, 200},
 		{"typed into the address bar", "POST", "measure", "", []string{"Sec-Fetch-Site", "none"}, 200},
 		{"curl", "POST", "measure", "", nil, 200},
 		{"cross-site read of stats", "GET", "stats", "", []string{"Sec-Fetch-Site", "cross-site", "Origin", "https://evil.example"}, 200},

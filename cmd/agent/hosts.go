@@ -21,13 +21,13 @@ func hostsCommand(fs *flag.FlagSet) func(context.Context) error {
 		certsDir            string
 		dialTimeout         time.Duration
 	)
-	fs.Var(&targets, "mirror-target", "URL containerd asks first, e.g. http://${NODE_IP}:30020 (required)")
+	fs.Var(&targets, "mirror-target", "URL containerd asks first, e.g. http://${NODE_IP}:30120 (required)")
 	fs.Var(&registries, "mirrored-registries", "registry URLs to mirror; empty mirrors all through _default")
 	fs.StringVar(&certsDir, "certs-dir", hosts.DefaultCertsDir, "containerd's registry config_path")
 	fs.DurationVar(&dialTimeout, "mirror-dial-timeout", 200*time.Millisecond, "containerd's dial timeout to the agent")
 	return func(context.Context) error {
 		if len(targets) == 0 {
-			return fmt.Errorf("--mirror-target is required, e.g. --mirror-target=http://${NODE_IP}:30020")
+			return fmt.Errorf("--mirror-target is required, e.g. --mirror-target=http://${NODE_IP}:30120")
 		}
 		files, err := hosts.Render(hosts.Config{CertsDir: certsDir, MirrorTargets: targets, Registries: registries, DialTimeout: dialTimeout})
 		if err != nil {

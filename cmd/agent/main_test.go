@@ -68,9 +68,9 @@ func TestEnvTwins(t *testing.T) {
 
 func TestValidate(t *testing.T) {
 	base := func() *mirrorConfig {
-		return &mirrorConfig{registryAddr: ":30020", routerAddr: "10.0.0.1:30021", metricsAddr: ":30022",
+		return &mirrorConfig{registryAddr: ":30120", routerAddr: "10.0.0.1:30121", metricsAddr: ":30122",
 			certsDir: "/etc/containerd/certs.d", resolveTimeout: 20 * time.Millisecond, resolveRetries: 3,
-			maxRequests: 512, debugWeb: true, debugWebAddr: "127.0.0.1:30023"}
+			maxRequests: 512, debugWeb: true, debugWebAddr: "127.0.0.1:30123"}
 	}
 	tests := []struct {
 		name string
@@ -78,7 +78,7 @@ func TestValidate(t *testing.T) {
 		err  string
 	}{
 		{name: "ok", mod: func(*mirrorConfig) {}},
-		{name: "port", mod: func(c *mirrorConfig) { c.registryAddr = "30020" }, err: "--registry-addr"},
+		{name: "port", mod: func(c *mirrorConfig) { c.registryAddr = "30120" }, err: "--registry-addr"},
 		{name: "timeout", mod: func(c *mirrorConfig) { c.resolveTimeout = 0 }, err: "--mirror-resolve-timeout"},
 		{name: "retries", mod: func(c *mirrorConfig) { c.resolveRetries = 0 }, err: "--mirror-resolve-retries"},
 		{name: "max requests", mod: func(c *mirrorConfig) { c.maxRequests = 0 }, err: "--max-requests"},
@@ -98,7 +98,7 @@ func TestValidate(t *testing.T) {
 			tt.mod(c)
 			port, _, err := c.validate()
 			if tt.err == "" {
-				if err != nil || port != 30020 || c.mirrorTargets.String() != "http://127.0.0.1:30020" {
+				if err != nil || port != 30120 || c.mirrorTargets.String() != "http://127.0.0.1:30120" {
 					t.Fatalf("port %d targets %q err %v", port, c.mirrorTargets.String(), err)
 				}
 				return

@@ -76,9 +76,9 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.StringVar(&c.containerdNamespace, "containerd-namespace", "k8s.io", "containerd namespace whose images are mirrored")
 	fs.StringVar(&c.contentDir, "containerd-content-dir", "/var/lib/containerd/io.containerd.content.v1.content",
 		"containerd's content directory; blobs are read from it directly when mounted, else through the content API")
-	fs.StringVar(&c.registryAddr, "registry-addr", ":30020", "listen address of the registry peers and containerd use")
-	fs.StringVar(&c.routerAddr, "router-addr", ":30021", "listen address of the libp2p router")
-	fs.StringVar(&c.metricsAddr, "metrics-addr", ":30022", "listen address of /metrics, /readyz and /livez")
+	fs.StringVar(&c.registryAddr, "registry-addr", ":30120", "listen address of the registry peers and containerd use")
+	fs.StringVar(&c.routerAddr, "router-addr", ":30121", "listen address of the libp2p router")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", ":30122", "listen address of /metrics, /readyz and /livez")
 	fs.Var(&c.mirrorTargets, "mirror-target", "URL containerd asks first, written into hosts.toml (default http://127.0.0.1:<registry port>)")
 	fs.Var(&c.mirroredRegistries, "mirrored-registries", "registry URLs to mirror, e.g. https://docker.io,https://ghcr.io; empty mirrors all")
 	fs.StringVar(&c.certsDir, "certs-dir", hosts.DefaultCertsDir, "containerd's registry config_path where hosts.toml files are written")
@@ -106,7 +106,7 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	// Loopback by default: kubectl port-forward reaches it (it connects
 	// to localhost in the pod's network namespace), the pod network does
 	// not; set the node address to open it to the node network.
-	fs.StringVar(&c.debugWebAddr, "debug-web-addr", "127.0.0.1:30023", "listen address of the debug page")
+	fs.StringVar(&c.debugWebAddr, "debug-web-addr", "127.0.0.1:30123", "listen address of the debug page")
 	fs.BoolVar(&c.debugPprof, "debug-pprof", false, "serve Go's profiles at /debug/pprof/ on the metrics address")
 	fs.DurationVar(&c.canaryInterval, "canary-interval", canary.DefaultInterval,
 		"how often containerd pulls the agent's canary image to prove the mirror path (also at start and after containerd restarts); 0 turns the canary off")

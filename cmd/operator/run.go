@@ -33,7 +33,7 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.DurationVar(&o.Timeouts.Uninstall, "uninstall-timeout", 10*time.Minute, "longest wait on the uninstall's node cleanup")
 	fs.DurationVar(&o.ReconcilePeriod, "reconcile-period", 10*time.Minute, "re-check every release this often, besides events; a watches.yaml entry's reconcilePeriod wins for its kind")
 	fs.DurationVar(&o.HitRatioWindow, "hit-ratio-window", 10*time.Minute, "window of the cluster peer hit ratio in status.peerHits, scraped from the agents; 0 turns it off")
-	fs.IntVar(&o.AgentMetricsPort, "agent-metrics-port", 30022, "where agents serve /metrics when a resource's values do not say")
+	fs.IntVar(&o.AgentMetricsPort, "agent-metrics-port", 30122, "where agents serve /metrics when a resource's values do not say")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return func(ctx context.Context) error {
 		log, err := cli.NewLogger(logLevel)

@@ -80,7 +80,7 @@ type Options struct {
 	// HitRatioWindow is the window of the cluster peer hit ratio in each
 	// resource's status, scraped from the agents' metrics; 0 turns it off.
 	// AgentMetricsPort is where agents serve them when a resource's values
-	// do not say (the chart's default, 30022).
+	// do not say (the chart's default, 30122).
 	HitRatioWindow   time.Duration
 	AgentMetricsPort int
 	// ManagedNamespaces are the only namespaces the operator watches and

@@ -90,7 +90,7 @@ type Controller struct {
 	Provider string
 	// HitRatio, when set, puts the cluster's peer hit ratio over its window
 	// in status.peerHits, scraped from the agent pods' metrics on
-	// AgentMetricsPort (default 30022) unless the values name another port.
+	// AgentMetricsPort (default 30122) unless the values name another port.
 	HitRatio         *hitratio.Sampler
 	AgentMetricsPort int
 	// Namespaces the operator manages; a resource elsewhere is Ready
@@ -251,7 +251,7 @@ func (c *Controller) peerHits(ctx context.Context, req reconcile.Request, vals m
 		}
 	}
 	if port == 0 {
-		port = 30022
+		port = 30122
 	}
 	var urls []string
 	for _, p := range pods.Items {

@@ -24,12 +24,12 @@ import (
 
 // Agent ports on every node.
 const (
-	AgentRegistryPort = 30020
-	AgentRouterPort   = 30021
-	AgentMetricsPort  = 30022
+	AgentRegistryPort = 30120
+	AgentRouterPort   = 30121
+	AgentMetricsPort  = 30122
 	// The debug page; on the node's IP here (the agent's default is
 	// loopback), so tests reach it from outside the namespace.
-	AgentDebugWebPort = 30023
+	AgentDebugWebPort = 30123
 )
 
 // Node is one "machine": a network namespace with its own containerd and,
@@ -79,7 +79,7 @@ type Node struct {
 }
 
 // LocalClient is an HTTP client on the node itself: its connections start
-// inside the node's network namespace, so http://127.0.0.1:30020 is the
+// inside the node's network namespace, so http://127.0.0.1:30120 is the
 // node's agent as its containerd reaches it.
 func (n *Node) LocalClient() *http.Client {
 	return &http.Client{Transport: &http.Transport{
@@ -95,12 +95,12 @@ func (n *Node) LocalRegistryURL() string {
 	return fmt.Sprintf("http://127.0.0.1:%d", AgentRegistryPort)
 }
 
-// RegistryAddr is the agent's registry "IP:30020" as peers reach it.
+// RegistryAddr is the agent's registry "IP:30120" as peers reach it.
 func (n *Node) RegistryAddr() string {
 	return netip.AddrPortFrom(n.IP, AgentRegistryPort).String()
 }
 
-// RouterAddr is the agent's routing "IP:30021".
+// RouterAddr is the agent's routing "IP:30121".
 func (n *Node) RouterAddr() string { return netip.AddrPortFrom(n.IP, AgentRouterPort).String() }
 
 // MetricsURL is the agent's Prometheus endpoint.
@@ -204,10 +204,10 @@ func (n *Node) ContainerdPID() int {
 
 // AgentArgs returns the full `agent mirror` command line used for this node.
 //
-// --registry-addr is ":30020" (all addresses of the namespace: its loopback
+// --registry-addr is ":30120" (all addresses of the namespace: its loopback
 // and its IP, nothing else exists there) because containerd reaches the
-// agent at the mirror target http://127.0.0.1:30020 while peers reach it at
-// IP:30020. Options.AgentArgs come last so a test can override any flag.
+// agent at the mirror target http://127.0.0.1:30120 while peers reach it at
+// IP:30120. Options.AgentArgs come last so a test can override any flag.
 func (n *Node) AgentArgs() []string {
 	c := n.cluster
 	var peers []string

@@ -50,6 +50,10 @@ func loadOperatorChart(t *testing.T) *chart.Chart { return loadRepoChart(t, "ope
 
 // operatorValues are the values `helm install -f overrides/<provider>.yaml
 // --set imageMirror=<mirror>` gives, plus extra.
+// defaultSpegel is the Spegel resource the operator chart creates
+// (components.spegel.name), and so the addon release's name.
+const defaultSpegel = "fleetmirror-spegel"
+
 func operatorValues(t *testing.T, provider, mirror string, extra map[string]any) map[string]any {
 	t.Helper()
 	vals := map[string]any{}
@@ -456,7 +460,7 @@ func TestOperatorInstall(t *testing.T) {
 			"components": map[string]any{"spegel": map[string]any{"mirroredRegistries": []any{"https://docker.io", "https://ghcr.io"}}},
 		}))
 		applyAll(t, cl, manifests, false)
-		defer forget(t, cl, ns, "spegel")
+		defer forget(t, cl, ns, defaultSpegel)
 		op := startOperator(t, manifests, c, 0)
 		defer op.stop(t)
 
@@ -477,12 +481,12 @@ func TestOperatorInstall(t *testing.T) {
 			ds.APIVersion, ds.Kind = "apps/v1", "DaemonSet"
 			b, _ := yaml.Marshal(ds)
 			all.WriteString(string(b) + "\n---\n")
-			if ds.Name == "spegel" && agentEnv(&ds, "FLEETMIRROR_MIRRORED_REGISTRIES") != "https://docker.io,https://ghcr.io" {
+			if ds.Name == defaultSpegel && agentEnv(&ds, "FLEETMIRROR_MIRRORED_REGISTRIES") != "https://docker.io,https://ghcr.io" {
 				t.Errorf("mirroredRegistries from components.spegel: %q", agentEnv(&ds, "FLEETMIRROR_MIRRORED_REGISTRIES"))
 			}
 		}
 		// The hooks are in the release record until an uninstall runs them.
-		rels, err := driver.NewSecrets(cs.CoreV1().Secrets(ns)).Query(map[string]string{"name": "spegel", "owner": "helm"})
+		rels, err := driver.NewSecrets(cs.CoreV1().Secrets(ns)).Query(map[string]string{"name": defaultSpegel, "owner": "helm"})
 		if err != nil || len(rels) == 0 {
 			t.Fatalf("reading the release: %v", err)
 		}
@@ -500,7 +504,7 @@ func TestOperatorInstall(t *testing.T) {
 			t.Errorf("%d images in the DaemonSets and %d hooks; escaping the mirror:\n%s", len(imgs), hooks, strings.Join(bad, "\n"))
 		}
 		eventually(t, "the provider override recorded", 30*time.Second, func() error {
-			u := spegel(ns, "spegel", nil)
+			u := spegel(ns, defaultSpegel, nil)
 			if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 				return err
 			}
@@ -517,15 +521,15 @@ func TestOperatorInstall(t *testing.T) {
 		ensureNamespace(t, cl, ns)
 		manifests, c := renderOperator(t, ch, ns, operatorValues(t, "cks", "", nil))
 		applyAll(t, cl, manifests, false)
-		defer forget(t, cl, ns, "spegel")
+		defer forget(t, cl, ns, defaultSpegel)
 		op := startOperator(t, manifests, c, 0)
 		defer op.stop(t)
 		ds := &appsv1.DaemonSet{}
 		eventually(t, "the agent DaemonSet", time.Minute, func() error {
-			return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel"}, ds)
+			return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel}, ds)
 		})
 		eventually(t, "Deployed", 30*time.Second, func() error {
-			u := spegel(ns, "spegel", nil)
+			u := spegel(ns, defaultSpegel, nil)
 			if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 				return err
 			}
@@ -551,7 +555,7 @@ func TestOperatorInstall(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, d := range l.Items {
-			if d.Name != "spegel" {
+			if d.Name != defaultSpegel {
 				t.Errorf("DaemonSet %s besides the agent: CKS nodes come prepared", d.Name)
 			}
 		}
@@ -579,15 +583,15 @@ func TestPrecedenceOnCluster(t *testing.T) {
 		}},
 	}))
 	applyAll(t, cl, manifests, false)
-	defer forget(t, cl, ns, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
 	op := startOperator(t, manifests, c, 0)
 	defer op.stop(t)
 	ds, prep := &appsv1.DaemonSet{}, &appsv1.DaemonSet{}
 	eventually(t, "agent and prep DaemonSets", time.Minute, func() error {
-		if err := cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel"}, ds); err != nil {
+		if err := cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel}, ds); err != nil {
 			return err
 		}
-		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel-containerd-prep"}, prep)
+		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel + "-containerd-prep"}, prep)
 	})
 	ag := ds.Spec.Template.Spec.Containers[0]
 	if got := ag.Resources.Limits.Memory().String(); got != "300Mi" {
@@ -603,7 +607,7 @@ func TestPrecedenceOnCluster(t *testing.T) {
 		t.Errorf("agent image %s, want the spec's image under the mirror: %s", ag.Image, want)
 	}
 	var hookImgs []string
-	rels, err := driver.NewSecrets(kubernetes.NewForConfigOrDie(cfg).CoreV1().Secrets(ns)).Query(map[string]string{"name": "spegel", "owner": "helm"})
+	rels, err := driver.NewSecrets(kubernetes.NewForConfigOrDie(cfg).CoreV1().Secrets(ns)).Query(map[string]string{"name": defaultSpegel, "owner": "helm"})
 	if err != nil || len(rels) == 0 {
 		t.Fatalf("reading the release: %v", err)
 	}

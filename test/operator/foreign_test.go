@@ -46,7 +46,7 @@ func TestOperatorLeavesForeignRelease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	acfg, err := acg.ActionConfigFor(ctx, spegel(ns, "spegel", nil))
+	acfg, err := acg.ActionConfigFor(ctx, spegel(ns, defaultSpegel, nil))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,20 +55,20 @@ func TestOperatorLeavesForeignRelease(t *testing.T) {
 		t.Fatal(err)
 	}
 	inst := action.NewInstall(acfg)
-	inst.ReleaseName, inst.Namespace = "spegel", ns
+	inst.ReleaseName, inst.Namespace = defaultSpegel, ns
 	if _, err := inst.Run(loadChart(t), vals); err != nil {
 		t.Fatalf("helm install: %v", err)
 	}
 	defer func() {
 		u := action.NewUninstall(acfg)
 		u.DisableHooks = true // the node cleanup hook needs kubelets
-		if _, err := u.Run("spegel"); err != nil {
+		if _, err := u.Run(defaultSpegel); err != nil {
 			t.Errorf("helm uninstall: %v", err)
 		}
 	}()
 	untouched := func(when string) {
 		t.Helper()
-		last, err := acfg.Releases.Last("spegel")
+		last, err := acfg.Releases.Last(defaultSpegel)
 		if err != nil {
 			t.Fatalf("%s: the foreign release: %v", when, err)
 		}
@@ -79,12 +79,12 @@ func TestOperatorLeavesForeignRelease(t *testing.T) {
 
 	manifests, c := renderOperator(t, loadOperatorChart(t), ns, operatorValues(t, "cks", "", nil))
 	applyAll(t, cl, manifests, false)
-	defer forget(t, cl, ns, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
 	op := startOperator(t, manifests, c, 0)
 	defer op.stop(t)
 
 	eventually(t, "the resource to name the foreign release", time.Minute, func() error {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 			return err
 		}
@@ -97,11 +97,11 @@ func TestOperatorLeavesForeignRelease(t *testing.T) {
 	time.Sleep(2 * time.Second) // further reconciles must not touch it either
 	untouched("with the resource")
 
-	if err := cl.Delete(ctx, spegel(ns, "spegel", nil)); err != nil {
+	if err := cl.Delete(ctx, spegel(ns, defaultSpegel, nil)); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "the resource deleted", time.Minute, func() error {
-		err := cl.Get(ctx, client.ObjectKeyFromObject(spegel(ns, "spegel", nil)), spegel(ns, "spegel", nil))
+		err := cl.Get(ctx, client.ObjectKeyFromObject(spegel(ns, defaultSpegel, nil)), spegel(ns, defaultSpegel, nil))
 		if apierrors.IsNotFound(err) {
 			return nil
 		}

@@ -43,7 +43,7 @@ func TestPeerHitRatio(t *testing.T) {
 	ensureNamespace(t, cl, ns)
 	manifests, c := renderOperator(t, loadOperatorChart(t), ns, operatorValues(t, "cks", "", nil))
 	applyAll(t, cl, manifests, false)
-	defer forget(t, cl, ns, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
 	op := startOperator(t, manifests, c, 0, func(o *manager.Options) {
 		o.HitRatioWindow, o.AgentMetricsPort = 10*time.Minute, port
 	})
@@ -51,7 +51,7 @@ func TestPeerHitRatio(t *testing.T) {
 
 	ds := &appsv1.DaemonSet{}
 	eventually(t, "the agent DaemonSet", time.Minute, func() error {
-		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel"}, ds)
+		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel}, ds)
 	})
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "spegel-agent-1", Labels: ds.Spec.Template.Labels},
@@ -69,7 +69,7 @@ func TestPeerHitRatio(t *testing.T) {
 		return cl.Status().Update(ctx, p)
 	})
 	peerHits := func() map[string]any {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 			t.Fatal(err)
 		}

@@ -115,12 +115,12 @@ func TestOperatorLeastPrivilege(t *testing.T) {
 		t.Errorf("the operator cannot list Secrets in its namespace %s: %v", ns, err)
 	}
 
-	defer forget(t, cl, ns, "spegel")
-	defer forget(t, cl, other, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
+	defer forget(t, cl, other, defaultSpegel)
 	op := startOperator(t, manifests, c, 0)
 	defer op.stop(t)
 	get := func(ns string) (*unstructured.Unstructured, error) {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		return u, cl.Get(ctx, client.ObjectKeyFromObject(u), u)
 	}
 	eventually(t, "Deployed in the managed namespace", time.Minute, func() error {
@@ -135,7 +135,7 @@ func TestOperatorLeastPrivilege(t *testing.T) {
 	})
 
 	// A resource in a namespace the operator does not manage.
-	if err := cl.Create(ctx, spegel(other, "spegel", map[string]any{})); err != nil {
+	if err := cl.Create(ctx, spegel(other, defaultSpegel, map[string]any{})); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "the resource outside the managed namespaces refused", 30*time.Second, func() error {
@@ -156,12 +156,12 @@ func TestOperatorLeastPrivilege(t *testing.T) {
 	if err := cl.List(ctx, &dss, client.InNamespace(other)); err != nil || len(dss.Items) > 0 {
 		t.Errorf("DaemonSets in the unmanaged namespace: %d (%v)", len(dss.Items), err)
 	}
-	if err := cl.Get(ctx, client.ObjectKey{Namespace: other, Name: networkkey.SecretName("spegel")}, &corev1.Secret{}); !apierrors.IsNotFound(err) {
+	if err := cl.Get(ctx, client.ObjectKey{Namespace: other, Name: networkkey.SecretName(defaultSpegel)}, &corev1.Secret{}); !apierrors.IsNotFound(err) {
 		t.Errorf("a network key Secret in the unmanaged namespace: %v", err)
 	}
 	// Deleting it is not held up by a release the operator could never
 	// have made there.
-	if err := cl.Delete(ctx, spegel(other, "spegel", nil)); err != nil {
+	if err := cl.Delete(ctx, spegel(other, defaultSpegel, nil)); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "the refused resource deleted", 30*time.Second, func() error {

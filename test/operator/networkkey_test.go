@@ -231,18 +231,18 @@ func TestOperatorNetworkKey(t *testing.T) {
 	ensureNamespace(t, cl, ns)
 	manifests, c := renderOperator(t, loadOperatorChart(t), ns, operatorValues(t, "cks", "", nil))
 	applyAll(t, cl, manifests, false)
-	defer forget(t, cl, ns, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
 	op := startOperator(t, manifests, c, 0)
 	defer op.stop(t)
 
-	name := networkkey.SecretName("spegel")
+	name := networkkey.SecretName(defaultSpegel)
 	secret := func() (*corev1.Secret, error) {
 		s := &corev1.Secret{}
 		return s, cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, s)
 	}
 	ds := &appsv1.DaemonSet{}
 	eventually(t, "the agent DaemonSet", time.Minute, func() error {
-		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel"}, ds)
+		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel}, ds)
 	})
 	if got := keyFile(t, ds); got != name {
 		t.Errorf("the agent mounts %q, want the operator's %s", got, name)
@@ -251,7 +251,7 @@ func TestOperatorNetworkKey(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the operator's network key Secret: %v", err)
 	}
-	owner := spegel(ns, "spegel", nil)
+	owner := spegel(ns, defaultSpegel, nil)
 	if err := cl.Get(ctx, client.ObjectKeyFromObject(owner), owner); err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +262,7 @@ func TestOperatorNetworkKey(t *testing.T) {
 		t.Errorf("key %q, want 64 hex digits", s.Data[networkkey.Key])
 	}
 	eventually(t, "Deployed", 30*time.Second, func() error {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 			return err
 		}
@@ -280,7 +280,7 @@ func TestOperatorNetworkKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	n0, _ := reconcileStats(t)
-	updateSpegel(t, cl, ns, "spegel", func(u *unstructured.Unstructured) {
+	updateSpegel(t, cl, ns, defaultSpegel, func(u *unstructured.Unstructured) {
 		u.SetAnnotations(map[string]string{"example.com/touch": "1"})
 	})
 	eventually(t, "a reconcile after the rotation", 30*time.Second, func() error {
@@ -293,7 +293,7 @@ func TestOperatorNetworkKey(t *testing.T) {
 	if s, err := secret(); err != nil || string(s.Data[networkkey.Key]) != rotated {
 		t.Fatalf("the rotated key was not kept: %v %q", err, s.Data[networkkey.Key])
 	}
-	if rev, _ := revisions(ctx, cl, ns, "spegel"); rev != 1 {
+	if rev, _ := revisions(ctx, cl, ns, defaultSpegel); rev != 1 {
 		t.Errorf("revision %d after a rotation and a touch, want 1: the values must not depend on the key", rev)
 	}
 
@@ -314,11 +314,11 @@ func TestOperatorNetworkKey(t *testing.T) {
 	})
 
 	// A Secret the spec names must exist.
-	updateSpegel(t, cl, ns, "spegel", func(u *unstructured.Unstructured) {
+	updateSpegel(t, cl, ns, defaultSpegel, func(u *unstructured.Unstructured) {
 		_ = unstructured.SetNestedField(u.Object, "corp-key", "spec", "networkKey", "secretName")
 	})
 	eventually(t, "a missing named Secret refused", 30*time.Second, func() error {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 			return err
 		}
@@ -331,11 +331,11 @@ func TestOperatorNetworkKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Creating the Secret is no event of the resource: touch it.
-	updateSpegel(t, cl, ns, "spegel", func(u *unstructured.Unstructured) {
+	updateSpegel(t, cl, ns, defaultSpegel, func(u *unstructured.Unstructured) {
 		u.SetAnnotations(map[string]string{"example.com/touch": "2"})
 	})
 	eventually(t, "the named Secret mounted", 30*time.Second, func() error {
-		if err := cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel"}, ds); err != nil {
+		if err := cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel}, ds); err != nil {
 			return err
 		}
 		if got := keyFile(t, ds); got != "corp-key" {

@@ -37,13 +37,13 @@ func TestNodeReadiness(t *testing.T) {
 		"components":    map[string]any{"spegel": map[string]any{"nodeSelector": sel}},
 	}))
 	applyAll(t, cl, manifests, false)
-	defer forget(t, cl, ns, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
 	op := startOperator(t, manifests, c, time.Second)
 	defer op.stop(t)
 
 	ds := &appsv1.DaemonSet{}
 	eventually(t, "the agent DaemonSet", time.Minute, func() error {
-		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel"}, ds)
+		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel}, ds)
 	})
 	tolerates := false
 	for _, tol := range ds.Spec.Template.Spec.Tolerations {
@@ -128,7 +128,7 @@ func TestNodeReadiness(t *testing.T) {
 
 	// Never ready: the taint stays, the reason is in the status and an event.
 	eventually(t, "NodesReady names the held nodes and why", 20*time.Second, func() error {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 			return err
 		}

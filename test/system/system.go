@@ -56,12 +56,12 @@ const (
 	Release   = "fleetmirror"
 	Namespace = "fleetmirror-system"
 	// Spegel is the default resource the operator chart creates.
-	Spegel = "spegel"
+	Spegel = "fleetmirror-spegel"
 	// MirrorPrefix is imageMirror's path in the registry.
 	MirrorPrefix = "mirror"
 	workloadNS   = "default"
 	workloadName = "workload"
-	agentPort    = 30022 // the chart's metrics port
+	agentPort    = 30122 // the chart's metrics port
 )
 
 // SpegelResource is the Spegel CRD's resource.
