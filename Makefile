@@ -89,12 +89,7 @@ release:
 	rm -rf bin/release && mkdir -p bin/release bin/images
 	$(GO) run ./cmd/images --images "$(strip $(IMAGES))" --version $(VERSION) --revision "$$(git rev-parse HEAD 2>/dev/null)" --platforms $(RELEASE_PLATFORMS) --push $(REGISTRY) --refs bin/images/refs
 	$(GO) run ./cmd/mirror-images write-map $$(sed 's/^/--set /' bin/images/refs)
-	cp -r helm-charts/spegel helm-charts/operator bin/release/
-	while IFS='=' read -r k ref; do sed -i -E "s#^  $$k: .*#  $$k: $$ref#" bin/release/operator/values.yaml; done <bin/images/refs
-	$(HELM) package bin/release/spegel --version $(VERSION) --app-version $(VERSION) -d bin/release
-	$(HELM) package bin/release/operator --version $(VERSION) --app-version $(VERSION) -d bin/release
-	$(HELM) push bin/release/spegel-$(VERSION).tgz oci://$(REGISTRY)/helm-charts $(if $(PLAIN_HTTP),--plain-http)
-	$(HELM) push bin/release/fleetmirror-operator-$(VERSION).tgz oci://$(REGISTRY)/helm-charts $(if $(PLAIN_HTTP),--plain-http)
+	HELM=$(HELM) PLAIN_HTTP=$(PLAIN_HTTP) bash hack/release-charts.sh $(VERSION) bin/images/refs $(REGISTRY) bin/release
 	@echo "released $(VERSION): helm install fleetmirror oci://$(REGISTRY)/helm-charts/fleetmirror-operator --version $(VERSION) --set imageMirror=$(REGISTRY)"
 
 ## mirror-images: lint the third-party set and the images map; MIRROR=... also plans the copy

@@ -44,6 +44,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 
+	"github.com/fleetmirror/fleetmirror/release/version"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 	"github.com/fleetmirror/fleetmirror/test/kube"
 )
@@ -140,14 +141,15 @@ func (r *Report) PullsOf(phase string) []Pull {
 }
 
 type scenario struct {
-	opts   Options
-	say    func(string, ...any)
-	c      *kube.Cluster
-	dyn    dynamic.Interface
-	helm   string
-	home   string // helm's config and cache
-	rep    *Report
-	mirror string // imageMirror
+	opts    Options
+	say     func(string, ...any)
+	c       *kube.Cluster
+	dyn     dynamic.Interface
+	helm    string
+	home    string // helm's config and cache
+	rep     *Report
+	mirror  string // imageMirror
+	version string // the release's version (VERSION), of the charts pushed to the mirror
 	// hostsBefore is each node's certs.d before the install.
 	hostsBefore map[string]map[string]string
 }
@@ -199,7 +201,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		f    func(context.Context) error
 	}{
 		{"start the cluster", s.start},
-		{"build and push our images", s.pushImages},
+		{"release: our images and charts to the mirror", s.pushImages},
 		{"helm install the operator", s.install},
 		{"the operator's rights and the network key", s.checkLeastPrivilege},
 		{"prep ran once per node", s.checkPrep},
@@ -256,20 +258,25 @@ func (s *scenario) start(ctx context.Context) error {
 	return nil
 }
 
-// pushImages builds the agent and operator images from this tree with
-// cmd/images (what `make images` runs) and pushes them to the mirror
-// path, tagged with the chart's appVersion so the operator chart's images
-// map names them unchanged.
+// pushImages is `make release` into the test cluster's mirror: the agent
+// and operator images built from this tree with cmd/images and pushed to
+// the mirror path, then both charts packaged as VERSION, the operator
+// chart's images pinned by those digests, and pushed to
+// oci://<mirror>/helm-charts (hack/release-charts.sh, as `make release`
+// runs it). Only the platform of this machine is built, and the images map
+// in the tree is left alone.
 func (s *scenario) pushImages(ctx context.Context) error {
-	version, err := chartAppVersion(filepath.Join(s.opts.Module, "helm-charts", "operator", "Chart.yaml"))
+	v, err := version.Read(s.opts.Module)
 	if err != nil {
 		return err
 	}
-	s.say("Building the agent and operator images (cmd/images, as `make images PUSH=%s VERSION=%s` does) and pushing them to the mirror.", s.mirror, version)
+	s.version = v
+	s.say("Releasing %s into the mirror as `make release REGISTRY=%s` does: building the agent and operator images (cmd/images) and pushing them, then the charts.", v, s.mirror)
 	t0 := time.Now()
 	out := filepath.Join(s.c.Dir, "images")
-	cmd := exec.CommandContext(ctx, "go", "run", "./cmd/images", "--images", "agent,operator", "--version", version,
-		"--out", out, "--push", s.mirror)
+	refs := filepath.Join(s.c.Dir, "refs")
+	cmd := exec.CommandContext(ctx, "go", "run", "./cmd/images", "--images", "agent,operator", "--version", v,
+		"--out", out, "--push", s.mirror, "--refs", refs)
 	cmd.Dir = s.opts.Module
 	cmd.Env = append(os.Environ(), "GOFLAGS=-buildvcs=false")
 	b, err := cmd.CombinedOutput()
@@ -280,6 +287,20 @@ func (s *scenario) pushImages(ctx context.Context) error {
 	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 		if strings.Contains(line, " pushed ") {
 			s.say("  %s", line)
+		}
+	}
+	cmd = exec.CommandContext(ctx, "bash", filepath.Join("hack", "release-charts.sh"), v, refs, s.mirror, filepath.Join(s.c.Dir, "release"))
+	cmd.Dir = s.opts.Module
+	cmd.Env = append(os.Environ(), "HELM="+s.helm, "PLAIN_HTTP=1",
+		"HELM_CONFIG_HOME="+filepath.Join(s.home, "config"),
+		"HELM_CACHE_HOME="+filepath.Join(s.home, "cache"),
+		"HELM_DATA_HOME="+filepath.Join(s.home, "data"))
+	if b, err = cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("hack/release-charts.sh: %w\n%s", err, b)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if strings.HasPrefix(line, "Pushed: ") {
+			s.say("  chart %s", strings.TrimPrefix(line, "Pushed: "))
 		}
 	}
 	return nil
@@ -308,9 +329,11 @@ func (s *scenario) install(ctx context.Context) error {
 	return nil
 }
 
-// installArgs is the README's helm install, pointed at the local mirror.
+// installArgs is the README's helm install from the release's OCI chart,
+// pointed at the local mirror.
 func (s *scenario) installArgs() []string {
-	return []string{"install", Release, filepath.Join(s.opts.Module, "helm-charts", "operator"),
+	return []string{"install", Release, "oci://" + s.mirror + "/helm-charts/fleetmirror-operator",
+		"--version", s.version, "--plain-http",
 		"--namespace", Namespace, "--create-namespace",
 		"-f", filepath.Join(s.opts.Module, "overrides", "nebius.yaml"),
 		"--set", "imageMirror=" + s.mirror,

@@ -6,7 +6,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -42,22 +41,6 @@ func helmBinary() (string, error) {
 		return "", fmt.Errorf("helm %s not found at %s: run `make tools` (hack/tools.sh)", HelmVersion, p)
 	}
 	return p, nil
-}
-
-var appVersionRE = regexp.MustCompile(`(?m)^appVersion:\s*"?([^"\s]+)"?\s*$`)
-
-// chartAppVersion reads a Chart.yaml's appVersion, the tag the images map
-// names.
-func chartAppVersion(path string) (string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	m := appVersionRE.FindSubmatch(b)
-	if m == nil {
-		return "", fmt.Errorf("%s has no appVersion", path)
-	}
-	return string(m[1]), nil
 }
 
 // readCertsDir returns every file under a certs.d folder by relative path.
