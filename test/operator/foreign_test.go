@@ -89,7 +89,7 @@ func TestOperatorLeavesForeignRelease(t *testing.T) {
 			return err
 		}
 		conds := fmt.Sprint(u.Object["status"])
-		if !strings.Contains(conds, oprelease.ErrForeign.Error()) || !strings.Contains(conds, "helm uninstall spegel -n "+ns) {
+		if !strings.Contains(conds, oprelease.ErrForeign.Error()) || !strings.Contains(conds, "helm uninstall "+defaultSpegel+" -n "+ns) {
 			return fmt.Errorf("status %s", conds)
 		}
 		return nil
