@@ -210,7 +210,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		{"fresh node while the upstream is down", s.faultFreshNode},
 		{"uninstall", s.uninstall},
 		{"the rollout without the addon", s.baseline},
-		{"reinstall, then helm uninstall alone", s.reinstall},
+		{"migrate from a Spegel install, then helm uninstall alone", s.reinstall},
 	}
 	defer func() {
 		if s.c == nil {
@@ -629,21 +629,10 @@ func (s *scenario) checkNodesRestored(ctx context.Context) error {
 // resource, and with it the addon, before the operator goes.
 func (s *scenario) reinstall(ctx context.Context) error {
 	n := len(s.c.Nodes)
-	s.say("Installing again on the %d prepared nodes, then removing it with `helm uninstall` alone.", n)
-	t0 := time.Now()
-	if _, err := s.runHelm(ctx, s.installArgs()...); err != nil {
+	s.say("Installing again on the %d prepared nodes, migrating from a Spegel install as the operator README says, then removing ours with `helm uninstall` alone.", n)
+	if err := s.migrate(ctx); err != nil {
 		return err
 	}
-	if err := s.waitSpegelReady(ctx, n, 3*time.Minute); err != nil {
-		return err
-	}
-	s.rep.time("reinstall to agents ready", time.Since(t0))
-	for i, node := range s.c.Nodes {
-		if got := s.c.Buses[i].Systemd.Restarts(kube.ContainerdUnit); got != 1 {
-			return fmt.Errorf("%s: containerd restarted %d times after a reinstall on a prepared node, want still 1", node.Name, got)
-		}
-	}
-	s.say("  all %d agents ready %v after helm install; prep restarted no containerd this time", n, s.rep.Timings["reinstall to agents ready"].Round(100*time.Millisecond))
 	t1 := time.Now()
 	if out, err := s.runHelm(ctx, "uninstall", Release, "--namespace", Namespace, "--wait", "--timeout", "5m"); err != nil {
 		return err
