@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fleetmirror/fleetmirror/test/cluster"
 	"github.com/fleetmirror/fleetmirror/test/kube"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -70,7 +71,10 @@ func (s *scenario) migrate(ctx context.Context) error {
 	if _, err := s.runHelm(ctx, "uninstall", spegelRelease, "--namespace", spegelNamespace, "--wait", "--timeout", "3m"); err != nil {
 		return err
 	}
-	s.say("  Step 3: helm uninstall %s -n %s: its cleanup hook removed the mirror configuration, ours with it", spegelRelease, spegelNamespace)
+	if err := s.checkUpstreamHostsRestored(ctx); err != nil {
+		return fmt.Errorf("step 3, after helm uninstall %s: %w", spegelRelease, err)
+	}
+	s.say("  Step 3: helm uninstall %s -n %s: its cleanup hook put back every node's own hosts.toml, removing ours with Spegel's", spegelRelease, spegelNamespace)
 
 	if err := s.restartAgents(ctx); err != nil {
 		return err
@@ -115,6 +119,28 @@ func (s *scenario) checkMirrorPort(ctx context.Context, port string) error {
 			i := strings.Index(f, "[host.")
 			if i < 0 || !strings.Contains(firstLines(f[i:], 1), ":"+port) {
 				return false, fmt.Sprintf("%s: hosts.toml for %s does not name :%s first:\n%s", node.Name, s.c.Upstream.Host(), port, f), nil
+			}
+		}
+		return true, "", nil
+	})
+}
+
+// checkUpstreamHostsRestored checks every node's hosts.toml for the
+// upstream is the one it had before any install: no agent's.
+func (s *scenario) checkUpstreamHostsRestored(ctx context.Context) error {
+	key := s.c.Upstream.Host() + "/hosts.toml"
+	return s.c.Poll(ctx, time.Minute, func(ctx context.Context) (bool, string, error) {
+		for _, node := range s.c.Nodes {
+			files, err := readCertsDir(node.CertsDir)
+			if err != nil {
+				return false, err.Error(), nil
+			}
+			want, ok := s.hostsBefore[node.Name][key]
+			if !ok { // the fresh node: what it joined with
+				want = cluster.UpstreamHostsTOML(s.c.Upstream)
+			}
+			if files[key] != want {
+				return false, fmt.Sprintf("%s: %s is\n%s\nwant the node's own\n%s", node.Name, key, files[key], want), nil
 			}
 		}
 		return true, "", nil
