@@ -2,7 +2,8 @@
 # set-version.sh X.Y.Z: the release version, written where it lives
 # (VERSION) and where the charts must repeat it (Chart.yaml version and
 # appVersion, the operator chart's default image tags).
-# `go test ./release/version` fails while they disagree.
+# `go test ./release/version` fails while they disagree. The chart goldens
+# carry the version too: go test ./test/operator -run TestChartGolden -update.
 set -euo pipefail
 v=${1:?usage: hack/set-version.sh X.Y.Z}
 [[ $v =~ ^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$ ]] || { echo "set-version: $v is not X.Y.Z (no leading v)" >&2; exit 2; }
