@@ -7,17 +7,11 @@ import (
 	"testing"
 	"time"
 
-	"helm.sh/helm/v3/pkg/action"
 	"helm.sh/helm/v3/pkg/release"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/client/apiutil"
-
-	helmclient "github.com/operator-framework/helm-operator-plugins/pkg/client"
 
 	oprelease "github.com/fleetmirror/fleetmirror/operator/release"
-	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
 // TestOperatorLeavesForeignRelease: a release the operator did not install
@@ -34,38 +28,7 @@ func TestOperatorLeavesForeignRelease(t *testing.T) {
 	}
 	const ns = "fm-foreign"
 	ensureNamespace(t, cl, ns)
-	httpClient, err := rest.HTTPClientFor(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mapper, err := apiutil.NewDynamicRESTMapper(cfg, httpClient)
-	if err != nil {
-		t.Fatal(err)
-	}
-	acg, err := helmclient.NewActionConfigGetter(cfg, mapper, helmclient.DisableStorageOwnerRefInjection(true))
-	if err != nil {
-		t.Fatal(err)
-	}
-	acfg, err := acg.ActionConfigFor(ctx, spegel(ns, defaultSpegel, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	vals, err := values.Translate(nil, "", values.Inputs{Images: testImages})
-	if err != nil {
-		t.Fatal(err)
-	}
-	inst := action.NewInstall(acfg)
-	inst.ReleaseName, inst.Namespace = defaultSpegel, ns
-	if _, err := inst.Run(loadChart(t), vals); err != nil {
-		t.Fatalf("helm install: %v", err)
-	}
-	defer func() {
-		u := action.NewUninstall(acfg)
-		u.DisableHooks = true // the node cleanup hook needs kubelets
-		if _, err := u.Run(defaultSpegel); err != nil {
-			t.Errorf("helm uninstall: %v", err)
-		}
-	}()
+	acfg, _, _ := plainInstall(t, ns, defaultSpegel)
 	untouched := func(when string) {
 		t.Helper()
 		last, err := acfg.Releases.Last(defaultSpegel)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"helm.sh/helm/v3/pkg/action"
+	"helm.sh/helm/v3/pkg/chart"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -127,6 +128,47 @@ func TestChartNetworkKey(t *testing.T) {
 	}
 }
 
+// plainInstall installs the addon chart as release name in ns with a plain
+// `helm install` (no owner on the release records, no operator label),
+// uninstalled when the test ends.
+func plainInstall(t *testing.T, ns, name string) (*action.Configuration, *chart.Chart, map[string]any) {
+	t.Helper()
+	httpClient, err := rest.HTTPClientFor(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper, err := apiutil.NewDynamicRESTMapper(cfg, httpClient)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acg, err := helmclient.NewActionConfigGetter(cfg, mapper, helmclient.DisableStorageOwnerRefInjection(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	acfg, err := acg.ActionConfigFor(context.Background(), spegel(ns, name, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vals, err := values.Translate(nil, "", values.Inputs{Images: testImages})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := loadChart(t)
+	inst := action.NewInstall(acfg)
+	inst.ReleaseName, inst.Namespace = name, ns
+	if _, err := inst.Run(ch, vals); err != nil {
+		t.Fatalf("helm install: %v", err)
+	}
+	t.Cleanup(func() {
+		u := action.NewUninstall(acfg)
+		u.DisableHooks = true // the node cleanup hook needs kubelets
+		if _, err := u.Run(name); err != nil {
+			t.Errorf("helm uninstall: %v", err)
+		}
+	})
+	return acfg, ch, vals
+}
+
 // TestChartNetworkKeyKept: a plain `helm install` of the chart against a
 // real API server makes the key once; upgrades keep it, and keep a key the
 // user rotated by hand.
@@ -139,40 +181,7 @@ func TestChartNetworkKeyKept(t *testing.T) {
 	}
 	const ns = "fm-chartkey"
 	ensureNamespace(t, cl, ns)
-	httpClient, err := rest.HTTPClientFor(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mapper, err := apiutil.NewDynamicRESTMapper(cfg, httpClient)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A plain helm install: no owner on the release records.
-	acg, err := helmclient.NewActionConfigGetter(cfg, mapper, helmclient.DisableStorageOwnerRefInjection(true))
-	if err != nil {
-		t.Fatal(err)
-	}
-	acfg, err := acg.ActionConfigFor(ctx, spegel(ns, "spegel", nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	vals, err := values.Translate(nil, "", values.Inputs{Images: testImages})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ch := loadChart(t)
-	inst := action.NewInstall(acfg)
-	inst.ReleaseName, inst.Namespace = "spegel", ns
-	if _, err := inst.Run(ch, vals); err != nil {
-		t.Fatalf("helm install: %v", err)
-	}
-	defer func() {
-		u := action.NewUninstall(acfg)
-		u.DisableHooks = true // the node cleanup hook needs kubelets
-		if _, err := u.Run("spegel"); err != nil {
-			t.Errorf("helm uninstall: %v", err)
-		}
-	}()
+	acfg, ch, vals := plainInstall(t, ns, "spegel")
 	key := func() string {
 		t.Helper()
 		s := &corev1.Secret{}
