@@ -125,6 +125,20 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	log := logr.FromSlogHandler(o.Log.Handler())
 	ctrl.SetLogger(log)
 
+	if o.NodeReadiness {
+		// The agents' fallback for when the operator is down: each
+		// removes the taint from its own node a minute past the bound,
+		// after the operator would have (with its event and status).
+		// Laid under every spec like the provider override's values.
+		d := make(map[string]any, len(o.Inputs.Defaults)+1)
+		for k, v := range o.Inputs.Defaults {
+			d[k] = v
+		}
+		if _, set := d["releaseTaintAfter"]; !set {
+			d["releaseTaintAfter"] = (o.ReleaseAfter + time.Minute).String()
+		}
+		o.Inputs.Defaults = d
+	}
 	ws, err := loadWatches(o.WatchesFile)
 	if err != nil {
 		return nil, err
