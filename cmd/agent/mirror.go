@@ -116,10 +116,10 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.BoolVar(&c.debugPprof, "debug-pprof", false, "serve Go's profiles at /debug/pprof/ on the metrics address")
 	fs.DurationVar(&c.canaryInterval, "canary-interval", canary.DefaultInterval,
 		"how often containerd pulls the agent's canary image to prove the mirror path (also at start and after containerd restarts); 0 turns the canary off")
-	// Off by default until the operator releases a node held longer than a
-	// bound (issue 16's fail-open): a gate alone could hold a node's
-	// readiness taint, and a DaemonSet rollout, on a broken path forever.
-	fs.BoolVar(&c.canaryGatesReady, "canary-gates-readiness", false,
+	// On: the operator releases a node held past its bound, and agents
+	// release their own node when the operator is down (issue 16's fail
+	// open), so a broken path cannot hold a node for good.
+	fs.BoolVar(&c.canaryGatesReady, "canary-gates-readiness", true,
 		"readiness waits for the canary's first proof and fails, with the reason, while the mirror path is broken")
 	fs.DurationVar(&c.releaseTaintAfter, "release-taint-after", 0,
 		"remove the operator's startup taint "+nodetaint.TaintKey+" from this node once the node is this old (node readiness's fallback when the operator is down; the operator's bound plus a minute); 0 turns it off")
