@@ -77,7 +77,7 @@ func TestCheck(t *testing.T) {
 		t.Fatalf("before the bound: wait %s, err %v, patches %v", wait, err, api.patches)
 	}
 	// Past it: only the startup taint goes, if nothing changed meanwhile.
-	wait, err = r(30*time.Second).Check(context.Background())
+	wait, err = r(30 * time.Second).Check(context.Background())
 	if err != nil || wait != 0 || len(api.patches) != 1 {
 		t.Fatalf("past the bound: wait %s, err %v, patches %v", wait, err, api.patches)
 	}
@@ -88,7 +88,7 @@ func TestCheck(t *testing.T) {
 		t.Errorf("taints %v, auth %q", api.taints, api.auth)
 	}
 	// Untainted past the bound: done, nothing written.
-	if wait, err := r(30*time.Second).Check(context.Background()); err != nil || wait != 0 || len(api.patches) != 1 {
+	if wait, err := r(30 * time.Second).Check(context.Background()); err != nil || wait != 0 || len(api.patches) != 1 {
 		t.Errorf("untainted: wait %s, err %v, patches %d", wait, err, len(api.patches))
 	}
 	if err := (&Releaser{Node: "n1"}).Run(context.Background()); err == nil {
