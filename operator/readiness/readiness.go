@@ -181,6 +181,12 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 		_, why := podReady(pod)
 		h := held{node: n.Name, reason: why, since: n.CreationTimestamp.Time}
 		if waited := now.Sub(h.since); waited >= c.ReleaseAfter {
+			if !hasTaint(n) && n.Annotations[ReleasedAnnotation] == "" && n.CreationTimestamp.Before(ptr(owner.GetCreationTimestamp())) {
+				// Joined before the resource existed: never held, so
+				// nothing to release or report (installing on a running
+				// cluster must not mark every node).
+				continue
+			}
 			// Fail open: never held past the bound.
 			first, err := c.release(ctx, n, why)
 			if err != nil {
@@ -440,3 +446,5 @@ func (c *Controller) writeCondition(ctx context.Context, owner *unstructured.Uns
 	}
 	return err
 }
+
+func ptr[T any](v T) *T { return &v }
