@@ -34,14 +34,9 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/systemd/systemdtest"
 )
 
-// Configs "without these settings": no registry config_path anywhere and
-// discard_unpacked_layers = true (what EKS ships), so a CRI pull neither
-// asks a mirror nor keeps its layers until prep has run. Each containerd
-// has its own root, state and sockets; plugins that cannot run here are
-// disabled (as in test/cluster). 2.x's transfer service unpacks only for
-// its configured snapshotter, overlayfs.
-const config2x = `version = 3
-root = "%[1]s/root"
+// nodeTables are the tables every test config shares: its own root,
+// state and sockets, and no plugin that cannot run here.
+const nodeTables = `root = "%[1]s/root"
 state = "%[1]s/state"
 imports = []
 disabled_plugins = [
@@ -74,7 +69,16 @@ disabled_plugins = [
   [plugins."io.containerd.internal.v1.opt"]
     path = "%[1]s/opt"
 
-  [plugins."io.containerd.cri.v1.images"]
+`
+
+// Configs "without these settings": no registry config_path anywhere and
+// discard_unpacked_layers = true (what EKS ships), so a CRI pull neither
+// asks a mirror nor keeps its layers until prep has run. Each containerd
+// has its own root, state and sockets; plugins that cannot run here are
+// disabled (as in test/cluster). 2.x's transfer service unpacks only for
+// its configured snapshotter, overlayfs.
+const config2x = `version = 3
+` + nodeTables + `  [plugins."io.containerd.cri.v1.images"]
     snapshotter = "overlayfs"
     discard_unpacked_layers = true
 
@@ -130,40 +134,7 @@ disabled_plugins = [
 // load: what prep writes for an empty config.toml (version 2 with the
 // 1.x tables) must take effect there too.
 const config2xV2 = `version = 2
-root = "%[1]s/root"
-state = "%[1]s/state"
-imports = []
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.erofs",
-  "io.containerd.snapshotter.v1.blockfile",
-  "io.containerd.differ.v1.erofs",
-  "io.containerd.mount-handler.v1.erofs",
-  "io.containerd.nri.v1.nri",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "%[1]s/c.sock"
-
-[ttrpc]
-  address = "%[1]s/c.sock.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "%[1]s/opt"
-
-  [plugins."io.containerd.grpc.v1.cri"]
+` + nodeTables + `  [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
     [plugins."io.containerd.grpc.v1.cri".containerd]
       snapshotter = "overlayfs"
