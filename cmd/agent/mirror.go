@@ -25,6 +25,7 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/nodetaint"
 	"github.com/fleetmirror/fleetmirror/agent/peerauth"
 	"github.com/fleetmirror/fleetmirror/agent/policy"
 	"github.com/fleetmirror/fleetmirror/agent/prep"
@@ -68,6 +69,11 @@ type mirrorConfig struct {
 	maxRequests         int
 	canaryInterval      time.Duration
 	canaryGatesReady    bool
+	releaseTaintAfter   time.Duration
+	nodeName            string
+	kubeAPI             string
+	kubeTokenFile       string
+	kubeCAFile          string
 }
 
 func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
@@ -110,11 +116,17 @@ func mirrorCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.BoolVar(&c.debugPprof, "debug-pprof", false, "serve Go's profiles at /debug/pprof/ on the metrics address")
 	fs.DurationVar(&c.canaryInterval, "canary-interval", canary.DefaultInterval,
 		"how often containerd pulls the agent's canary image to prove the mirror path (also at start and after containerd restarts); 0 turns the canary off")
-	// Off by default until the operator releases a node held longer than a
-	// bound (issue 16's fail-open): a gate alone could hold a node's
-	// readiness taint, and a DaemonSet rollout, on a broken path forever.
-	fs.BoolVar(&c.canaryGatesReady, "canary-gates-readiness", false,
+	// On: the operator releases a node held past its bound, and agents
+	// release their own node when the operator is down (issue 16's fail
+	// open), so a broken path cannot hold a node for good.
+	fs.BoolVar(&c.canaryGatesReady, "canary-gates-readiness", true,
 		"readiness waits for the canary's first proof and fails, with the reason, while the mirror path is broken")
+	fs.DurationVar(&c.releaseTaintAfter, "release-taint-after", 0,
+		"remove the operator's startup taint "+nodetaint.TaintKey+" from this node once the node is this old (node readiness's fallback when the operator is down; the operator's bound plus a minute); 0 turns it off")
+	fs.StringVar(&c.nodeName, "node-name", "", "this node's name (downward API spec.nodeName), for --release-taint-after")
+	fs.StringVar(&c.kubeAPI, "kube-api", nodetaint.InClusterAPI(), "the API server's URL, for --release-taint-after")
+	fs.StringVar(&c.kubeTokenFile, "kube-token-file", nodetaint.DefaultTokenFile, "the pod's bound service account token, for --release-taint-after")
+	fs.StringVar(&c.kubeCAFile, "kube-ca-file", nodetaint.DefaultCAFile, "the API server's CA, for --release-taint-after")
 	return func(ctx context.Context) error { return runMirror(ctx, c) }
 }
 
@@ -144,6 +156,9 @@ func (c *mirrorConfig) validate() (uint16, []hosts.Registry, error) {
 	}
 	if c.maxRequests < 1 || c.maxRequests > 1<<16 {
 		return 0, nil, fmt.Errorf("--max-requests %d: want 1 to 65536", c.maxRequests)
+	}
+	if c.releaseTaintAfter < 0 || c.releaseTaintAfter > 0 && (c.nodeName == "" || c.kubeAPI == "") {
+		return 0, nil, fmt.Errorf("--release-taint-after %s: want 0 (off), or more with --node-name and --kube-api (in a pod: the downward API's spec.nodeName and KUBERNETES_SERVICE_HOST)", c.releaseTaintAfter)
 	}
 	if c.canaryInterval < 0 || c.canaryInterval > 0 && c.canaryInterval < time.Second {
 		return 0, nil, fmt.Errorf("--canary-interval %s: want 0 (off) or at least 1s (minutes in production)", c.canaryInterval)
@@ -239,6 +254,19 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	port, regs, err := c.validate()
 	if err != nil {
 		return err
+	}
+	if c.releaseTaintAfter > 0 {
+		// First, before anything that may fail: an agent that never
+		// gets ready must still let its node go.
+		rel := &nodetaint.Releaser{Node: c.nodeName, After: c.releaseTaintAfter, API: c.kubeAPI, TokenFile: c.kubeTokenFile,
+			CAFile: c.kubeCAFile, Log: log.With("component", "nodetaint")}
+		rctx, stop := context.WithCancel(ctx)
+		defer stop()
+		go func() {
+			if err := rel.Run(rctx); err != nil {
+				log.Error("startup taint fallback off", "err", err.Error())
+			}
+		}()
 	}
 	key, pol, err := c.trust(log)
 	if err != nil {

@@ -33,6 +33,9 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.DurationVar(&o.Timeouts.Uninstall, "uninstall-timeout", 10*time.Minute, "longest wait on the uninstall's node cleanup")
 	fs.DurationVar(&o.ReconcilePeriod, "reconcile-period", 10*time.Minute, "re-check every release this often, besides events; a watches.yaml entry's reconcilePeriod wins for its kind")
 	fs.DurationVar(&o.HitRatioWindow, "hit-ratio-window", 10*time.Minute, "window of the cluster peer hit ratio in status.peerHits, scraped from the agents; 0 turns it off")
+	fs.BoolVar(&o.MirrorPath, "mirror-path", true, "read each agent's canary verdict (GET /canary on the metrics port) into status.mirrorPath, every minute and on agent pod changes")
+	fs.BoolVar(&o.NodeConditions, "node-conditions", false, "also write it on each node as the FleetmirrorMirrorPath condition (needs patch on nodes/status; the chart's nodeConditions)")
+	fs.DurationVar(&o.ReleaseAfter, "release-after", 5*time.Minute, "node readiness holds a node at most this long from its creation, then removes the startup taint with a warning (fail open); the chart's nodeReadiness.releaseAfter")
 	fs.IntVar(&o.AgentMetricsPort, "agent-metrics-port", 30122, "where agents serve /metrics when a resource's values do not say")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return func(ctx context.Context) error {
@@ -59,6 +62,12 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 			}
 			o.Provider, o.Inputs.Defaults = c.Provider.Name, c.Provider.Spegel
 			o.NodeReadiness, o.ReportAfter = c.NodeReadiness.Enabled, c.ReportAfter()
+			if !set["release-after"] {
+				o.ReleaseAfter = c.ReleaseAfter()
+			}
+			if !set["node-conditions"] {
+				o.NodeConditions = c.NodeConditions
+			}
 			o.ManagedNamespaces = c.ManagedNamespaces
 		}
 		cfg, err := ctrl.GetConfig()

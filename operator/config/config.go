@@ -31,6 +31,10 @@ type Config struct {
 	// resources elsewhere are refused with a condition. Empty: every
 	// namespace (an operator given cluster-wide rights).
 	ManagedNamespaces []string `json:"managedNamespaces"`
+	// NodeConditions puts each node's canary verdict on the node as the
+	// FleetmirrorMirrorPath condition (the chart grants patch on
+	// nodes/status for it).
+	NodeConditions bool `json:"nodeConditions"`
 }
 
 // Provider names the override file in force (overrides/<name>.yaml) and
@@ -47,6 +51,9 @@ type NodeReadiness struct {
 	// ReportAfter is how long a node may wait for its agent before a
 	// warning event says why it is still held.
 	ReportAfter metav1.Duration `json:"reportAfter"`
+	// ReleaseAfter is the most a node is held: past it (from the node's
+	// creation) the taint comes off with a warning, whatever its agent says.
+	ReleaseAfter metav1.Duration `json:"releaseAfter"`
 }
 
 var (
@@ -84,12 +91,23 @@ func (c Config) Validate() error {
 	if c.NodeReadiness.ReportAfter.Duration < 0 {
 		return fmt.Errorf("nodeReadiness.reportAfter %s: must not be negative", c.NodeReadiness.ReportAfter.Duration)
 	}
+	if c.NodeReadiness.ReleaseAfter.Duration < 0 {
+		return fmt.Errorf("nodeReadiness.releaseAfter %s: must not be negative (a node is never held for good)", c.NodeReadiness.ReleaseAfter.Duration)
+	}
 	return values.Inputs{Images: c.Images, Mirror: c.ImageMirror, Defaults: c.Provider.Spegel}.Validate()
 }
 
 // ReportAfter is NodeReadiness.ReportAfter, 5 minutes when unset.
 func (c Config) ReportAfter() time.Duration {
 	if d := c.NodeReadiness.ReportAfter.Duration; d > 0 {
+		return d
+	}
+	return 5 * time.Minute
+}
+
+// ReleaseAfter is NodeReadiness.ReleaseAfter, 5 minutes when unset.
+func (c Config) ReleaseAfter() time.Duration {
+	if d := c.NodeReadiness.ReleaseAfter.Duration; d > 0 {
 		return d
 	}
 	return 5 * time.Minute

@@ -36,6 +36,7 @@ import (
 	helmrelease "helm.sh/helm/v3/pkg/release"
 
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
+	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/networkkey"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/operator/release"
@@ -83,6 +84,14 @@ type Options struct {
 	// do not say (the chart's default, 30122).
 	HitRatioWindow   time.Duration
 	AgentMetricsPort int
+	// MirrorPath reads each agent's canary verdict (GET /canary on the
+	// metrics port) into status.mirrorPath; NodeConditions also puts it
+	// on each node as the FleetmirrorMirrorPath condition (needs patch on
+	// nodes/status).
+	MirrorPath, NodeConditions bool
+	// ReleaseAfter is how long node readiness holds a node at most: past
+	// it the startup taint comes off whatever the agent says (fail open).
+	ReleaseAfter time.Duration
 	// ManagedNamespaces are the only namespaces the operator watches and
 	// acts in (where the operator chart gave it Roles); Spegel resources,
 	// watched everywhere, are refused elsewhere with a condition naming
@@ -107,12 +116,29 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	if o.NodeReadiness && o.ReportAfter <= 0 {
 		return nil, errors.New("manager: node readiness needs a report-after duration more than 0")
 	}
+	if o.NodeReadiness && o.ReleaseAfter <= 0 {
+		return nil, errors.New("manager: node readiness needs a release-after duration more than 0 (a node is never held for good)")
+	}
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
 	log := logr.FromSlogHandler(o.Log.Handler())
 	ctrl.SetLogger(log)
 
+	if o.NodeReadiness {
+		// The agents' fallback for when the operator is down: each
+		// removes the taint from its own node a minute past the bound,
+		// after the operator would have (with its event and status).
+		// Laid under every spec like the provider override's values.
+		d := make(map[string]any, len(o.Inputs.Defaults)+1)
+		for k, v := range o.Inputs.Defaults {
+			d[k] = v
+		}
+		if _, set := d["releaseTaintAfter"]; !set {
+			d["releaseTaintAfter"] = (o.ReleaseAfter + time.Minute).String()
+		}
+		o.Inputs.Defaults = d
+	}
 	ws, err := loadWatches(o.WatchesFile)
 	if err != nil {
 		return nil, err
@@ -181,12 +207,18 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		if o.HitRatioWindow > 0 {
 			sc.HitRatio = hitratio.New(o.HitRatioWindow, nil)
 		}
+		if o.MirrorPath || o.NodeConditions {
+			sc.MirrorPath = mirrorpath.NewProber(nil)
+		}
+		if o.NodeConditions {
+			sc.NodeConditions = &mirrorpath.NodeWriter{Client: mgr.GetClient()}
+		}
 		if err := sc.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up status controller for %s: %w", gvk, err)
 		}
 		if o.NodeReadiness {
 			rc := &readiness.Controller{Client: mgr.GetClient(), GVK: gvk, Recorder: mgr.GetEventRecorderFor("spegel-node-readiness"), ReportAfter: o.ReportAfter,
-				Namespaces: managed}
+				ReleaseAfter: o.ReleaseAfter, Namespaces: managed}
 			if err := rc.SetupWithManager(mgr); err != nil {
 				return nil, fmt.Errorf("setting up node readiness for %s: %w", gvk, err)
 			}

@@ -7,6 +7,14 @@
 // the prep check passing. A node that stays held is named, with the
 // reason, in the Spegel resource's NodesReady condition and, after
 // ReportAfter, in a warning event.
+//
+// Readiness fails open: the mirror is there for speed, never for
+// availability. A node is held at most ReleaseAfter from its creation;
+// then the taint comes off whatever its agent says, with a NodeReleased
+// warning event, the ReleasedAnnotation and the node named in
+// NodesReady, and it is never held again. When the operator is gone, the
+// agent removes the taint from its own node past the same bound (package
+// agent/nodetaint, authorized by the spegel chart's admission policy).
 package readiness
 
 import (
@@ -45,6 +53,9 @@ const (
 	// a node is never tainted again: an agent upgrade or restart must not
 	// hold a working node back.
 	ReadyAnnotation = "fleetmirror.dev/agent-ready"
+	// ReleasedAnnotation marks a node released past ReleaseAfter without
+	// a ready agent (fail open): the time, then the reason.
+	ReleasedAnnotation = "fleetmirror.dev/released-unready"
 	// ConditionType is the Spegel status condition naming held nodes.
 	ConditionType  = "NodesReady"
 	componentLabel = "app.kubernetes.io/component"
@@ -70,6 +81,9 @@ type Controller struct {
 	Recorder record.EventRecorder
 	// ReportAfter: a node held this long gets a warning event.
 	ReportAfter time.Duration
+	// ReleaseAfter: a node is held at most this long from its creation
+	// (default 5m), then released with a warning (fail open).
+	ReleaseAfter time.Duration
 	// Namespaces the operator manages: a resource elsewhere has no
 	// release, so it holds no node.
 	Namespaces spegels.Namespaces
@@ -88,6 +102,9 @@ var everything = types.NamespacedName{Name: "nodes"}
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 	if c.Resync == 0 {
 		c.Resync = 30 * time.Second
+	}
+	if c.ReleaseAfter == 0 {
+		c.ReleaseAfter = 5 * time.Minute
 	}
 	c.reported = map[string]string{}
 	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
@@ -136,8 +153,9 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 		return reconcile.Result{}, err
 	}
 	sel := labels.SelectorFromSet(ds.Spec.Template.Spec.NodeSelector)
-	var holding []held
+	var holding, unready []held
 	var released []string
+	now := time.Now()
 	for i := range nodes.Items {
 		n := &nodes.Items[i]
 		if !sel.Matches(labels.Set(n.Labels)) {
@@ -161,7 +179,28 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 			continue // was ready once: never held again
 		}
 		_, why := podReady(pod)
-		holding = append(holding, held{node: n.Name, reason: why, since: n.CreationTimestamp.Time})
+		h := held{node: n.Name, reason: why, since: n.CreationTimestamp.Time}
+		if waited := now.Sub(h.since); waited >= c.ReleaseAfter {
+			if !hasTaint(n) && n.Annotations[ReleasedAnnotation] == "" && n.CreationTimestamp.Before(ptr(owner.GetCreationTimestamp())) {
+				// Joined before the resource existed: never held, so
+				// nothing to release or report (installing on a running
+				// cluster must not mark every node).
+				continue
+			}
+			// Fail open: never held past the bound.
+			first, err := c.release(ctx, n, why)
+			if err != nil {
+				return reconcile.Result{}, err
+			}
+			if first {
+				c.Recorder.Eventf(owner, corev1.EventTypeWarning, "NodeReleasedUnready",
+					"node %s released after %s without a ready agent (startup taint %s removed; the mirror may not serve it until its agent is ready): %s",
+					n.Name, c.ReleaseAfter, TaintKey, why)
+			}
+			unready = append(unready, h)
+			continue
+		}
+		holding = append(holding, h)
 		if err := c.setNode(ctx, n, true, false); err != nil {
 			return reconcile.Result{}, err
 		}
@@ -170,11 +209,14 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 		c.Recorder.Eventf(owner, corev1.EventTypeNormal, "NodeReleased", "node %s: agent ready, startup taint %s removed", n, TaintKey)
 	}
 	next := c.report(owner, holding)
-	if err := c.writeCondition(ctx, owner, holding); err != nil {
+	if err := c.writeCondition(ctx, owner, holding, unready); err != nil {
 		return reconcile.Result{}, err
 	}
 	if len(holding) == 0 {
 		return reconcile.Result{}, nil
+	}
+	for _, h := range holding {
+		next = min(next, max(c.ReleaseAfter-now.Sub(h.since), time.Second))
 	}
 	return reconcile.Result{RequeueAfter: min(next, c.Resync)}, nil
 }
@@ -297,6 +339,38 @@ func (c *Controller) setNode(ctx context.Context, n *corev1.Node, taint, ready b
 	return nil
 }
 
+// release takes the taint off a node held past ReleaseAfter and marks it
+// released; first says whether it was not marked before (so the warning
+// is told once, also when the agent's own fallback removed the taint).
+func (c *Controller) release(ctx context.Context, n *corev1.Node, why string) (first bool, err error) {
+	first = n.Annotations[ReleasedAnnotation] == ""
+	if !first && !hasTaint(n) {
+		return false, nil
+	}
+	orig := n.DeepCopy()
+	var ts []corev1.Taint
+	for _, t := range n.Spec.Taints {
+		if t.Key != TaintKey {
+			ts = append(ts, t)
+		}
+	}
+	n.Spec.Taints = ts
+	if first {
+		if n.Annotations == nil {
+			n.Annotations = map[string]string{}
+		}
+		n.Annotations[ReleasedAnnotation] = time.Now().UTC().Format(time.RFC3339) + " " + why
+	}
+	err = c.Client.Patch(ctx, n, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("releasing node %s held past %s: %w", n.Name, c.ReleaseAfter, err)
+	}
+	return first, nil
+}
+
 // report emits a warning for each node held longer than ReportAfter, once
 // per reason (a node first without an agent pod, then with an unready one,
 // is told both ways), and returns when the next one is due.
@@ -327,20 +401,35 @@ func (c *Controller) report(owner *unstructured.Unstructured, holding []held) ti
 	return max(next, time.Second)
 }
 
-func (c *Controller) writeCondition(ctx context.Context, owner *unstructured.Unstructured, holding []held) error {
-	ok, reason, msg := true, "NoNodeHeld", "no node waits for its agent"
-	if len(holding) > 0 {
-		sort.Slice(holding, func(i, j int) bool { return holding[i].node < holding[j].node })
-		var parts []string
-		for i, h := range holding {
-			if i == maxNamed {
-				parts = append(parts, fmt.Sprintf("and %d more", len(holding)-maxNamed))
-				break
-			}
-			parts = append(parts, h.node+": "+h.reason)
+// name lists nodes with their reasons, at most maxNamed.
+func name(hs []held) string {
+	sort.Slice(hs, func(i, j int) bool { return hs[i].node < hs[j].node })
+	var parts []string
+	for i, h := range hs {
+		if i == maxNamed {
+			parts = append(parts, fmt.Sprintf("and %d more", len(hs)-maxNamed))
+			break
 		}
-		ok, reason = false, "NodesHeld"
-		msg = fmt.Sprintf("%d node(s) keep the startup taint %s until their agent is ready: %s", len(holding), TaintKey, strings.Join(parts, "; "))
+		parts = append(parts, h.node+": "+h.reason)
+	}
+	return strings.Join(parts, "; ")
+}
+
+func (c *Controller) writeCondition(ctx context.Context, owner *unstructured.Unstructured, holding, unready []held) error {
+	ok, reason, msg := true, "NoNodeHeld", "no node waits for its agent"
+	var parts []string
+	if len(holding) > 0 {
+		reason = "NodesHeld"
+		parts = append(parts, fmt.Sprintf("%d node(s) keep the startup taint %s until their agent is ready (at most %s): %s", len(holding), TaintKey, c.ReleaseAfter, name(holding)))
+	}
+	if len(unready) > 0 {
+		if reason != "NodesHeld" {
+			reason = "NodesReleasedUnready"
+		}
+		parts = append(parts, fmt.Sprintf("%d node(s) released after %s without a ready agent (fail open: they run workloads, the mirror may not serve them): %s", len(unready), c.ReleaseAfter, name(unready)))
+	}
+	if len(parts) > 0 {
+		ok, msg = false, strings.Join(parts, ". ")
 	}
 	orig := owner.DeepCopy()
 	conds, _, _ := unstructured.NestedSlice(owner.Object, "status", "conditions")
@@ -357,3 +446,5 @@ func (c *Controller) writeCondition(ctx context.Context, owner *unstructured.Uns
 	}
 	return err
 }
+
+func ptr[T any](v T) *T { return &v }

@@ -26,6 +26,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
+	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
@@ -93,12 +94,18 @@ type Controller struct {
 	// AgentMetricsPort (default 30122) unless the values name another port.
 	HitRatio         *hitratio.Sampler
 	AgentMetricsPort int
+	// MirrorPath, when set, reads every agent's canary verdict (GET
+	// /canary on the same port) into status.mirrorPath and, with
+	// NodeConditions set, into each node's FleetmirrorMirrorPath condition.
+	MirrorPath     *mirrorpath.Prober
+	NodeConditions *mirrorpath.NodeWriter
 	// Namespaces the operator manages; a resource elsewhere is Ready
 	// false, saying how to fix it.
 	Namespaces spegels.Namespaces
 }
 
-// hitRatioPeriod is how often the hit ratio is sampled.
+// hitRatioPeriod is how often the hit ratio is sampled and the agents'
+// canary verdicts read (besides agent pod changes: readiness, IPs).
 const hitRatioPeriod = time.Minute
 
 // SetupWithManager registers the controller.
@@ -120,8 +127,9 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 		For(cr, builder.WithPredicates(predicate.Funcs{})).
 		Watches(&appsv1.DaemonSet{}, toOwner).
 		WatchesRawSource(source.Channel(c.Released.ch, &handler.EnqueueRequestForObject{}))
-	if c.HitRatio != nil {
-		// Agent pods coming and going change who is scraped.
+	if c.HitRatio != nil || c.MirrorPath != nil {
+		// Agent pods coming and going (or turning ready) change who is
+		// scraped and what their canary says.
 		b = b.Watches(&corev1.Pod{}, toOwner)
 	}
 	return b.Complete(c)
@@ -182,13 +190,22 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	st["conditions"] = conds
 	st["nodes"] = map[string]any{"desired": rd.Nodes.Desired, "updated": rd.Nodes.Updated, "ready": rd.Nodes.Ready}
 	resync := c.Resync
-	if c.HitRatio != nil {
-		if hits, err := c.peerHits(ctx, req, eff); err == nil {
-			st["peerHits"] = hits
-		} else {
-			log.FromContext(ctx).V(1).Info("peer hit ratio unavailable", "err", err.Error())
-		}
+	if c.HitRatio != nil || c.MirrorPath != nil {
 		resync = min(resync, hitRatioPeriod)
+		agents, err := c.agents(ctx, req, eff)
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		if c.HitRatio != nil {
+			if hits, err := c.peerHits(ctx, agents); err == nil {
+				st["peerHits"] = hits
+			} else {
+				log.FromContext(ctx).V(1).Info("peer hit ratio unavailable", "err", err.Error())
+			}
+		}
+		if c.MirrorPath != nil {
+			st["mirrorPath"] = c.mirrorPath(ctx, agents, int(rd.Nodes.Desired))
+		}
 	}
 	if g := c.Released.Generation(req.NamespacedName); g > 0 {
 		st["observedGeneration"] = g
@@ -229,10 +246,14 @@ func (c *Controller) writeCondition(ctx context.Context, obj *unstructured.Unstr
 	return nil
 }
 
-// peerHits scrapes the resource's agent pods and tells the cluster's peer
-// hit ratio: of the requests containerd sent its agent and a peer or the
-// upstream answered, the share peers answered.
-func (c *Controller) peerHits(ctx context.Context, req reconcile.Request, vals map[string]any) (map[string]any, error) {
+// agent is one agent pod reachable at base (http://IP:metrics port).
+type agent struct {
+	node, base string
+}
+
+// agents lists the resource's agent pods that have an IP, with the metrics
+// port the values name (else AgentMetricsPort, else 30122).
+func (c *Controller) agents(ctx context.Context, req reconcile.Request, vals map[string]any) ([]agent, error) {
 	var pods corev1.PodList
 	if err := c.Client.List(ctx, &pods, client.InNamespace(req.Namespace), client.MatchingLabels{
 		"app.kubernetes.io/instance": req.Name, "app.kubernetes.io/component": ComponentAgent,
@@ -253,11 +274,22 @@ func (c *Controller) peerHits(ctx context.Context, req reconcile.Request, vals m
 	if port == 0 {
 		port = 30122
 	}
-	var urls []string
+	var out []agent
 	for _, p := range pods.Items {
 		if p.Status.PodIP != "" && p.DeletionTimestamp == nil {
-			urls = append(urls, "http://"+net.JoinHostPort(p.Status.PodIP, strconv.Itoa(port))+"/metrics")
+			out = append(out, agent{node: p.Spec.NodeName, base: "http://" + net.JoinHostPort(p.Status.PodIP, strconv.Itoa(port))})
 		}
+	}
+	return out, nil
+}
+
+// peerHits scrapes the resource's agent pods and tells the cluster's peer
+// hit ratio: of the requests containerd sent its agent and a peer or the
+// upstream answered, the share peers answered.
+func (c *Controller) peerHits(ctx context.Context, agents []agent) (map[string]any, error) {
+	var urls []string
+	for _, a := range agents {
+		urls = append(urls, a.base+"/metrics")
 	}
 	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -274,6 +306,33 @@ func (c *Controller) peerHits(ctx context.Context, req reconcile.Request, vals m
 		hits["ratio"] = strconv.FormatFloat(r.Value, 'f', 2, 64)
 	}
 	return hits, nil
+}
+
+// mirrorPath reads every agent's canary verdict, writes each node's
+// condition (when NodeConditions is set) and returns status.mirrorPath.
+// A node whose condition cannot be written is logged and tried again at
+// the next pass: one node must not keep the resource's status stale.
+func (c *Controller) mirrorPath(ctx context.Context, agents []agent, desired int) map[string]any {
+	as := make([]mirrorpath.Agent, 0, len(agents))
+	for _, a := range agents {
+		if a.node != "" {
+			as = append(as, mirrorpath.Agent{Node: a.node, URL: a.base + "/canary"})
+		}
+	}
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	rs := c.MirrorPath.Probe(sctx, as)
+	if c.NodeConditions != nil {
+		for _, r := range rs {
+			if err := c.NodeConditions.Set(ctx, r.Node, mirrorpath.NodeCondition(r)); err != nil {
+				log.FromContext(ctx).Info("node condition not written", "node", r.Node, "err", err.Error())
+			}
+		}
+	}
+	sum := mirrorpath.Summarize(rs)
+	// A node whose agent has no IP yet is not proven either.
+	sum.Total = max(sum.Total, desired)
+	return sum.Status()
 }
 
 func conditionTrue(conds []any, typ string) bool {

@@ -69,6 +69,7 @@ var examples = map[string]example{
 	"maxRequests":           {A: 256, B: 1024, C: "2048"},
 	"canaryInterval":        {A: "10m", B: "1m", C: "30s"},
 	"canaryGatesReadiness":  {A: true, B: false, C: "true"},
+	"releaseTaintAfter":     {A: "7m", B: "6m", C: "8m"},
 	"containerd.socket":     {A: "/run/a.sock", B: "/run/b.sock", C: "/run/c.sock"},
 	"containerd.namespace":  {A: "a", B: "b", C: "c"},
 	"containerd.contentDir": {A: "/a/content", B: "/b/content", C: "/c/content"},

@@ -373,6 +373,8 @@ func startOperator(t *testing.T, manifests string, c config.Config, reportAfter 
 		Provider:                c.Provider.Name,
 		NodeReadiness:           c.NodeReadiness.Enabled,
 		ReportAfter:             reportAfter,
+		ReleaseAfter:            c.ReleaseAfter(),
+		NodeConditions:          c.NodeConditions,
 		ManagedNamespaces:       c.ManagedNamespaces,
 		Timeouts:                release.Timeouts{Install: time.Minute, Upgrade: time.Minute, Uninstall: time.Minute},
 		MetricsAddr:             "0",

@@ -98,8 +98,28 @@ func TestOperatorLeastPrivilege(t *testing.T) {
 		// The kind it reconciles: everywhere, to refuse it outside its namespaces.
 		access{"list", "charts.fleetmirror.dev", "spegels", "", true}, access{"patch", "charts.fleetmirror.dev", "spegels", other, true},
 		access{"create", "rbac.authorization.k8s.io", "clusterroles", "", false},
+		// Node readiness is off here: no node may be changed. The mirror
+		// path condition (nodeConditions, on by default) is patched on the
+		// status subresource only (SubjectAccessReview names it as
+		// nodes/status in the subresource field, checked below).
+		access{"patch", "", "nodes", "", false}, access{"get", "", "nodes", "", false},
 	)
 	checkAccess(t, cl, user, as)
+	for _, sub := range []struct {
+		verb string
+		want bool
+	}{{"patch", true}, {"update", false}, {"get", false}} {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User: user, Groups: []string{"system:serviceaccounts", "system:authenticated"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{Verb: sub.verb, Resource: "nodes", Subresource: "status"},
+		}}
+		if err := cl.Create(ctx, sar); err != nil {
+			t.Fatal(err)
+		}
+		if sar.Status.Allowed != sub.want {
+			t.Errorf("%s may %s nodes/status: %v, want %v", user, sub.verb, sar.Status.Allowed, sub.want)
+		}
+	}
 
 	// The same, as a request the operator makes.
 	as2 := rest.CopyConfig(cfg)

@@ -94,3 +94,9 @@ affinity:
 priorityClassName: {{ . }}
 {{- end }}
 {{- end -}}
+
+{{/* Whether the agent removes the startup taint from its own node past a
+bound (releaseTaintAfter set and not zero): non-empty when it does. */}}
+{{- define "spegel.releasesTaint" -}}
+{{- if and .Values.releaseTaintAfter (not (regexMatch "^0+(\\.0+)?(ms|s|m|h)?$" (toString .Values.releaseTaintAfter))) }}true{{ end }}
+{{- end -}}
