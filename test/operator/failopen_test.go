@@ -94,7 +94,7 @@ func TestNodeReleasedAfterBound(t *testing.T) {
 	ctx := context.Background()
 	const ns = "fm-failopen"
 	cl, manifests, get := failOpenSetup(t, ns, "failopen")
-	defer forget(t, cl, ns, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
 	_, c := renderOperator(t, loadOperatorChart(t), ns, operatorValues(t, "cks", "", map[string]any{"nodeReadiness": map[string]any{"enabled": true}}))
 	const bound = 8 * time.Second
 	op := startOperator(t, manifests, c, time.Hour, func(o *manager.Options) { o.ReleaseAfter = bound })
@@ -102,7 +102,7 @@ func TestNodeReleasedAfterBound(t *testing.T) {
 
 	ds := &appsv1.DaemonSet{}
 	eventually(t, "the agent DaemonSet", time.Minute, func() error {
-		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel"}, ds)
+		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel}, ds)
 	})
 	if got := agentEnv(ds, "FLEETMIRROR_RELEASE_TAINT_AFTER"); got != (bound + time.Minute).String() {
 		t.Errorf("the agents' fallback bound is %q, want the operator's plus a minute, %s", got, bound+time.Minute)
@@ -116,7 +116,7 @@ func TestNodeReleasedAfterBound(t *testing.T) {
 	defer cl.Delete(ctx, n)
 	created := time.Now()
 	eventually(t, "NodesReady says fo-stuck is held, and for how long at most", 10*time.Second, func() error {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 			return err
 		}
@@ -139,7 +139,7 @@ func TestNodeReleasedAfterBound(t *testing.T) {
 	}
 	waitEvent(t, cl, ns, "NodeReleasedUnready", "fo-stuck", "released after 8s", "no agent pod")
 	eventually(t, "NodesReady names the released node", 10*time.Second, func() error {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 			return err
 		}
@@ -165,13 +165,13 @@ func TestAgentReleasesOwnNode(t *testing.T) {
 	ctx := context.Background()
 	const ns = "fm-agentrelease"
 	cl, manifests, get := failOpenSetup(t, ns, "agentrelease")
-	defer forget(t, cl, ns, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
 
 	// The agent's account as the spegel chart would make it (Helm adopts it
 	// when the operator comes back).
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "spegel",
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: defaultSpegel,
 		Labels:      map[string]string{"app.kubernetes.io/managed-by": "Helm"},
-		Annotations: map[string]string{"meta.helm.sh/release-name": "spegel", "meta.helm.sh/release-namespace": ns}}}
+		Annotations: map[string]string{"meta.helm.sh/release-name": defaultSpegel, "meta.helm.sh/release-namespace": ns}}}
 	if err := cl.Create(ctx, sa); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
@@ -185,7 +185,7 @@ func TestAgentReleasesOwnNode(t *testing.T) {
 		defer cl.Delete(ctx, n)
 	}
 	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "agent-ar-late"},
-		Spec: corev1.PodSpec{NodeName: "ar-late", ServiceAccountName: "spegel", Containers: []corev1.Container{{Name: "agent", Image: "example.invalid/agent:test"}}}}
+		Spec: corev1.PodSpec{NodeName: "ar-late", ServiceAccountName: defaultSpegel, Containers: []corev1.Container{{Name: "agent", Image: "example.invalid/agent:test"}}}}
 	if err := cl.Create(ctx, pod); err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +196,7 @@ func TestAgentReleasesOwnNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr, err := cs.CoreV1().ServiceAccounts(ns).CreateToken(ctx, "spegel", &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+	tr, err := cs.CoreV1().ServiceAccounts(ns).CreateToken(ctx, defaultSpegel, &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
 		BoundObjectRef: &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: types.UID(pod.UID)},
 	}}, metav1.CreateOptions{})
 	if err != nil {

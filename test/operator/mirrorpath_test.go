@@ -96,7 +96,7 @@ func TestMirrorPathReported(t *testing.T) {
 		t.Fatal("the operator chart does not turn node conditions on by default")
 	}
 	applyAll(t, cl, manifests, false)
-	defer forget(t, cl, ns, "spegel")
+	defer forget(t, cl, ns, defaultSpegel)
 	op := startOperator(t, manifests, c, 0, func(o *manager.Options) {
 		o.MirrorPath, o.HitRatioWindow, o.AgentMetricsPort = true, 0, port
 	})
@@ -104,7 +104,7 @@ func TestMirrorPathReported(t *testing.T) {
 
 	ds := &appsv1.DaemonSet{}
 	eventually(t, "the agent DaemonSet", time.Minute, func() error {
-		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: "spegel"}, ds)
+		return cl.Get(ctx, client.ObjectKey{Namespace: ns, Name: defaultSpegel}, ds)
 	})
 	for node, ip := range ips {
 		n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}}
@@ -156,7 +156,7 @@ func TestMirrorPathReported(t *testing.T) {
 		})
 	}
 	mirror := func() map[string]any {
-		u := spegel(ns, "spegel", nil)
+		u := spegel(ns, defaultSpegel, nil)
 		if err := cl.Get(ctx, client.ObjectKeyFromObject(u), u); err != nil {
 			t.Fatal(err)
 		}
