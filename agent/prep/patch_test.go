@@ -89,7 +89,7 @@ func TestGolden(t *testing.T) {
 		{"containerd-2.4-default.toml", false, true},
 		{"eks-al2-1.7.toml", false, true},
 		{"eks-al2023-2.x.toml", true, true}, // its config_path list needs the override (see namesDir)
-		{"gke-cos-1.7.toml", true, true},
+		{"gke-cos-hostsd.toml", true, true},
 		{"imports", false, true},
 		{"comments-dotted-1.6.toml", false, true},
 		{"crlf-1.6.toml", false, true},
