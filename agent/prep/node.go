@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -74,8 +75,85 @@ func Check(cfg Config) (*Plan, error) {
 	if err := checkImports(cfg, src); err != nil {
 		return plan, err
 	}
+	if err := checkHostsFiles(cfg, plan); err != nil {
+		return plan, err
+	}
 	return plan, nil
 }
+
+// hostRoot is where the host's / is seen from here.
+func (cfg Config) hostRoot() string {
+	if cfg.HostRoot == "" {
+		return "/"
+	}
+	return cfg.HostRoot
+}
+
+// checkHostsFiles refuses to migrate a mirror over a hosts.toml that is
+// already there with other content: containerd would read that file once
+// config_path is set, and merging two configurations is a person's call.
+// An identical file (a run that stopped before writing the config) is kept.
+func checkHostsFiles(cfg Config, plan *Plan) error {
+	for i, h := range plan.Hosts {
+		dirs := []string{h.Dir}
+		if host, port, err := net.SplitHostPort(h.Dir); err == nil {
+			// containerd 1.7 and 2.x look in host_port_ before host:port.
+			dirs = append(dirs, host+"_"+port+"_")
+		}
+		for _, d := range dirs {
+			p := filepath.Join(cfg.hostRoot(), cfg.CertsDir, d, "hosts.toml")
+			b, err := os.ReadFile(p)
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return refuse("cannot read %s to migrate %s (%v); nothing was changed", p, displayTable(h.Table), err)
+			}
+			if d == h.Dir && bytes.Equal(b, h.Content) {
+				plan.Hosts[i].Exists = true
+				continue
+			}
+			return refuse("%s would move into %s, but %s already exists with other content; merge the mirror's endpoints into that file by hand (as [host] entries, in order), remove %s and run prep again",
+				displayTable(h.Table), h.Path(cfg.CertsDir), filepath.Join(cfg.CertsDir, d, "hosts.toml"), displayTable(h.Table))
+		}
+	}
+	return nil
+}
+
+// writeHostsFiles writes the migrated mirrors, each atomically, before the
+// config that stops naming them: at no point does containerd see a config
+// whose mirror has no hosts.toml.
+func writeHostsFiles(cfg Config, plan *Plan, log *slog.Logger) error {
+	for _, h := range plan.Hosts {
+		p := filepath.Join(cfg.hostRoot(), h.Path(cfg.CertsDir))
+		if h.Exists {
+			log.Info("inline mirror already migrated", "registry", h.Registry, "hostsToml", h.Path(cfg.CertsDir))
+			continue
+		}
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+		if err := writeHostsFile(p, h.Content, fileMode(0o644)); err != nil {
+			return fmt.Errorf("writing %s: %w", p, err)
+		}
+		log.Info("migrated inline mirror to hosts.toml", "registry", h.Registry, "table", displayTable(h.Table), "hostsToml", h.Path(cfg.CertsDir))
+	}
+	return nil
+}
+
+// writeHostsFile is writeAtomic; tests make it fail part way.
+var writeHostsFile = writeAtomic
+
+// fileMode is an os.FileInfo for writeAtomic of a new file: mode only,
+// owner left as created (root).
+type fileMode os.FileMode
+
+func (m fileMode) Name() string       { return "" }
+func (m fileMode) Size() int64        { return 0 }
+func (m fileMode) Mode() os.FileMode  { return os.FileMode(m) }
+func (m fileMode) ModTime() time.Time { return time.Time{} }
+func (m fileMode) IsDir() bool        { return false }
+func (m fileMode) Sys() any           { return nil }
 
 // resolveLinks follows Config.Path while it is a symbolic link (node
 // images that keep the real file elsewhere) and returns the file to read
@@ -146,6 +224,9 @@ func Run(ctx context.Context, cfg Config, r Restarter, log *slog.Logger) (*Plan,
 	}
 	if err := writeAtomic(path+BackupSuffix, orig, fi); err != nil {
 		return plan, fmt.Errorf("writing the backup: %w", err)
+	}
+	if err := writeHostsFiles(cfg, plan, log); err != nil {
+		return plan, fmt.Errorf("migrating the inline mirrors: %w; %s was not changed", err, path)
 	}
 	if err := writeAtomic(path, plan.Patched, fi); err != nil {
 		return plan, fmt.Errorf("writing %s: %w", path, err)

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"reflect"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -36,6 +37,10 @@ type Options struct {
 	CertsDir string
 	// OverrideConfigPath replaces a config_path that names another folder.
 	OverrideConfigPath bool
+	// MigrateMirrors moves inline `registry.mirrors` entries, which
+	// containerd refuses beside config_path, into hosts.toml files under
+	// CertsDir (see migrateMirrors) instead of refusing the node.
+	MigrateMirrors bool
 }
 
 // Setting is one key prep looks after, as found and as wanted.
@@ -70,6 +75,10 @@ type Plan struct {
 	// Path is the file read and written: Config.Path, or where its
 	// symbolic links lead (set by Check; empty from Patch).
 	Path string
+	// Hosts are the hosts.toml files that take over the inline mirrors
+	// Patched no longer has (Options.MigrateMirrors); Run writes them
+	// before the config.
+	Hosts []HostsFile
 }
 
 // Ready reports whether the file needs no change.
@@ -139,21 +148,42 @@ func Patch(src []byte, o Options) (*Plan, error) {
 		return nil, err
 	}
 	cps, discard := targets(version)
-	if err := checkLayout(before, version); err != nil {
+	mirrorTables, err := checkLayout(before, version, o)
+	if err != nil {
 		return nil, err
+	}
+	plan := &Plan{Version: version, FromEmpty: fromEmpty}
+	out := src
+	if len(mirrorTables) > 0 {
+		seen := map[string]string{}
+		for _, t := range mirrorTables {
+			files, err := migrateMirrors(t, lookup(before, append(t, "mirrors")).(map[string]any), o.CertsDir)
+			if err != nil {
+				return nil, err
+			}
+			for _, f := range files {
+				if prev, ok := seen[f.Dir]; ok {
+					return nil, refuse("both %s and %s are mirrors for %q; keep one and run prep again", prev, displayTable(f.Table), f.Registry)
+				}
+				seen[f.Dir] = displayTable(f.Table)
+			}
+			plan.Hosts = append(plan.Hosts, files...)
+			out = removeTree(out, doc, append(t, "mirrors"))
+			if doc, err = parseDocument(out); err != nil {
+				return nil, fmt.Errorf("internal error: file without mirrors does not scan: %v", err)
+			}
+		}
 	}
 
 	// discard first: its table is the parent of the registry table in
 	// version 3, and a new parent reads better above its child.
 	cur := lookup(before, append(discard.table, discard.key))
-	plan := &Plan{Version: version, FromEmpty: fromEmpty}
 	plan.Settings = append(plan.Settings, Setting{Table: discard.table, Key: discard.key, Current: cur, Want: false, OK: cur == false})
 	for _, t := range cps {
 		cur := lookup(before, append(t.table, t.key))
 		plan.Settings = append(plan.Settings, Setting{Table: t.table, Key: t.key, Current: cur, Want: o.CertsDir, OK: namesDir(cur, o.CertsDir, version)})
 	}
 
-	out := src
 	for _, s := range plan.Settings {
 		if s.OK {
 			continue
@@ -175,7 +205,7 @@ func Patch(src []byte, o Options) (*Plan, error) {
 			return plan, fmt.Errorf("internal error: patched file does not scan: %v", err)
 		}
 	}
-	if err := verify(src, out, plan.Settings); err != nil {
+	if err := verify(src, out, plan.Settings, mirrorTables); err != nil {
 		return plan, err
 	}
 	plan.Patched = out
@@ -219,8 +249,9 @@ func configVersion(m map[string]any) (int, error) {
 }
 
 // checkLayout refuses configurations that containerd would reject, or
-// misread, once config_path is set.
-func checkLayout(m map[string]any, version int) error {
+// misread, once config_path is set. It returns the registry tables whose
+// inline mirrors are to be migrated (only with o.MigrateMirrors).
+func checkLayout(m map[string]any, version int, o Options) ([][]string, error) {
 	regTables := [][]string{{"plugins", criV1, "registry"}}
 	if version >= 3 {
 		regTables = append(regTables, []string{"plugins", criImages, "registry"})
@@ -230,19 +261,52 @@ func checkLayout(m map[string]any, version int) error {
 		if version < maxVersion {
 			for _, k := range [][]string{{"plugins", criV1, "registry"}, {"plugins", criV1, "containerd", "discard_unpacked_layers"}} {
 				if lookup(m, k) != nil {
-					return refuse("this version %d file still sets %s, which containerd 2.4 copies over [plugins.%q] on load; move its settings there and remove it",
+					return nil, refuse("this version %d file still sets %s, which containerd 2.4 copies over [plugins.%q] on load; move its settings there and remove it",
 						version, strings.Join(k, "."), criImages)
 				}
 			}
 		}
 	}
+	var migrate [][]string
 	for _, t := range regTables {
-		if mirrors, ok := lookup(m, append(t, "mirrors")).(map[string]any); ok && len(mirrors) > 0 {
-			return refuse("%s has `mirrors` entries, and containerd refuses `mirrors` together with `config_path`; move them to hosts.toml files under the certs.d folder and remove the mirrors table",
-				displayTable(t))
+		// containerd refuses `configs.tls` beside config_path too (its
+		// auth may stay: containerd still reads it by host).
+		if configs, ok := lookup(m, append(t, "configs")).(map[string]any); ok {
+			names := make([]string, 0, len(configs))
+			for n := range configs {
+				names = append(names, n)
+			}
+			sort.Strings(names)
+			for _, n := range names {
+				if lookup(configs, []string{n, "tls"}) != nil {
+					return nil, refuse("%s sets tls, and containerd refuses `configs.tls` together with `config_path`; move it to %s as ca, client or skip_verify (containerd's hosts.toml) and remove the tls table",
+						displayTable(append(append([]string{}, t...), "configs", n, "tls")), filepath.Join(o.CertsDir, hostsDir(n), "hosts.toml"))
+				}
+			}
+		}
+		mirrors, ok := lookup(m, append(t, "mirrors")).(map[string]any)
+		if !ok || len(mirrors) == 0 {
+			continue
+		}
+		if !o.MigrateMirrors {
+			return nil, refuse("%s has `mirrors` entries, and containerd refuses `mirrors` together with `config_path`; run prep with --migrate-mirrors (chart value containerdPrep.migrateMirrors) to move them into hosts.toml files under %s, or move them there by hand and remove the mirrors table",
+				displayTable(t), o.CertsDir)
+		}
+		migrate = append(migrate, t)
+	}
+	return migrate, nil
+}
+
+// removeTree deletes every line that defines path or something under it:
+// its table headers and their keys, and dotted or inline keys.
+func removeTree(src []byte, d *document, path []string) []byte {
+	out := src
+	for i := len(d.exprs) - 1; i >= 0; i-- {
+		if e := d.exprs[i]; hasPrefix(e.path, path) {
+			out = splice(out, e.lineStart, e.lineEnd, "")
 		}
 	}
-	return nil
+	return out
 }
 
 func checkConfigPath(s Setting, o Options, version int) error {
@@ -311,14 +375,25 @@ func assign(m map[string]any, path []string, v any) bool {
 }
 
 // verify proves the patched file reads as intended: it parses, and it
-// equals the original with exactly the managed settings assigned.
-func verify(src, out []byte, settings []Setting) error {
+// equals the original with exactly the managed settings assigned and the
+// migrated mirrors tables gone.
+func verify(src, out []byte, settings []Setting, removed [][]string) error {
 	var after, want map[string]any
 	if err := toml.Unmarshal(out, &after); err != nil {
 		return refuse("the patched file would not parse (%v); the layout is too unusual to edit safely, set the keys by hand: %s", err, describe(settings))
 	}
 	if err := toml.Unmarshal(src, &want); err != nil {
 		return fmt.Errorf("internal error: the config parsed once but not twice: %v", err)
+	}
+	for _, t := range removed {
+		reg, _ := lookup(want, t).(map[string]any)
+		delete(reg, "mirrors")
+		// A registry table that only held mirrors goes with them.
+		if len(reg) == 0 && lookup(after, t) == nil {
+			if parent, ok := lookup(want, t[:len(t)-1]).(map[string]any); ok {
+				delete(parent, t[len(t)-1])
+			}
+		}
 	}
 	for _, s := range settings {
 		if s.OK {

@@ -30,6 +30,7 @@ func prepCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.StringVar(&c.cfg.HostRoot, "host-root", "/", "where the host's / is mounted; the config's absolute imports and /etc/os-release are read under it")
 	fs.StringVar(&c.cfg.CertsDir, "certs-dir", hosts.DefaultCertsDir, "the folder containerd's config_path must name: where the agent writes hosts.toml")
 	fs.BoolVar(&c.cfg.OverrideConfigPath, "override-config-path", false, "replace a config_path that names another folder")
+	fs.BoolVar(&c.cfg.MigrateMirrors, "migrate-mirrors", false, "move inline registry.mirrors entries (which containerd refuses beside config_path) into hosts.toml files under --certs-dir instead of refusing the node")
 	fs.BoolVar(&c.check, "check", false, "print what is set and what would change; exit 0 when the node is ready, 1 otherwise; change nothing")
 	fs.StringVar(&c.systemdAddress, "systemd-address", systemd.DefaultAddress, "D-Bus address of systemd: its private socket, or the system bus (unix:path=/run/dbus/system_bus_socket)")
 	fs.StringVar(&c.cfg.Unit, "containerd-unit", "containerd.service", "containerd's systemd unit")
@@ -49,7 +50,7 @@ func runPrep(ctx context.Context, c *prepConfig) error {
 	}
 	if c.check {
 		plan, err := prep.Check(c.cfg)
-		printPlan(c.cfg.Path, plan)
+		printPlan(c.cfg.Path, c.cfg.CertsDir, plan)
 		if err != nil {
 			return err
 		}
@@ -63,7 +64,7 @@ func runPrep(ctx context.Context, c *prepConfig) error {
 	// not need systemd reachable; Run checks the unit before writing.
 	plan, err := prep.Check(c.cfg)
 	if err != nil {
-		printPlan(c.cfg.Path, plan)
+		printPlan(c.cfg.Path, c.cfg.CertsDir, plan)
 		return err
 	}
 	var r prep.Restarter
@@ -77,11 +78,11 @@ func runPrep(ctx context.Context, c *prepConfig) error {
 		r = client
 	}
 	plan, err = prep.Run(ctx, c.cfg, r, log)
-	printPlan(c.cfg.Path, plan)
+	printPlan(c.cfg.Path, c.cfg.CertsDir, plan)
 	return err
 }
 
-func printPlan(path string, plan *prep.Plan) {
+func printPlan(path, certsDir string, plan *prep.Plan) {
 	if plan == nil {
 		return
 	}
@@ -95,6 +96,13 @@ func printPlan(path string, plan *prep.Plan) {
 	}
 	for _, s := range plan.Settings {
 		fmt.Fprintf(os.Stdout, "  %s\n", s)
+	}
+	for _, h := range plan.Hosts {
+		state := "to write"
+		if h.Exists {
+			state = "already there"
+		}
+		fmt.Fprintf(os.Stdout, "  inline mirror %q -> %s (%s)\n", h.Registry, h.Path(certsDir), state)
 	}
 }
 
