@@ -32,6 +32,10 @@ func isOurs(b []byte) bool {
 	return s == markerLine || s == markerLineCreatedDir
 }
 
+// IsAgentFile reports whether a hosts.toml is one the agent wrote (and
+// rewrites from its backup, the file it replaced, on every Write).
+func IsAgentFile(b []byte) bool { return isOurs(b) }
+
 // createdDirFlag reports whether one of our files says we created its directory.
 func createdDirFlag(b []byte) bool {
 	line, _, _ := bytes.Cut(b, []byte("\n"))

@@ -23,6 +23,11 @@ type HostsFile struct {
 	// Exists: an identical file is already there (an earlier run that
 	// stopped before the config was written); set by Check.
 	Exists bool
+	// AsBackup: the agent's own hosts.toml is there already, so the file
+	// goes where the agent keeps the file it replaced, which it puts after
+	// its own hosts on its next write (--prepend-existing) and restores on
+	// cleanup; set by Check.
+	AsBackup bool
 }
 
 // Path is where the file goes on the host.

@@ -6,12 +6,15 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/fleetmirror/fleetmirror/agent/hosts"
 )
 
 const (
@@ -252,5 +255,68 @@ func TestMigrateWriteFails(t *testing.T) {
 	}
 	if got := hostsFiles(t, cfg); len(got) != 2 {
 		t.Errorf("hosts files %v, want a.example and b.example", keys(got))
+	}
+}
+
+var hostHeader = regexp.MustCompile(`(?m)^\[host\.["']([^"']+)["']\]`)
+
+// TestMigrateBesideAgent: whether the agent (--prepend-existing) writes its
+// docker.io hosts.toml before prep migrates GKE's mirror or after, once the
+// agent has written again containerd tries the agent, then mirror.gcr.io,
+// then Docker Hub; the agent's cleanup leaves the migrated file.
+func TestMigrateBesideAgent(t *testing.T) {
+	const agent = "http://127.0.0.1:30120"
+	final := map[bool]string{}
+	for _, agentFirst := range []bool{true, false} {
+		cfg := migrateConfig(t, "@gke-cos-default.toml")
+		hc := hosts.Config{CertsDir: filepath.Join(cfg.HostRoot, cfg.CertsDir), MirrorTargets: []string{agent},
+			Registries: []string{"https://docker.io"}, Prepend: true}
+		if agentFirst {
+			if err := hosts.Write(hc); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r := &fakeRestarter{}
+		plan, err := Run(context.Background(), cfg, r, quiet)
+		if err != nil {
+			t.Fatalf("agent first=%v: %v", agentFirst, err)
+		}
+		if len(plan.Hosts) != 1 || plan.Hosts[0].AsBackup != agentFirst {
+			t.Errorf("agent first=%v: hosts %+v", agentFirst, plan.Hosts)
+		}
+		if err := hosts.Write(hc); err != nil {
+			t.Fatal(err)
+		}
+		file := filepath.Join(hc.CertsDir, "docker.io", "hosts.toml")
+		b, _ := os.ReadFile(file)
+		var f struct {
+			Server string
+			Host   map[string]any
+		}
+		if err := toml.Unmarshal(b, &f); err != nil {
+			t.Fatal(err)
+		}
+		var order []string
+		for _, m := range hostHeader.FindAllStringSubmatch(string(b), -1) {
+			order = append(order, m[1])
+		}
+		if f.Server != "https://registry-1.docker.io" || strings.Join(order, " ") != agent+" https://mirror.gcr.io https://registry-1.docker.io" {
+			t.Errorf("agent first=%v: want the agent, mirror.gcr.io, registry-1.docker.io in that order, server registry-1.docker.io:\n%s", agentFirst, b)
+		}
+		// Only the agent's note whether it made the folder may differ.
+		_, final[agentFirst], _ = strings.Cut(string(b), "\n")
+		// Prep again: nothing to do, whatever the agent wrote since.
+		if again, err := Run(context.Background(), cfg, r, quiet); err != nil || again.Changed || r.restarts != 1 {
+			t.Errorf("agent first=%v: second prep err=%v changed=%v restarts=%d", agentFirst, err, again.Changed, r.restarts)
+		}
+		if err := hosts.Cleanup(hc.CertsDir); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(file); string(b) != migrated(criReg+`.mirrors."docker.io"]`, "https://registry-1.docker.io", "https://mirror.gcr.io", "https://registry-1.docker.io") {
+			t.Errorf("agent first=%v: after the agent's cleanup docker.io/hosts.toml is\n%s\nwant the migrated file", agentFirst, b)
+		}
+	}
+	if final[true] != final[false] {
+		t.Errorf("the order of agent and prep matters:\n%s\n---\n%s", final[true], final[false])
 	}
 }

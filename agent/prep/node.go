@@ -16,6 +16,8 @@ import (
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/fleetmirror/fleetmirror/agent/hosts"
 )
 
 // Config says which containerd to prepare and how.
@@ -93,6 +95,8 @@ func (cfg Config) hostRoot() string {
 // already there with other content: containerd would read that file once
 // config_path is set, and merging two configurations is a person's call.
 // An identical file (a run that stopped before writing the config) is kept.
+// The agent's own file (it may have started first) is not a user's: the
+// migrated file becomes the one the agent keeps after its own hosts.
 func checkHostsFiles(cfg Config, plan *Plan) error {
 	for i, h := range plan.Hosts {
 		dirs := []string{h.Dir}
@@ -101,23 +105,48 @@ func checkHostsFiles(cfg Config, plan *Plan) error {
 			dirs = append(dirs, host+"_"+port+"_")
 		}
 		for _, d := range dirs {
-			p := filepath.Join(cfg.hostRoot(), cfg.CertsDir, d, "hosts.toml")
-			b, err := os.ReadFile(p)
-			if errors.Is(err, os.ErrNotExist) {
-				continue
-			}
+			file := filepath.Join(cfg.CertsDir, d, "hosts.toml")
+			b, ok, err := readHostFile(cfg, file)
 			if err != nil {
-				return refuse("cannot read %s to migrate %s (%v); nothing was changed", p, displayTable(h.Table), err)
+				return refuse("cannot read %s to migrate %s (%v); nothing was changed", file, displayTable(h.Table), err)
+			}
+			if !ok {
+				continue
 			}
 			if d == h.Dir && bytes.Equal(b, h.Content) {
 				plan.Hosts[i].Exists = true
 				continue
 			}
+			if d == h.Dir && hosts.IsAgentFile(b) {
+				bak, ok, err := readHostFile(cfg, file+hosts.BackupSuffix)
+				if err != nil {
+					return refuse("cannot read %s to migrate %s (%v); nothing was changed", file+hosts.BackupSuffix, displayTable(h.Table), err)
+				}
+				plan.Hosts[i].AsBackup = true
+				if !ok {
+					continue
+				}
+				if bytes.Equal(bak, h.Content) {
+					plan.Hosts[i].Exists = true
+					continue
+				}
+				file += hosts.BackupSuffix
+			}
 			return refuse("%s would move into %s, but %s already exists with other content; merge the mirror's endpoints into that file by hand (as [host] entries, in order), remove %s and run prep again",
-				displayTable(h.Table), h.Path(cfg.CertsDir), filepath.Join(cfg.CertsDir, d, "hosts.toml"), displayTable(h.Table))
+				displayTable(h.Table), h.Path(cfg.CertsDir), file, displayTable(h.Table))
 		}
 	}
 	return nil
+}
+
+// readHostFile reads a file under the certs dir as the host sees it;
+// false when there is none.
+func readHostFile(cfg Config, file string) ([]byte, bool, error) {
+	b, err := os.ReadFile(filepath.Join(cfg.hostRoot(), file))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, false, nil
+	}
+	return b, err == nil, err
 }
 
 // writeHostsFiles writes the migrated mirrors, each atomically, before the
@@ -125,18 +154,27 @@ func checkHostsFiles(cfg Config, plan *Plan) error {
 // whose mirror has no hosts.toml.
 func writeHostsFiles(cfg Config, plan *Plan, log *slog.Logger) error {
 	for _, h := range plan.Hosts {
-		p := filepath.Join(cfg.hostRoot(), h.Path(cfg.CertsDir))
+		file := h.Path(cfg.CertsDir)
+		if h.AsBackup {
+			file += hosts.BackupSuffix
+		}
 		if h.Exists {
-			log.Info("inline mirror already migrated", "registry", h.Registry, "hostsToml", h.Path(cfg.CertsDir))
+			log.Info("inline mirror already migrated", "registry", h.Registry, "hostsToml", file)
 			continue
 		}
+		p := filepath.Join(cfg.hostRoot(), file)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			return err
 		}
 		if err := writeHostsFile(p, h.Content, fileMode(0o644)); err != nil {
 			return fmt.Errorf("writing %s: %w", p, err)
 		}
-		log.Info("migrated inline mirror to hosts.toml", "registry", h.Registry, "table", displayTable(h.Table), "hostsToml", h.Path(cfg.CertsDir))
+		if h.AsBackup {
+			log.Warn("migrated inline mirror to the agent's kept file: the agent's hosts.toml was there first; the agent puts these hosts after its own when it next writes (restart the agent pod; with --prepend-existing only)",
+				"registry", h.Registry, "table", displayTable(h.Table), "file", file)
+			continue
+		}
+		log.Info("migrated inline mirror to hosts.toml", "registry", h.Registry, "table", displayTable(h.Table), "hostsToml", file)
 	}
 	return nil
 }

@@ -102,6 +102,9 @@ func printPlan(path, certsDir string, plan *prep.Plan) {
 		if h.Exists {
 			state = "already there"
 		}
+		if h.AsBackup {
+			state += ", as the file the agent keeps after its own hosts"
+		}
 		fmt.Fprintf(os.Stdout, "  inline mirror %q -> %s (%s)\n", h.Registry, h.Path(certsDir), state)
 	}
 }
