@@ -14,13 +14,17 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 	"sigs.k8s.io/yaml"
+
+	"github.com/fleetmirror/fleetmirror/agent/hosts"
 )
 
 // override is what a provider override (overrides/<name>.yaml) says about
 // a node's containerd.
 type override struct {
-	prep     bool
-	certsDir string
+	prep            bool
+	certsDir        string
+	migrateMirrors  bool
+	prependExisting bool
 }
 
 func readOverride(t *testing.T, name string) override {
@@ -32,17 +36,23 @@ func readOverride(t *testing.T, name string) override {
 	var f struct {
 		Provider struct {
 			Spegel struct {
-				ContainerdPrep struct{ Enabled bool } `json:"containerdPrep"`
-				Containerd     struct {
+				ContainerdPrep struct {
+					Enabled        bool
+					MigrateMirrors bool `json:"migrateMirrors"`
+				} `json:"containerdPrep"`
+				Containerd struct {
 					CertsDir string `json:"certsDir"`
 				} `json:"containerd"`
+				PrependExisting bool `json:"prependExisting"`
 			} `json:"spegel"`
 		} `json:"provider"`
 	}
 	if err := yaml.Unmarshal(b, &f); err != nil {
 		t.Fatal(err)
 	}
-	o := override{prep: f.Provider.Spegel.ContainerdPrep.Enabled, certsDir: f.Provider.Spegel.Containerd.CertsDir}
+	sp := f.Provider.Spegel
+	o := override{prep: sp.ContainerdPrep.Enabled, certsDir: sp.Containerd.CertsDir,
+		migrateMirrors: sp.ContainerdPrep.MigrateMirrors, prependExisting: sp.PrependExisting}
 	if o.certsDir == "" {
 		o.certsDir = certsDir // the chart's default
 	}
@@ -89,6 +99,11 @@ type providerCase struct {
 	// refused: prep, run with the override's settings, must refuse the
 	// file with an error naming this (and leave it untouched).
 	refused string
+	// migrated: the hosts.toml files (relative to the certs dir) prep
+	// writes for the file's inline mirrors, each listing these hosts in
+	// this order; with the override's prependExisting, the agent's
+	// hosts.toml must list them after its own.
+	migrated map[string][]string
 	// notReady: prep is off and the node is not ready; prep's check
 	// must say so, naming this.
 	notReady string
@@ -112,12 +127,16 @@ var providerCases = []providerCase{
 	{provider: "eks", fixture: "eks-al2023-e2e-v3-expected.toml", notReady: "discard_unpacked_layers"},
 	{provider: "eks", fixture: "eks-al2023-e2e-v2-expected.toml", notReady: "/etc/containerd/certs.d:/etc/docker/certs.d"},
 	// GKE's own file: an inline docker.io mirror beside which containerd
-	// takes no config_path, so prep refuses and restarts nothing.
-	{provider: "gke", fixture: "gke-cos-default.toml", refused: "mirrors"},
-	{provider: "gke", fixture: "gke-ubuntu-standin.toml", refused: "mirrors"},
+	// takes no config_path; the override migrates it into hosts.d.
+	{provider: "gke", fixture: "gke-cos-default.toml", migrated: gkeMirror},
+	{provider: "gke", fixture: "gke-ubuntu-standin.toml", migrated: gkeMirror},
 	// A GKE node whose config_path is GKE's hosts.d: prep keeps it.
 	{provider: "gke", fixture: "gke-cos-hostsd.toml"},
 }
+
+// gkeMirror is GKE's Docker Hub mirror as containerd tried it: mirror.gcr.io,
+// then registry-1.docker.io (the second endpoint), then the default host.
+var gkeMirror = map[string][]string{"docker.io/hosts.toml": {"https://mirror.gcr.io", "https://registry-1.docker.io"}}
 
 // TestProviders runs each provider override's settings (certsDir, whether
 // prep runs) on that provider's containerd configs from testdata: a node
@@ -141,7 +160,10 @@ func runProviderCase(t *testing.T, tc providerCase) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := Options{CertsDir: o.certsDir}
+	opts := Options{CertsDir: o.certsDir, MigrateMirrors: o.migrateMirrors}
+	if o.migrateMirrors && !o.prependExisting {
+		t.Errorf("overrides/%s.yaml migrates inline mirrors without prependExisting: the agent's hosts.toml would drop them", tc.provider)
+	}
 	if tc.userData != "" {
 		plan, err := Patch(src, opts)
 		if tc.notReadyAlone && (err == nil && plan.Ready()) {
@@ -220,6 +242,12 @@ func runProviderCase(t *testing.T, tc providerCase) {
 	if p, err := Check(cfg); err != nil || !p.Ready() {
 		t.Errorf("not ready after prep: %v", err)
 	}
+	if len(plan.Hosts) != len(tc.migrated) {
+		t.Errorf("migrated %d inline mirrors, want %d", len(plan.Hosts), len(tc.migrated))
+	}
+	for file, want := range tc.migrated {
+		assertMigrated(t, cfg, o, file, want)
+	}
 	t.Logf("prep changed=%v restarts=%d", plan.Changed, r.restarts)
 }
 
@@ -261,5 +289,35 @@ func assertDocumented(t *testing.T, provider string, snippet []byte) {
 		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") && !strings.Contains(string(doc), "#         "+l) {
 			t.Errorf("overrides/%s.yaml does not show the user data line %q", provider, l)
 		}
+	}
+}
+
+// assertMigrated: the migrated hosts.toml lists want in order, and after
+// the agent writes with the override's settings, its own host comes first
+// and want follows.
+func assertMigrated(t *testing.T, cfg Config, o override, file string, want []string) {
+	t.Helper()
+	certs := filepath.Join(cfg.HostRoot, o.certsDir)
+	order := func() []string {
+		b, err := os.ReadFile(filepath.Join(certs, file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, m := range hostHeader.FindAllStringSubmatch(string(b), -1) {
+			got = append(got, m[1])
+		}
+		return got
+	}
+	if got := order(); !reflect.DeepEqual(got, want) {
+		t.Errorf("%s hosts %v, want %v", file, got, want)
+	}
+	const agent = "http://127.0.0.1:30120"
+	registry := "https://" + filepath.Dir(file)
+	if err := hosts.Write(hosts.Config{CertsDir: certs, MirrorTargets: []string{agent}, Registries: []string{registry}, Prepend: o.prependExisting}); err != nil {
+		t.Fatal(err)
+	}
+	if got := order(); !reflect.DeepEqual(got, append([]string{agent}, want...)) {
+		t.Errorf("after the agent wrote %s (prependExisting %v): hosts %v, want the agent, then %v", file, o.prependExisting, got, want)
 	}
 }

@@ -96,6 +96,7 @@ var examples = map[string]example{
 	"containerdPrep.enabled":                      {A: true, B: false, C: "true"},
 	"containerdPrep.image":                        {B: "registry.corp/fm/agent:v9"},
 	"containerdPrep.unit":                         {A: "a.service", B: "b.service", C: "c.service"},
+	"containerdPrep.migrateMirrors":               {A: true, B: false, C: "true"},
 	"containerdPrep.resources.requests":           {A: map[string]any{"cpu": "6m"}, B: map[string]any{"cpu": "7m"}},
 	"containerdPrep.resources.limits":             {A: map[string]any{"memory": "65Mi"}, B: map[string]any{"memory": "66Mi"}},
 	"cleanup.enabled":                             {A: false, B: true, C: "false"},
