@@ -102,6 +102,11 @@ func migrateMirrors(table []string, mirrors map[string]any, certsDir string) ([]
 		default:
 			return nil, refuse("%s endpoint is %#v, not a list of URLs; fix it by hand", where, v)
 		}
+		if name == "*" && len(endpoints) == 0 {
+			// Every registry goes to its own default host: what no
+			// _default folder means too.
+			continue
+		}
 		f, err := renderMirror(name, endpoints, where, certsDir)
 		if err != nil {
 			return nil, err
@@ -140,20 +145,30 @@ func renderMirror(name string, endpoints []string, where, certsDir string) (Host
 	var b strings.Builder
 	b.WriteString(hostsHeader)
 	fmt.Fprintf(&b, "# %s\n", where)
+	var server string
 	switch {
 	case name == "*":
 		// No server: containerd falls back to the pulled registry's own
 		// default host, as the inline "*" did.
 	case selfListed:
 		// containerd added no fallback: the last endpoint is the last try.
-		fmt.Fprintf(&b, "server = %q\ncapabilities = [\"pull\", \"resolve\"]\n", hosts[len(hosts)-1])
-		hosts = hosts[:len(hosts)-1]
+		server, hosts = hosts[len(hosts)-1], hosts[:len(hosts)-1]
 	default:
 		def := name
 		if name == "docker.io" {
 			def = "registry-1.docker.io"
 		}
-		fmt.Fprintf(&b, "server = %q\ncapabilities = [\"pull\", \"resolve\"]\n", defaultScheme(def)+"://"+def)
+		server = defaultScheme(def) + "://" + def
+	}
+	if len(hosts) == 0 {
+		// containerd 1.6 and 1.7 without containerd/containerd#10028 fail
+		// every pull on a hosts.toml without [host] entries ("invalid
+		// `host` tree", #10027): list the server as a host too. After a
+		// failure it is tried once more, the only difference.
+		hosts = []string{server}
+	}
+	if server != "" {
+		fmt.Fprintf(&b, "server = %q\ncapabilities = [\"pull\", \"resolve\"]\n", server)
 	}
 	for _, h := range hosts {
 		fmt.Fprintf(&b, "\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", h)

@@ -94,13 +94,20 @@ func TestMigrateMirrors(t *testing.T) {
 			criReg + ".mirrors.\"localhost:5000\"]\n  endpoint = [\"127.0.0.1:5001\"]\n" +
 			// ghcr.io itself listed first: containerd appended no fallback.
 			criReg + ".mirrors.\"ghcr.io\"]\n  endpoint = [\"https://ghcr.io\", \"https://m.example\"]\n" +
-			criReg + ".mirrors.\"empty.example\"]\n  endpoint = []\n",
+			criReg + ".mirrors.\"empty.example\"]\n  endpoint = []\n" +
+			criReg + ".mirrors.\"self.example\"]\n  endpoint = [\"self.example\"]\n" +
+			// No endpoints for "*": every registry's default host, as
+			// without a _default folder.
+			criReg + ".mirrors.\"*\"]\n  endpoint = []\n",
 			want: map[string]string{
 				// A scheme-less endpoint is https, or http on loopback.
 				"quay.io/hosts.toml":        migrated(criReg+`.mirrors."quay.io"]`, "https://quay.io", "https://m.example:5000", "http://10.0.0.9:80"),
 				"localhost:5000/hosts.toml": migrated(criReg+`.mirrors."localhost:5000"]`, "http://localhost:5000", "http://127.0.0.1:5001"),
 				"ghcr.io/hosts.toml":        migrated(criReg+`.mirrors."ghcr.io"]`, "https://m.example", "https://ghcr.io"),
-				"empty.example/hosts.toml":  migrated(criReg+`.mirrors."empty.example"]`, "https://empty.example"),
+				// No [host] entries fail pulls on older containerd
+				// (containerd/containerd#10027): the server is one too.
+				"empty.example/hosts.toml": migrated(criReg+`.mirrors."empty.example"]`, "https://empty.example", "https://empty.example"),
+				"self.example/hosts.toml":  migrated(criReg+`.mirrors."self.example"]`, "https://self.example", "https://self.example"),
 			}},
 		{name: "dotted and inline keys", config: "version = 2\n" + criReg + "]\n  config_path = \"\"\n" +
 			"  mirrors.\"docker.io\".endpoint = [\"https://mirror.gcr.io\"]\n  mirrors.\"k8s.io\" = { endpoint = [\"https://m.example\"] }\n",
