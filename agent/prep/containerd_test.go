@@ -399,3 +399,154 @@ func waitUp(t *testing.T, ctx context.Context, u *unit) {
 		}
 	}
 }
+
+// TestMigrateMirrorsRealContainerd: containerd 1.6 and 2.x start from a
+// config with an inline mirror for a registry (both on loopback: the
+// registry answers 404 to everything, the mirror holds the image), and a
+// CRI pull goes through the mirror. prep --migrate-mirrors moves the mirror
+// into hosts.toml and restarts containerd, which must come up with its CRI
+// plugin (it refuses mirrors beside config_path) and pull through the
+// mirror named in the migrated hosts.toml; a second run restarts nothing.
+func TestMigrateMirrorsRealContainerd(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root to run containerd")
+	}
+	v2 := os.Getenv("FLEETMIRROR_CONTAINERD2")
+	if v2 == "" {
+		v2 = "/var/cache/fleetmirror/tools/containerd-v2.4.2/bin/containerd"
+	}
+	const v1Mirrors = `  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."%s"]
+    endpoint = ["%s"]
+`
+	for _, tc := range []struct {
+		name, bin, config, mirrors string
+	}{
+		{"containerd-1.6", "/usr/bin/containerd", config16, v1Mirrors},
+		{"containerd-2-version-2", v2, config2xV2, v1Mirrors},
+		{"containerd-2", v2, config2x, `  [plugins."io.containerd.cri.v1.images".registry.mirrors."%s"]
+    endpoint = ["%s"]
+`},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testMigrate(t, tc.bin, tc.config, tc.mirrors) })
+	}
+}
+
+// counting serves h and counts its requests.
+func counting(h http.Handler) (*httptest.Server, *atomic.Int64) {
+	var n atomic.Int64
+	return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n.Add(1)
+		h.ServeHTTP(w, r)
+	})), &n
+}
+
+func testMigrate(t *testing.T, bin, config, mirrors string) {
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("%v (run `make tools`)", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	up, upHits := counting(http.NotFoundHandler())
+	defer up.Close()
+	mirror, mirrorHits := counting(registry.New(registry.Logger(stdlog.New(io.Discard, "", 0))))
+	defer mirror.Close()
+	upHost := strings.TrimPrefix(up.URL, "http://")
+	img, err := random.Image(4096, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := name.ParseReference(strings.TrimPrefix(mirror.URL, "http://")+"/prep/test:v1", name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(r, img); err != nil {
+		t.Fatal(err)
+	}
+	pushHits := mirrorHits.Load()
+	ref := upHost + "/prep/test:v1"
+
+	dir, err := os.MkdirTemp("/tmp", "fmmig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	for _, d := range []string{"cni-bin", "cni-conf"} {
+		os.MkdirAll(filepath.Join(dir, d), 0o755)
+	}
+	cfgPath := filepath.Join(dir, "config.toml")
+	src := fmt.Sprintf(config, dir) + fmt.Sprintf(mirrors, upHost, mirror.URL)
+	if err := os.WriteFile(cfgPath, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	u := &unit{bin: bin, dir: dir}
+	if err := u.start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		u.stop()
+		if t.Failed() {
+			t.Logf("containerd log:\n%s", u.logTail())
+		}
+	})
+	waitUp(t, ctx, u)
+
+	conn, err := grpc.NewClient("unix://"+u.socket(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	images := runtimeapi.NewImageServiceClient(conn)
+	pull := func(when string) {
+		t.Helper()
+		before := mirrorHits.Load()
+		if _, err := images.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}}); err != nil {
+			t.Fatalf("%s: CRI pull %s: %v", when, ref, err)
+		}
+		if mirrorHits.Load() == before || upHits.Load() != 0 {
+			t.Fatalf("%s: the pull asked the mirror %d times and the registry %d times; want the mirror only", when, mirrorHits.Load()-before, upHits.Load())
+		}
+		if _, err := images.RemoveImage(ctx, &runtimeapi.RemoveImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// containerd's own reading of the inline mirror, for comparison.
+	pull("inline mirror")
+	if mirrorHits.Load() == pushHits {
+		t.Fatal("no pull reached the mirror")
+	}
+
+	bus := systemdtest.StartBus(t)
+	mgr := systemdtest.Serve(t, bus, map[string]func() error{"containerd.service": u.restart})
+	sd, err := systemd.Dial(ctx, bus)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sd.Close()
+	certs := filepath.Join(dir, "certs.d")
+	cfg := prep.Config{Options: prep.Options{CertsDir: certs, MigrateMirrors: true}, Path: cfgPath, HostRoot: "/",
+		Unit: "containerd.service", Socket: u.socket(), RestartTimeout: time.Minute}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	plan, err := prep.Run(ctx, cfg, sd, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !plan.Changed || len(plan.Hosts) != 1 || mgr.Restarts("containerd.service") != 1 {
+		t.Fatalf("prep: changed=%v hosts=%d restarts=%d; want a change, one migrated mirror, one restart", plan.Changed, len(plan.Hosts), mgr.Restarts("containerd.service"))
+	}
+	b, err := os.ReadFile(filepath.Join(certs, upHost, "hosts.toml"))
+	if err != nil || !strings.Contains(string(b), fmt.Sprintf("[host.%q]", mirror.URL)) {
+		t.Fatalf("migrated hosts.toml (%v) does not name the mirror %s:\n%s", err, mirror.URL, b)
+	}
+	if strings.Contains(u.logTail(), "cannot be set when `config_path` is provided") {
+		t.Fatal("containerd refused the migrated config")
+	}
+	// The CRI plugin is up (no mirrors beside config_path) and reads the
+	// migrated hosts.toml.
+	pull("migrated hosts.toml")
+
+	plan, err = prep.Run(ctx, cfg, sd, log)
+	if err != nil || plan.Changed || mgr.Restarts("containerd.service") != 1 {
+		t.Fatalf("second prep: err=%v changed=%v restarts=%d; want nothing", err, plan.Changed, mgr.Restarts("containerd.service"))
+	}
+}

@@ -57,7 +57,8 @@ const hostsHeader = "# Migrated by fleetmirror containerd-prep from the inline m
 // hosts.toml (remotes/docker/config/hosts.go) tries the [host] entries in
 // file order, each with /v2 appended to its path, then `server`, which
 // defaults to R's default host; <dir>/_default serves registries without a
-// folder of their own. So: the endpoints become hosts in order with
+// folder of their own (containerd 1.7, and 1.6 releases since late 2022:
+// containerd/containerd#7607). So: the endpoints become hosts in order with
 // capabilities pull and resolve, and server is R's default host, or, when
 // an endpoint names R itself (no fallback then), the last endpoint.
 //
