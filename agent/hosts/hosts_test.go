@@ -470,3 +470,76 @@ func TestUserReplacedOurFile(t *testing.T) {
 		t.Errorf("restored %q", got)
 	}
 }
+
+// Mirroring every registry through _default, a registry with a folder of
+// its own (prep's migrated GKE mirror) would skip the agent: with Prepend
+// the agent goes first in it too, and cleanup gives the folder back.
+func TestMirrorAllKeepsRegistryFolders(t *testing.T) {
+	const gke = "server = \"https://registry-1.docker.io\"\n\n[host.\"https://mirror.gcr.io\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+	const port = "[host.\"https://z.example\"]\n"
+	setup := func(t *testing.T) string {
+		root := t.TempDir()
+		write(t, filepath.Join(root, "docker.io", FileName), gke)
+		write(t, filepath.Join(root, "10.1.2.3_5000_", FileName), port)
+		write(t, filepath.Join(root, "certs.example", "ca.crt"), "pem")
+		return root
+	}
+	cfg := func(root string, prepend bool) Config {
+		return Config{CertsDir: root, MirrorTargets: []string{local}, DialTimeout: 200 * time.Millisecond, Prepend: prepend}
+	}
+
+	t.Run("prepend", func(t *testing.T) {
+		root := setup(t)
+		for i := 0; i < 2; i++ { // a second run changes nothing
+			if err := Write(cfg(root, true)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		want := header + "server = \"https://registry-1.docker.io\"\n" + mirrorBlock(local) + "\n[host.'https://mirror.gcr.io']\ncapabilities = ['pull', 'resolve']\n"
+		if got := read(t, filepath.Join(root, "docker.io", FileName)); got != want {
+			t.Errorf("docker.io:\n%s\nwant\n%s", got, want)
+		}
+		want = header + mirrorBlock(local) + "\n[host.'https://z.example']\n"
+		if got := read(t, filepath.Join(root, "10.1.2.3_5000_", FileName)); got != want {
+			t.Errorf("10.1.2.3_5000_:\n%s\nwant\n%s", got, want)
+		}
+		if exists(filepath.Join(root, "certs.example", FileName)) {
+			t.Error("a folder with no hosts.toml got one: it uses _default")
+		}
+		if !strings.Contains(read(t, filepath.Join(root, DefaultDir, FileName)), local) {
+			t.Error("_default does not name the mirror")
+		}
+		if err := Cleanup(root); err != nil {
+			t.Fatal(err)
+		}
+		if got := read(t, filepath.Join(root, "docker.io", FileName)); got != gke {
+			t.Errorf("docker.io not restored: %q", got)
+		}
+		if got := read(t, filepath.Join(root, "10.1.2.3_5000_", FileName)); got != port {
+			t.Errorf("10.1.2.3_5000_ not restored: %q", got)
+		}
+	})
+
+	t.Run("without prepend the folders are the user's", func(t *testing.T) {
+		root := setup(t)
+		if err := Write(cfg(root, false)); err != nil {
+			t.Fatal(err)
+		}
+		if got := read(t, filepath.Join(root, "docker.io", FileName)); got != gke {
+			t.Errorf("docker.io touched: %q", got)
+		}
+	})
+
+	t.Run("a folder of ours from an earlier registry list is removed", func(t *testing.T) {
+		root := t.TempDir()
+		if err := Write(Config{CertsDir: root, MirrorTargets: []string{local}, Registries: []string{"https://ghcr.io"}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := Write(cfg(root, true)); err != nil {
+			t.Fatal(err)
+		}
+		if exists(filepath.Join(root, "ghcr.io")) {
+			t.Error("ghcr.io, ours alone, was kept")
+		}
+	})
+}

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -24,6 +25,13 @@ func Write(cfg Config) error {
 		return err
 	}
 	var errs []error
+	if len(cfg.Registries) == 0 && cfg.Prepend {
+		kept, err := keptRegistries(cfg.CertsDir, p)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		p.registries = append(p.registries, kept...)
+	}
 	wanted := map[string]bool{}
 	for _, r := range p.registries {
 		wanted[r.Dir] = true
@@ -47,6 +55,59 @@ func Write(cfg Config) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// keptRegistries are the registries of a mirror-all config that already
+// have a folder of their own holding a hosts.toml that is not ours (or ours
+// over a user's, backed up): containerd reads a registry's own folder
+// instead of _default, so without our targets in it that registry would
+// skip the mirror. prep's --migrate-mirrors makes such folders (GKE's
+// inline Docker Hub mirror), and so may the node image. With Prepend they
+// get ours first and keep their hosts after; without it they are left alone.
+func keptRegistries(certsDir string, p plan) ([]Registry, error) {
+	entries, err := os.ReadDir(certsDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Registry
+	for _, e := range entries {
+		name := e.Name()
+		if !e.IsDir() || name == DefaultDir || (p.canary != nil && name == p.canary.Dir) {
+			continue
+		}
+		file := filepath.Join(certsDir, name, FileName)
+		cur, curOK, err := readOptional(file)
+		if err != nil {
+			return out, err
+		}
+		_, bakOK, err := readOptional(file + BackupSuffix)
+		if err != nil {
+			return out, err
+		}
+		if !(curOK && !isOurs(cur)) && !bakOK {
+			// Nobody's configuration to keep: an empty folder, or a
+			// file of ours from an earlier registry list (cleaned up).
+			continue
+		}
+		r := Registry{Host: dirHost(name), Dir: name}
+		r.Server = implicitServer(r)
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// dirHost is the registry host a certs.d folder stands for: the name as
+// written, or containerd 1.7+'s "host_port_" form for host:port.
+func dirHost(dir string) string {
+	if base, ok := strings.CutSuffix(dir, "_"); ok {
+		if i := strings.LastIndex(base, "_"); i > 0 {
+			return base[:i] + ":" + base[i+1:]
+		}
+	}
+	return dir
 }
 
 // WriteCanary installs only the canary's hosts.toml (Config.Canary), for

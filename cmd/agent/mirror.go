@@ -425,15 +425,48 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		hostsWritten.Store(true)
 		log.Info("wrote containerd mirror configuration", "certsDir", c.certsDir, "targets", c.mirrorTargets.String())
 	}
+	connected := st.Connected()
+	if c.mirrorAdd {
+		// In the group, so no rewrite outlives the agent's cleanup.
+		rewritten := make(chan struct{}, 1)
+		g.Go(func() error {
+			c.rewriteHosts(ctx, connected, rewritten, log)
+			return nil
+		})
+		connected = rewritten
+	}
 	if can != nil {
 		// After hosts.toml, so the first run proves what was written; the
 		// store's signal runs it at start and after containerd restarts.
 		g.Go(func() error {
-			can.Run(ctx, st.Connected())
+			can.Run(ctx, connected)
 			return nil
 		})
 	}
 	return g.Wait()
+}
+
+// rewriteHosts writes hosts.toml again each time the store reconnects to
+// containerd, then passes the signal on (dropped if nobody takes it). A
+// restart is when the node's folders change under the agent: prep
+// restarts containerd right after it migrates an inline mirror into a
+// registry folder of its own, which the agent then joins (mirror-all with
+// prepend).
+func (c *mirrorConfig) rewriteHosts(ctx context.Context, in <-chan struct{}, out chan<- struct{}, log *slog.Logger) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-in:
+		}
+		if err := hosts.Write(c.hostsConfig()); err != nil {
+			log.Warn("rewriting hosts.toml after containerd reconnected", "certsDir", c.certsDir, "err", err)
+		}
+		select {
+		case out <- struct{}{}:
+		default: // one pending signal is enough
+		}
+	}
 }
 
 // router starts the libp2p router, bootstrapping from the static peers or
