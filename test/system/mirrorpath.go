@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/fleetmirror/fleetmirror/agent/canary"
+	"github.com/fleetmirror/fleetmirror/agent/nodetaint"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
@@ -345,8 +346,16 @@ func (s *scenario) joinWithOperatorDown(ctx context.Context) (*kube.Kubelet, err
 	if line == "" {
 		return nil, fmt.Errorf("%s lost its startup taint, but its agent %s did not log %q:\n%s", k.Name, pod.Name, says, logs)
 	}
+	node, err := s.c.Client.CoreV1().Nodes().Get(ctx, k.Name, metav1.GetOptions{})
+	if err != nil {
+		return nil, err
+	}
+	why := node.Annotations[nodetaint.ReleasedAnnotation]
+	if !strings.Contains(why, "released by its agent") {
+		return nil, fmt.Errorf("%s released by its agent without saying why: annotations %v", k.Name, node.Annotations)
+	}
 	s.rep.Latencies = append(s.rep.Latencies, fmt.Sprintf("f, operator down: released by its agent %v after joining (bound %v)", took.Round(100*time.Millisecond), releaseTaintAfter))
-	s.say("  %s schedulable %v after it joined, released by its own agent, which logged: %s", k.Name, took.Round(100*time.Millisecond), short(line))
+	s.say("  %s schedulable %v after it joined, released by its own agent; on the node, %s: %s; in the agent's log: %s", k.Name, took.Round(100*time.Millisecond), nodetaint.ReleasedAnnotation, short(why), short(line))
 	if err := s.scaleOperator(ctx, 1); err != nil {
 		return nil, err
 	}
