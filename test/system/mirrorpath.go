@@ -324,7 +324,7 @@ func (s *scenario) joinWithOperatorDown(ctx context.Context) (*kube.Kubelet, err
 	if seen := <-tainted; seen.err != nil || seen.node != k.Name {
 		return nil, fmt.Errorf("%s was never seen with the startup taint it registered with (%v, saw %q)", k.Name, seen.err, seen.node)
 	}
-	took, err := s.waitReleased(ctx, k.Name, releaseTaintAfter, false)
+	took, err := s.watchReleased(ctx, k.Name, releaseTaintAfter, false)()
 	if err != nil {
 		return nil, err
 	}
@@ -384,6 +384,7 @@ func (s *scenario) faultNeverReady(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	released := s.watchReleased(ctx, k.Name, releaseAfter, true)
 	seen := <-held
 	if seen.err != nil || seen.node != k.Name {
 		return fmt.Errorf("%s was never seen held (tainted and named in %s): %v (saw %q)", k.Name, readiness.ConditionType, seen.err, seen.node)
@@ -397,7 +398,7 @@ func (s *scenario) faultNeverReady(ctx context.Context) error {
 		return err
 	}
 	s.say("  its canary names the cause, %v after the join started: %s False (CanaryFailedMirroredHosts): %s", took.Round(100*time.Millisecond), mirrorpath.ConditionType, short(msg))
-	rel, err := s.waitReleased(ctx, k.Name, releaseAfter, true)
+	rel, err := released()
 	if err != nil {
 		return err
 	}
@@ -487,39 +488,50 @@ func (s *scenario) watchJoining(ctx context.Context, cond func(*corev1.Node) (bo
 	return ch
 }
 
-// waitReleased waits until node has lost its startup taint and checks it
-// kept it until about bound after it joined (not early) and lost it
-// within bound and pollSlack (fail open); it returns when, from the
-// node's creation.
-func (s *scenario) waitReleased(ctx context.Context, name string, bound time.Duration, annotated bool) (time.Duration, error) {
-	var created time.Time
-	var released time.Duration
-	err := s.c.Poll(ctx, bound+pollSlack+30*time.Second, func(ctx context.Context) (bool, string, error) {
-		node, err := s.c.Client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
-		if err != nil {
-			return false, err.Error(), nil
-		}
-		created = node.CreationTimestamp.Time
-		if hasTaint(node, readiness.TaintKey) {
-			return false, fmt.Sprintf("%s still carries %s, %v after it joined", name, readiness.TaintKey, time.Since(created).Round(time.Second)), nil
-		}
-		if annotated && node.Annotations[readiness.ReleasedAnnotation] == "" {
-			return false, fmt.Sprintf("%s untainted but not yet annotated %s", name, readiness.ReleasedAnnotation), nil
-		}
-		released = time.Since(created)
-		return true, "", nil
-	})
-	if err != nil {
-		return 0, err
+// watchReleased watches node from now until it has lost its startup taint
+// (and, if annotated, carries the operator's release annotation); wait
+// then checks it kept the taint until about bound after it joined (not
+// early) and lost it within bound and pollSlack (fail open), and returns
+// when, from the node's creation. Watching from the join on, the moment
+// is right even when the caller waits for other things first.
+func (s *scenario) watchReleased(ctx context.Context, name string, bound time.Duration, annotated bool) (wait func() (time.Duration, error)) {
+	type result struct {
+		at  time.Duration
+		err error
 	}
-	// The creation time has a resolution of a second.
-	if released < bound-2*time.Second {
-		return released, fmt.Errorf("%s lost its startup taint %v after it joined, before the bound %v", name, released, bound)
+	ch := make(chan result, 1)
+	go func() {
+		var at time.Duration
+		err := s.c.Poll(ctx, bound+pollSlack+time.Minute, func(ctx context.Context) (bool, string, error) {
+			node, err := s.c.Client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+			if err != nil {
+				return false, err.Error(), nil
+			}
+			created := node.CreationTimestamp.Time
+			if hasTaint(node, readiness.TaintKey) {
+				return false, fmt.Sprintf("%s still carries %s, %v after it joined", name, readiness.TaintKey, time.Since(created).Round(time.Second)), nil
+			}
+			if annotated && node.Annotations[readiness.ReleasedAnnotation] == "" {
+				return false, fmt.Sprintf("%s untainted but not yet annotated %s", name, readiness.ReleasedAnnotation), nil
+			}
+			at = time.Since(created)
+			return true, "", nil
+		})
+		ch <- result{at, err}
+	}()
+	return func() (time.Duration, error) {
+		r := <-ch
+		switch {
+		case r.err != nil:
+			return 0, r.err
+		// The creation time has a resolution of a second.
+		case r.at < bound-2*time.Second:
+			return r.at, fmt.Errorf("%s lost its startup taint %v after it joined, before the bound %v", name, r.at, bound)
+		case r.at > bound+pollSlack:
+			return r.at, fmt.Errorf("%s lost its startup taint only %v after it joined, bound %v", name, r.at, bound)
+		}
+		return r.at, nil
 	}
-	if released > bound+pollSlack {
-		return released, fmt.Errorf("%s lost its startup taint only %v after it joined, bound %v", name, released, bound)
-	}
-	return released, nil
 }
 
 // condition is node's FleetmirrorMirrorPath condition.

@@ -601,7 +601,7 @@ func (s *scenario) uninstall(ctx context.Context) error {
 	s.say("  DaemonSets gone; every node's certs.d is back to what it had before the install")
 	// Every agent stopped, each finishing a run in progress: whatever of
 	// the canary any run of the scenario left would be here now.
-	if err := s.checkNoCanaryLeft(ctx, 0); err != nil {
+	if err := s.checkNoCanaryLeft(ctx, 5*time.Second); err != nil {
 		return err
 	}
 	if err := s.checkNoCanaryUpstream(); err != nil {
