@@ -3,11 +3,13 @@ package system
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
@@ -108,28 +110,39 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 		if err := os.WriteFile(n.ConfigPath, []byte(broken[n]), 0o644); err != nil {
 			return err
 		}
-		if err := n.RestartContainerd(ctx); err != nil {
-			return err
-		}
 	}
-	// The restart itself runs a canary; one check period bounds the rest.
-	for _, c := range []struct {
+	// Both at once; each restart itself runs a canary, and one check
+	// period bounds the rest.
+	if err := parallel(func(n *cluster.Node) error { return n.RestartContainerd(ctx) }, a, b); err != nil {
+		return err
+	}
+	cases := []struct {
 		n            *cluster.Node
 		step, reason string
 		says         []string
 	}{
 		{a, canary.StepPull, "CanaryFailedPull", []string{"did not ask this agent"}},
 		{b, canary.StepContent, "CanaryFailedContent", []string{"discard_unpacked_layers = true"}},
-	} {
-		took, msg, err := s.waitCondition(ctx, c.n.Name, "False", c.reason, c.says, checkPeriod+pollSlack)
-		if err != nil {
+	}
+	restarted := time.Now()
+	got := make([]string, len(cases))
+	took := make([]time.Duration, len(cases))
+	err = parallel(func(n *cluster.Node) error {
+		i := slices.Index([]*cluster.Node{a, b}, n)
+		c := cases[i]
+		var err error
+		if _, got[i], err = s.waitCondition(ctx, c.n.Name, "False", c.reason, c.says, checkPeriod+pollSlack); err != nil {
 			return err
 		}
-		if err := s.waitFailing(ctx, c.n.Name, c.step, mirrorPathPeriod+pollSlack); err != nil {
-			return err
-		}
-		s.rep.Latencies = append(s.rep.Latencies, fmt.Sprintf("%s broken: condition False %v after containerd's restart", c.step, took.Round(100*time.Millisecond)))
-		s.say("  %s: %s False (%s) %v after the restart: %s", c.n.Name, mirrorpath.ConditionType, c.reason, took.Round(100*time.Millisecond), short(msg))
+		took[i] = time.Since(restarted)
+		return s.waitFailing(ctx, c.n.Name, c.step, mirrorPathPeriod+pollSlack)
+	}, a, b)
+	if err != nil {
+		return err
+	}
+	for i, c := range cases {
+		s.rep.Latencies = append(s.rep.Latencies, fmt.Sprintf("%s (%s) broken: condition False %v after containerd's restart", c.n.Name, c.step, took[i].Round(100*time.Millisecond)))
+		s.say("  %s: %s False (%s) %v after the restart: %s", c.n.Name, mirrorpath.ConditionType, c.reason, took[i].Round(100*time.Millisecond), short(got[i]))
 	}
 	out, _ := s.kubectlGetSpegel(ctx)
 	s.say("  the Spegel resource names both:\n%s", indent(out))
@@ -162,12 +175,19 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 			return err
 		}
 	}
-	for _, n := range []*cluster.Node{a, b} {
-		took, _, err := s.waitCondition(ctx, n.Name, "True", "CanaryPulled", nil, 2*time.Minute)
-		if err != nil {
+	err = parallel(func(n *cluster.Node) error {
+		i := slices.Index([]*cluster.Node{a, b}, n)
+		if _, _, err := s.waitCondition(ctx, n.Name, "True", "CanaryPulled", nil, 2*time.Minute); err != nil {
 			return err
 		}
-		s.say("  %s: %s True again %v after its prep pod was deleted", n.Name, mirrorpath.ConditionType, took.Round(100*time.Millisecond))
+		took[i] = time.Since(t1)
+		return nil
+	}, a, b)
+	if err != nil {
+		return err
+	}
+	for i, n := range []*cluster.Node{a, b} {
+		s.say("  %s: %s True again %v after its prep pod was deleted", n.Name, mirrorpath.ConditionType, took[i].Round(100*time.Millisecond))
 	}
 	if err := s.waitAllProven(ctx, len(s.c.Nodes), time.Minute); err != nil {
 		return err
@@ -390,14 +410,14 @@ func (s *scenario) faultNeverReady(ctx context.Context) error {
 		return fmt.Errorf("%s was never seen held (tainted and named in %s): %v (saw %q)", k.Name, readiness.ConditionType, seen.err, seen.node)
 	}
 	s.say("  held: %s carries the startup taint %v after it registered; NodesReady: %s", k.Name, seen.age.Round(100*time.Millisecond), short(seen.msg))
-	took, msg, err := s.waitCondition(ctx, k.Name, "False", "CanaryFailedMirroredHosts", []string{"shadows"}, releaseAfter+checkPeriod+pollSlack)
+	_, msg, err := s.waitCondition(ctx, k.Name, "False", "CanaryFailedMirroredHosts", []string{"shadows"}, releaseAfter+checkPeriod+pollSlack)
 	if err != nil {
 		return err
 	}
 	if err := s.waitFailing(ctx, k.Name, canary.StepMirroredHosts, mirrorPathPeriod+pollSlack); err != nil {
 		return err
 	}
-	s.say("  its canary names the cause, %v after the join started: %s False (CanaryFailedMirroredHosts): %s", took.Round(100*time.Millisecond), mirrorpath.ConditionType, short(msg))
+	s.say("  its canary names the cause, %v after the join started: %s False (CanaryFailedMirroredHosts): %s", time.Since(t0).Round(100*time.Millisecond), mirrorpath.ConditionType, short(msg))
 	rel, err := released()
 	if err != nil {
 		return err
@@ -414,6 +434,10 @@ func (s *scenario) faultNeverReady(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Both name the cause the canary found, not only an unready pod.
+	if !strings.Contains(ev, "shadows") || !strings.Contains(ann, "shadows") {
+		return fmt.Errorf("%s released without the canary's reason: event %q, annotation %q", k.Name, ev, ann)
+	}
 	err = s.c.Poll(ctx, 30*time.Second, func(ctx context.Context) (bool, string, error) {
 		st, reason, msg := s.spegelCondition(ctx, readiness.ConditionType)
 		return st == "False" && reason == "NodesReleasedUnready" && strings.Contains(msg, k.Name+": "),
@@ -429,7 +453,7 @@ func (s *scenario) faultNeverReady(ctx context.Context) error {
 	if err := os.RemoveAll(filepath.Join(k.Node.CertsDir, shadow)); err != nil {
 		return err
 	}
-	took, _, err = s.waitCondition(ctx, k.Name, "True", "CanaryPulled", nil, checkPeriod+pollSlack)
+	took, _, err := s.waitCondition(ctx, k.Name, "True", "CanaryPulled", nil, checkPeriod+pollSlack)
 	if err != nil {
 		return err
 	}
@@ -848,6 +872,17 @@ func hasTaint(n *corev1.Node, key string) bool {
 		}
 	}
 	return false
+}
+
+// parallel runs f for each node at once and joins the errors.
+func parallel(f func(*cluster.Node) error, nodes ...*cluster.Node) error {
+	errs := make([]error, len(nodes))
+	var wg sync.WaitGroup
+	for i, n := range nodes {
+		wg.Go(func() { errs[i] = f(n) })
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // short is a message cut to one readable line.
