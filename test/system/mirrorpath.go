@@ -79,11 +79,12 @@ func (s *scenario) checkMirrorPath(ctx context.Context) error {
 	return nil
 }
 
-// faultConfigs breaks two nodes' containerd config at once, each in its
-// own way (issue 16 a and b), and lets prep fix them.
+// faultConfigs breaks three nodes' containerd config at once, each in its
+// own way (issue 16 a, b and e), and fixes them: prep the first two, the
+// README's one-folder config_path the third.
 func (s *scenario) faultConfigs(ctx context.Context) error {
-	a, b := s.c.Nodes[0], s.c.Nodes[1]
-	s.say("Breaking two nodes at once, as a node image update or a hand edit would, and restarting their containerd: %s loses config_path, %s gets discard_unpacked_layers = true.", a.Name, b.Name)
+	a, b, e := s.c.Nodes[0], s.c.Nodes[1], s.c.Nodes[2]
+	s.say("Breaking three nodes at once, as a node image update or a hand edit would, and restarting their containerd: %s loses config_path, %s gets discard_unpacked_layers = true, %s (containerd 2.x) gets CRI's config_path as a list, as EKS ships it, which the transfer service reads as one folder that does not exist.", a.Name, b.Name, e.Name)
 	cfgA, err := os.ReadFile(a.ConfigPath)
 	if err != nil {
 		return err
@@ -92,6 +93,19 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	cfgE, err := os.ReadFile(e.ConfigPath)
+	if err != nil {
+		return err
+	}
+	// CRI's registry table, not the transfer plugin's: CRI hands the
+	// transfer service its own config_path.
+	const criRegistry = `[plugins."io.containerd.cri.v1.images".registry]`
+	i := strings.Index(string(cfgE), criRegistry)
+	j := strings.Index(string(cfgE)[max(i, 0):], `config_path = "/etc/containerd/certs.d"`)
+	if i < 0 || j < 0 {
+		return fmt.Errorf("%s: no config_path in %s after prep:\n%s", e.Name, criRegistry, cfgE)
+	}
+	listed := string(cfgE)[:i+j] + strings.Replace(string(cfgE)[i+j:], `"/etc/containerd/certs.d"`, `"/etc/containerd/certs.d:/etc/docker/certs.d"`, 1)
 	var kept []string
 	for _, l := range strings.Split(string(cfgA), "\n") {
 		if !strings.Contains(l, "config_path") {
@@ -104,16 +118,18 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 	broken := map[*cluster.Node]string{
 		a: strings.Join(kept, "\n"),
 		b: strings.Replace(string(cfgB), "discard_unpacked_layers = false", "discard_unpacked_layers = true", 1),
+		e: listed,
 	}
+	nodes := []*cluster.Node{a, b, e}
 	t0 := time.Now()
-	for _, n := range []*cluster.Node{a, b} {
+	for _, n := range nodes {
 		if err := os.WriteFile(n.ConfigPath, []byte(broken[n]), 0o644); err != nil {
 			return err
 		}
 	}
-	// Both at once; each restart itself runs a canary, and one check
+	// All at once; each restart itself runs a canary, and one check
 	// period bounds the rest.
-	if err := parallel(func(n *cluster.Node) error { return n.RestartContainerd(ctx) }, a, b); err != nil {
+	if err := parallel(func(n *cluster.Node) error { return n.RestartContainerd(ctx) }, nodes...); err != nil {
 		return err
 	}
 	cases := []struct {
@@ -123,12 +139,13 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 	}{
 		{a, canary.StepPull, "CanaryFailedPull", []string{"did not ask this agent"}},
 		{b, canary.StepContent, "CanaryFailedContent", []string{"discard_unpacked_layers = true"}},
+		{e, canary.StepPull, "CanaryFailedPull", []string{"did not ask this agent", "transfer service"}},
 	}
 	restarted := time.Now()
 	got := make([]string, len(cases))
 	took := make([]time.Duration, len(cases))
 	err = parallel(func(n *cluster.Node) error {
-		i := slices.Index([]*cluster.Node{a, b}, n)
+		i := slices.Index(nodes, n)
 		c := cases[i]
 		var err error
 		if _, got[i], err = s.waitCondition(ctx, c.n.Name, "False", c.reason, c.says, checkPeriod+pollSlack); err != nil {
@@ -136,7 +153,7 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 		}
 		took[i] = time.Since(restarted)
 		return s.waitFailing(ctx, c.n.Name, c.step, mirrorPathPeriod+pollSlack)
-	}, a, b)
+	}, nodes...)
 	if err != nil {
 		return err
 	}
@@ -145,12 +162,12 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 		s.say("  %s: %s False (%s) %v after the restart: %s", c.n.Name, mirrorpath.ConditionType, c.reason, took[i].Round(100*time.Millisecond), short(got[i]))
 	}
 	out, _ := s.kubectlGetSpegel(ctx)
-	s.say("  the Spegel resource names both:\n%s", indent(out))
+	s.say("  the Spegel resource names all three:\n%s", indent(out))
 	// Readiness: the canary gates each agent's, and node readiness never
 	// holds a node whose agent was ready once (an upgrade or a broken
 	// config must not take working nodes away); the taint proof is a
 	// joining node's (faultNeverReady).
-	for _, n := range []*cluster.Node{a, b} {
+	for _, n := range nodes {
 		if err := s.waitAgentReady(ctx, n.Name, false, 45*time.Second); err != nil {
 			return err
 		}
@@ -162,10 +179,16 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 			return fmt.Errorf("%s: startup taint %v, annotation %s=%q: a node whose agent was ready once must stay schedulable", n.Name, hasTaint(node, readiness.TaintKey), readiness.ReadyAnnotation, node.Annotations[readiness.ReadyAnnotation])
 		}
 	}
-	s.say("  both agents turn NotReady (the canary gates readiness); the nodes stay schedulable: they were ready once (%s), and node readiness never holds such a node again", readiness.ReadyAnnotation)
+	s.say("  the three agents turn NotReady (the canary gates readiness); the nodes stay schedulable: they were ready once (%s), and node readiness never holds such a node again", readiness.ReadyAnnotation)
 
-	s.say("Fixing both the way the README says: deleting their containerd-prep pods, so prep patches config.toml again and restarts containerd.")
+	s.say("Fixing them the way the README says: deleting the containerd-prep pods of %s and %s, so prep patches config.toml again and restarts containerd; on %s (prep refuses a list) config_path naming the one folder again, and a restart.", a.Name, b.Name, e.Name)
 	t1 := time.Now()
+	if err := os.WriteFile(e.ConfigPath, cfgE, 0o644); err != nil {
+		return err
+	}
+	if err := e.RestartContainerd(ctx); err != nil {
+		return err
+	}
 	for _, n := range []*cluster.Node{a, b} {
 		pod, err := s.podOn(ctx, Namespace, "app.kubernetes.io/component=containerd-prep", n.Name)
 		if err != nil {
@@ -176,24 +199,24 @@ func (s *scenario) faultConfigs(ctx context.Context) error {
 		}
 	}
 	err = parallel(func(n *cluster.Node) error {
-		i := slices.Index([]*cluster.Node{a, b}, n)
+		i := slices.Index(nodes, n)
 		if _, _, err := s.waitCondition(ctx, n.Name, "True", "CanaryPulled", nil, 2*time.Minute); err != nil {
 			return err
 		}
 		took[i] = time.Since(t1)
 		return nil
-	}, a, b)
+	}, nodes...)
 	if err != nil {
 		return err
 	}
-	for i, n := range []*cluster.Node{a, b} {
-		s.say("  %s: %s True again %v after its prep pod was deleted", n.Name, mirrorpath.ConditionType, took[i].Round(100*time.Millisecond))
+	for i, n := range nodes {
+		s.say("  %s: %s True again %v after the fix began", n.Name, mirrorpath.ConditionType, took[i].Round(100*time.Millisecond))
 	}
 	if err := s.waitAllProven(ctx, len(s.c.Nodes), time.Minute); err != nil {
 		return err
 	}
-	s.rep.time("config faults a+b found and fixed", time.Since(t0))
-	s.rep.Latencies = append(s.rep.Latencies, fmt.Sprintf("a+b fixed by prep in %v", time.Since(t1).Round(100*time.Millisecond)))
+	s.rep.time("config faults a, b, e found and fixed", time.Since(t0))
+	s.rep.Latencies = append(s.rep.Latencies, fmt.Sprintf("a, b fixed by prep, e by hand: all proven again in %v", time.Since(t1).Round(100*time.Millisecond)))
 	return nil
 }
 

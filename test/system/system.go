@@ -209,7 +209,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		{"the operator's rights and the network key", s.checkLeastPrivilege},
 		{"prep ran once per node", s.checkPrep},
 		{"every node proves its mirror path", s.checkMirrorPath},
-		{"broken node configs: config_path removed, discard_unpacked_layers = true", s.faultConfigs},
+		{"broken node configs: config_path removed, discard_unpacked_layers = true, config_path a list", s.faultConfigs},
 		{"broken: a mirrored registry's hosts.toml deleted with containerdMirrorAdd false", s.faultHostsDeleted},
 		{"broken: the mirror target where nothing listens", s.faultMirrorTarget},
 		{"roll out the workload", s.rollout},
