@@ -29,7 +29,7 @@ func TestHeldReason(t *testing.T) {
 		}
 	}
 	for _, st := range []corev1.ConditionStatus{corev1.ConditionTrue, corev1.ConditionUnknown} {
-		if why := heldReason(pod, node(st)); strings.Contains(why, "canary") || strings.Contains(why, "kubelet") {
+		if why := heldReason(pod, node(st)); strings.Contains(why, "step mirrored-hosts") || strings.Contains(why, "kubelet") {
 			t.Errorf("condition %s: %q", st, why)
 		}
 	}
