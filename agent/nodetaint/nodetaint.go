@@ -1,6 +1,7 @@
 // Package nodetaint is node readiness's fallback for when the operator is
 // gone: the agent removes the operator's startup taint from its own node
-// once the node is older than a bound, so no node is held for good.
+// once the node is older than a bound, so no node is held for good, and
+// says so on the node (ReleasedAnnotation).
 //
 // It talks to the API server with the pod's bound service account token.
 // From Kubernetes 1.30 such a token carries the node the pod runs on
@@ -30,6 +31,11 @@ import (
 
 // TaintKey is the operator's startup taint (operator/readiness.TaintKey).
 const TaintKey = "fleetmirror.dev/agent-not-ready"
+
+// ReleasedAnnotation records on the node that its agent released it: the
+// time, then why. It is where people look (kubectl describe node) when
+// the operator, which releases with an event, was not there to tell.
+const ReleasedAnnotation = "fleetmirror.dev/released-by-agent"
 
 // In-cluster defaults: the pod's service account files.
 const (
@@ -95,8 +101,9 @@ func (r *Releaser) Run(ctx context.Context) error {
 
 type node struct {
 	Metadata struct {
-		ResourceVersion   string    `json:"resourceVersion"`
-		CreationTimestamp time.Time `json:"creationTimestamp"`
+		ResourceVersion   string            `json:"resourceVersion"`
+		CreationTimestamp time.Time         `json:"creationTimestamp"`
+		Annotations       map[string]string `json:"annotations"`
 	} `json:"metadata"`
 	Spec struct {
 		Taints []map[string]any `json:"taints"`
@@ -126,12 +133,21 @@ func (r *Releaser) Check(ctx context.Context) (time.Duration, error) {
 		return 0, nil
 	}
 	// Only if nothing changed since the read: the admission policy checks
-	// that only this taint goes, and a stale list would put others back.
+	// that only this taint goes (and only ReleasedAnnotation comes), and a
+	// stale list would put others back.
 	patch := []map[string]any{{"op": "test", "path": "/metadata/resourceVersion", "value": n.Metadata.ResourceVersion}}
 	if len(keep) == 0 {
 		patch = append(patch, map[string]any{"op": "remove", "path": "/spec/taints"})
 	} else {
 		patch = append(patch, map[string]any{"op": "replace", "path": "/spec/taints", "value": keep})
+	}
+	why := fmt.Sprintf("%s released by its agent: held %s, past the bound of %s, and the operator, which releases held nodes with an event, did not (is it running?)",
+		time.Now().UTC().Format(time.RFC3339), age.Round(time.Second), r.After)
+	if n.Metadata.Annotations == nil {
+		patch = append(patch, map[string]any{"op": "add", "path": "/metadata/annotations", "value": map[string]string{ReleasedAnnotation: why}})
+	} else {
+		// JSON pointer: "/" in the key is "~1".
+		patch = append(patch, map[string]any{"op": "add", "path": "/metadata/annotations/" + strings.ReplaceAll(ReleasedAnnotation, "/", "~1"), "value": why})
 	}
 	body, err := json.Marshal(patch)
 	if err != nil {

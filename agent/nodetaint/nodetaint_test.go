@@ -22,6 +22,7 @@ type fakeAPI struct {
 	mu      sync.Mutex
 	created time.Time
 	taints  []map[string]any
+	annots  map[string]any
 	patches []string
 	auth    string
 }
@@ -36,7 +37,7 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	switch r.Method {
 	case http.MethodGet:
-		json.NewEncoder(w).Encode(map[string]any{"metadata": map[string]any{"resourceVersion": "7", "creationTimestamp": f.created.Format(time.RFC3339)},
+		json.NewEncoder(w).Encode(map[string]any{"metadata": map[string]any{"resourceVersion": "7", "creationTimestamp": f.created.Format(time.RFC3339), "annotations": f.annots},
 			"spec": map[string]any{"taints": f.taints}})
 	case http.MethodPatch:
 		b, _ := io.ReadAll(r.Body)
@@ -52,6 +53,17 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				}
 			case "remove":
 				f.taints = nil
+			case "add":
+				switch path := op["path"].(string); {
+				case path == "/metadata/annotations":
+					f.annots = op["value"].(map[string]any)
+				case strings.HasPrefix(path, "/metadata/annotations/"):
+					if f.annots == nil {
+						http.Error(w, "add to a missing parent", http.StatusUnprocessableEntity)
+						return
+					}
+					f.annots[strings.ReplaceAll(strings.TrimPrefix(path, "/metadata/annotations/"), "~1", "/")] = op["value"]
+				}
 			}
 		}
 		w.Write([]byte("{}"))
@@ -87,6 +99,15 @@ func TestCheck(t *testing.T) {
 	if len(api.taints) != 1 || api.taints[0]["key"] != "example.com/gpu" || api.auth != "Bearer tok" {
 		t.Errorf("taints %v, auth %q", api.taints, api.auth)
 	}
+	// It says why on the node, whether or not it had annotations.
+	if why, _ := api.annots[ReleasedAnnotation].(string); !strings.Contains(why, "released by its agent") || !strings.Contains(why, "past the bound of 30s") {
+		t.Errorf("annotations %v", api.annots)
+	}
+	api.taints, api.annots = append(api.taints, map[string]any{"key": TaintKey, "effect": "NoSchedule"}), map[string]any{"other": "x"}
+	if _, err := r(30 * time.Second).Check(context.Background()); err != nil || api.annots["other"] != "x" || api.annots[ReleasedAnnotation] == nil {
+		t.Errorf("with other annotations: err %v, annotations %v", err, api.annots)
+	}
+	api.patches = api.patches[:1]
 	// Untainted past the bound: done, nothing written.
 	if wait, err := r(30 * time.Second).Check(context.Background()); err != nil || wait != 0 || len(api.patches) != 1 {
 		t.Errorf("untainted: wait %s, err %v, patches %d", wait, err, len(api.patches))

@@ -12,6 +12,7 @@ import (
 	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 	"github.com/fleetmirror/fleetmirror/operator/config"
 	"github.com/fleetmirror/fleetmirror/operator/manager"
+	"github.com/fleetmirror/fleetmirror/operator/status"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
@@ -33,12 +34,16 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 	fs.DurationVar(&o.Timeouts.Uninstall, "uninstall-timeout", 10*time.Minute, "longest wait on the uninstall's node cleanup")
 	fs.DurationVar(&o.ReconcilePeriod, "reconcile-period", 10*time.Minute, "re-check every release this often, besides events; a watches.yaml entry's reconcilePeriod wins for its kind")
 	fs.DurationVar(&o.HitRatioWindow, "hit-ratio-window", 10*time.Minute, "window of the cluster peer hit ratio in status.peerHits, scraped from the agents; 0 turns it off")
-	fs.BoolVar(&o.MirrorPath, "mirror-path", true, "read each agent's canary verdict (GET /canary on the metrics port) into status.mirrorPath, every minute and on agent pod changes")
+	fs.BoolVar(&o.MirrorPath, "mirror-path", true, "read each agent's canary verdict (GET /canary on the metrics port) into status.mirrorPath, every --mirror-path-period and on agent pod changes")
+	fs.DurationVar(&o.MirrorPathPeriod, "mirror-path-period", status.DefaultAgentPollPeriod, "how often the agents' canary verdicts (and the peer hit ratio) are read besides agent pod changes: a node's condition lags its agent by at most this; the chart's mirrorPathPeriod")
 	fs.BoolVar(&o.NodeConditions, "node-conditions", false, "also write it on each node as the FleetmirrorMirrorPath condition (needs patch on nodes/status; the chart's nodeConditions)")
 	fs.DurationVar(&o.ReleaseAfter, "release-after", 5*time.Minute, "node readiness holds a node at most this long from its creation, then removes the startup taint with a warning (fail open); the chart's nodeReadiness.releaseAfter")
 	fs.IntVar(&o.AgentMetricsPort, "agent-metrics-port", 30122, "where agents serve /metrics when a resource's values do not say")
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return func(ctx context.Context) error {
+		if o.MirrorPathPeriod < time.Second {
+			return fmt.Errorf("--mirror-path-period %s: want at least 1s (a minute in production)", o.MirrorPathPeriod)
+		}
 		log, err := cli.NewLogger(logLevel)
 		if err != nil {
 			return err

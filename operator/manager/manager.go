@@ -89,6 +89,9 @@ type Options struct {
 	// on each node as the FleetmirrorMirrorPath condition (needs patch on
 	// nodes/status).
 	MirrorPath, NodeConditions bool
+	// MirrorPathPeriod is how often the agents' verdicts (and the hit
+	// ratio) are read besides agent pod changes; 0: a minute.
+	MirrorPathPeriod time.Duration
 	// ReleaseAfter is how long node readiness holds a node at most: past
 	// it the startup taint comes off whatever the agent says (fail open).
 	ReleaseAfter time.Duration
@@ -203,7 +206,7 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
 		}
 		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Overrides: w.OverrideValues,
-			Provider: o.Provider, AgentMetricsPort: o.AgentMetricsPort, Namespaces: managed}
+			Provider: o.Provider, AgentMetricsPort: o.AgentMetricsPort, Namespaces: managed, AgentPollPeriod: o.MirrorPathPeriod}
 		if o.HitRatioWindow > 0 {
 			sc.HitRatio = hitratio.New(o.HitRatioWindow, nil)
 		}

@@ -40,6 +40,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
+	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/status"
 )
@@ -178,7 +179,7 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 		if n.Annotations[ReadyAnnotation] != "" {
 			continue // was ready once: never held again
 		}
-		_, why := podReady(pod)
+		why := heldReason(pod, n)
 		h := held{node: n.Name, reason: why, since: n.CreationTimestamp.Time}
 		if waited := now.Sub(h.since); waited >= c.ReleaseAfter {
 			if !hasTaint(n) && n.Annotations[ReleasedAnnotation] == "" && n.CreationTimestamp.Before(ptr(owner.GetCreationTimestamp())) {
@@ -291,10 +292,25 @@ func podReady(p *corev1.Pod) (bool, string) {
 					}
 				}
 			}
-			return false, why + " (see its readiness probe: hosts.toml written, containerd-prep check)"
+			return false, why + " (see its readiness probe: hosts.toml written, containerd-prep check, the canary)"
 		}
 	}
 	return false, fmt.Sprintf("agent pod %s is %s and has not reported readiness yet", p.Name, p.Status.Phase)
+}
+
+// heldReason is why node n is held: its agent pod's state and, when the
+// node's mirror path condition is False, the canary's finding. The pod's
+// readiness says only that it is not ready; the canary names the broken
+// setting and the fix, which is what the warning, the annotation and
+// NodesReady must tell.
+func heldReason(pod *corev1.Pod, n *corev1.Node) string {
+	_, why := podReady(pod)
+	for _, c := range n.Status.Conditions {
+		if string(c.Type) == mirrorpath.ConditionType && c.Status == corev1.ConditionFalse && c.Message != "" {
+			why += "; " + c.Message
+		}
+	}
+	return why
 }
 
 func hasTaint(n *corev1.Node) bool {

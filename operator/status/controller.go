@@ -99,19 +99,27 @@ type Controller struct {
 	// NodeConditions set, into each node's FleetmirrorMirrorPath condition.
 	MirrorPath     *mirrorpath.Prober
 	NodeConditions *mirrorpath.NodeWriter
+	// AgentPollPeriod is how often the agents are read for the hit ratio
+	// and the canary verdicts, besides agent pod changes (default
+	// DefaultAgentPollPeriod).
+	AgentPollPeriod time.Duration
 	// Namespaces the operator manages; a resource elsewhere is Ready
 	// false, saying how to fix it.
 	Namespaces spegels.Namespaces
 }
 
-// hitRatioPeriod is how often the hit ratio is sampled and the agents'
-// canary verdicts read (besides agent pod changes: readiness, IPs).
-const hitRatioPeriod = time.Minute
+// DefaultAgentPollPeriod is how often the hit ratio is sampled and the
+// agents' canary verdicts read (besides agent pod changes: readiness,
+// IPs): a node condition lags its agent's verdict by at most this.
+const DefaultAgentPollPeriod = time.Minute
 
 // SetupWithManager registers the controller.
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 	if c.Resync == 0 {
 		c.Resync = 5 * time.Minute
+	}
+	if c.AgentPollPeriod <= 0 {
+		c.AgentPollPeriod = DefaultAgentPollPeriod
 	}
 	cr := &unstructured.Unstructured{}
 	cr.SetGroupVersionKind(c.GVK)
@@ -191,7 +199,7 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	st["nodes"] = map[string]any{"desired": rd.Nodes.Desired, "updated": rd.Nodes.Updated, "ready": rd.Nodes.Ready}
 	resync := c.Resync
 	if c.HitRatio != nil || c.MirrorPath != nil {
-		resync = min(resync, hitRatioPeriod)
+		resync = min(resync, c.AgentPollPeriod)
 		agents, err := c.agents(ctx, req, eff)
 		if err != nil {
 			return reconcile.Result{}, err

@@ -122,6 +122,20 @@ func TestRequestKind(t *testing.T) {
 	}
 }
 
+func TestRequestRepository(t *testing.T) {
+	for path, want := range map[string]string{
+		"/v2/":                          "",
+		"/v2/a/b/manifests/v1":          "a/b",
+		"/v2/a/blobs/uploads/123":       "a",
+		"/v2/manifests/blobs/sha256:ab": "manifests",
+		"/other":                        "",
+	} {
+		if got := requestRepository(path); got != want {
+			t.Errorf("requestRepository(%q) = %q, want %q", path, got, want)
+		}
+	}
+}
+
 // TestPullThroughCRI runs the pull path without agents on both containerd
 // versions at once (which also checks that two runs can overlap).
 func TestPullThroughCRI(t *testing.T) {

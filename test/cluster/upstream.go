@@ -86,6 +86,11 @@ type UpstreamStats struct {
 	ByClient map[netip.Addr]map[string]Counter
 	// BlobGets counts GET requests per blob digest ("sha256:...").
 	BlobGets map[string]int64
+	// Repositories counts requests per repository named in the path
+	// (/v2/<repository>/manifests|blobs/...), with the ?ns= a mirror
+	// request would carry appended as " ns=<registry>": what was asked
+	// for, by name.
+	Repositories map[string]int64
 }
 
 // Get returns the counter for method and kind over all clients.
@@ -100,7 +105,7 @@ func (s UpstreamStats) FromClient(ip netip.Addr, method, kind string) Counter {
 func (s UpstreamStats) BlobBytes() int64 { return s.Get("GET", "blob").Bytes }
 
 func newStats() UpstreamStats {
-	return UpstreamStats{ByKind: map[string]Counter{}, ByClient: map[netip.Addr]map[string]Counter{}, BlobGets: map[string]int64{}}
+	return UpstreamStats{ByKind: map[string]Counter{}, ByClient: map[netip.Addr]map[string]Counter{}, BlobGets: map[string]int64{}, Repositories: map[string]int64{}}
 }
 
 func newUpstream(ns string, ip netip.Addr, opts Options) *Upstream {
@@ -243,6 +248,9 @@ func (u *Upstream) Stats() UpstreamStats {
 	for k, v := range u.stats.BlobGets {
 		s.BlobGets[k] = v
 	}
+	for k, v := range u.stats.Repositories {
+		s.Repositories[k] = v
+	}
 	return s
 }
 
@@ -369,6 +377,26 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	if kind == "blob" && r.Method == http.MethodGet {
 		u.stats.BlobGets[ref]++
 	}
+	if repo := requestRepository(r.URL.Path); repo != "" || r.URL.Query().Has("ns") {
+		if ns := r.URL.Query().Get("ns"); ns != "" {
+			repo += " ns=" + ns
+		}
+		u.stats.Repositories[repo]++
+	}
+}
+
+// requestRepository is the repository of a /v2/<name>/{manifests,blobs}/
+// path, "" for any other path.
+func requestRepository(path string) string {
+	rest, ok := strings.CutPrefix(path, "/v2/")
+	if !ok {
+		return ""
+	}
+	m, b := strings.LastIndex(rest, "/manifests/"), strings.LastIndex(rest, "/blobs/")
+	if i := max(m, b); i > 0 {
+		return rest[:i]
+	}
+	return ""
 }
 
 // countingWriter counts body bytes and, when shaping, takes them from the

@@ -253,10 +253,26 @@ func (c *Cluster) Workload(seed, size int64, layers int) (v1.Image, error) {
 	return mutate.AppendLayers(c.sleeper, ls...)
 }
 
+// NodeOptions says how a node joins (AddNodeWith).
+type NodeOptions struct {
+	// Taints the kubelet registers the node with (--register-with-taints),
+	// as node pools register with a startup taint.
+	Taints []corev1.Taint
+	// Prepare runs once the node's containerd runs and before its kubelet
+	// starts, as a node image's own setup would: nothing of the cluster
+	// has seen the node yet.
+	Prepare func(context.Context, *cluster.Node) error
+}
+
 // AddNode joins one more worker node, as a node pool scaling up would:
 // namespace, containerd with the sandbox image, its bus with PrivateMounts,
 // kubelet; it returns once the node is Ready.
 func (c *Cluster) AddNode(ctx context.Context) (*Kubelet, error) {
+	return c.AddNodeWith(ctx, NodeOptions{})
+}
+
+// AddNodeWith is AddNode with the node's own setup and taints.
+func (c *Cluster) AddNodeWith(ctx context.Context, o NodeOptions) (*Kubelet, error) {
 	t0 := time.Now()
 	n, err := c.Cluster.AddNode(ctx)
 	if err != nil {
@@ -272,7 +288,20 @@ func (c *Cluster) AddNode(ctx context.Context) (*Kubelet, error) {
 		}
 		c.Buses = append(c.Buses, b)
 	}
-	k, err := c.startKubelet(ctx, len(c.Nodes), n)
+	if o.Prepare != nil {
+		if err := o.Prepare(ctx, n); err != nil {
+			return nil, fmt.Errorf("kube: preparing %s: %w", n.Name, err)
+		}
+	}
+	var args []string
+	if len(o.Taints) > 0 {
+		var ts []string
+		for _, t := range o.Taints {
+			ts = append(ts, t.Key+"="+t.Value+":"+string(t.Effect))
+		}
+		args = append(args, "--register-with-taints="+strings.Join(ts, ","))
+	}
+	k, err := c.startKubelet(ctx, len(c.Nodes), n, args...)
 	if err != nil {
 		return nil, err
 	}

@@ -99,7 +99,7 @@ const cniConfig = `{
 `
 
 // startKubelet configures and starts the kubelet of node i (1-based).
-func (c *Cluster) startKubelet(ctx context.Context, i int, n *cluster.Node) (*Kubelet, error) {
+func (c *Cluster) startKubelet(ctx context.Context, i int, n *cluster.Node, extraArgs ...string) (*Kubelet, error) {
 	k := &Kubelet{
 		Node: n,
 		Name: n.Name,
@@ -172,15 +172,15 @@ func (c *Cluster) startKubelet(ctx context.Context, i int, n *cluster.Node) (*Ku
 	// In the node's mount namespace (if it has one), as hostPath volumes
 	// and the mounts kubelet makes for pods must be what containerd sees.
 	start := func() (*cluster.Process, error) {
-		return n.StartProcess(k.Log, nil, c.bins.kubelet,
-			"--config="+config,
-			"--kubeconfig="+kubeconfig,
-			"--root-dir="+k.RootDir,
-			"--cert-dir="+filepath.Join(dir, "pki"),
-			"--hostname-override="+n.Name,
-			"--node-ip="+n.IP.String(),
+		return n.StartProcess(k.Log, nil, c.bins.kubelet, append([]string{
+			"--config=" + config,
+			"--kubeconfig=" + kubeconfig,
+			"--root-dir=" + k.RootDir,
+			"--cert-dir=" + filepath.Join(dir, "pki"),
+			"--hostname-override=" + n.Name,
+			"--node-ip=" + n.IP.String(),
 			"--v=0",
-		)
+		}, extraArgs...)...)
 	}
 	k.sup, err = supervise("kube "+c.ID+": "+n.Name+": kubelet", k.Log, start, c.logf)
 	if err != nil {

@@ -257,10 +257,12 @@ func TestAgentReleasesOwnNode(t *testing.T) {
 	}
 	// Anything else on its own node: denied.
 	for what, patch := range map[string]string{
-		"a label":           `{"metadata":{"labels":{"x":"y"}}}`,
-		"another taint":     `{"spec":{"taints":[]}}`,
-		"unschedulable":     `{"spec":{"unschedulable":true}}`,
-		"the startup taint": `{"spec":{"taints":[{"key":"example.com/gpu","value":"true","effect":"NoSchedule"},{"key":"fleetmirror.dev/agent-not-ready","effect":"NoSchedule"},{"key":"fleetmirror.dev/agent-not-ready","effect":"NoExecute"}]}}`,
+		"a label":                           `{"metadata":{"labels":{"x":"y"}}}`,
+		"an annotation":                     `{"metadata":{"annotations":{"x":"y"}}}`,
+		"the operator's release annotation": `{"metadata":{"annotations":{"fleetmirror.dev/released-unready":"y"}}}`,
+		"another taint":                     `{"spec":{"taints":[]}}`,
+		"unschedulable":                     `{"spec":{"unschedulable":true}}`,
+		"the startup taint":                 `{"spec":{"taints":[{"key":"example.com/gpu","value":"true","effect":"NoSchedule"},{"key":"fleetmirror.dev/agent-not-ready","effect":"NoSchedule"},{"key":"fleetmirror.dev/agent-not-ready","effect":"NoExecute"}]}}`,
 	} {
 		_, err := agentCS.CoreV1().Nodes().Patch(ctx, "ar-late", types.MergePatchType, []byte(patch), metav1.PatchOptions{})
 		if !apierrors.IsForbidden(err) && !apierrors.IsInvalid(err) {
@@ -288,6 +290,10 @@ func TestAgentReleasesOwnNode(t *testing.T) {
 	}
 	if hasStartupTaint(n) || !kept {
 		t.Fatalf("after the agent's release: taints %v, want %v kept and no startup taint", n.Spec.Taints, other)
+	}
+	// It says why on the node: the admission policy lets that one annotation come.
+	if why := n.Annotations[nodetaint.ReleasedAnnotation]; !strings.Contains(why, "released by its agent") {
+		t.Errorf("after the agent's release: annotations %v, want %s saying why", n.Annotations, nodetaint.ReleasedAnnotation)
 	}
 	if took := time.Since(n.CreationTimestamp.Time); took > bound+10*time.Second {
 		t.Errorf("released %s after the node joined, bound %s", took, bound)

@@ -15,7 +15,13 @@ func (r *Report) String() string {
 	}
 	fmt.Fprintf(&b, "\nWall times:\n")
 	for _, s := range r.Steps {
-		fmt.Fprintf(&b, "  %-32s %8.1fs\n", s, r.Timings[s].Seconds())
+		fmt.Fprintf(&b, "  %-40s %8.1fs\n", s, r.Timings[s].Seconds())
+	}
+	if len(r.Latencies) > 0 {
+		fmt.Fprintf(&b, "\nMirror path proof:\n")
+		for _, l := range r.Latencies {
+			fmt.Fprintf(&b, "  %s\n", l)
+		}
 	}
 	for _, phase := range []string{"rollout", "agent-pod-deleted", "fresh-node", "baseline"} {
 		ps := r.PullsOf(phase)

@@ -121,6 +121,9 @@ type Report struct {
 	MemoryByCommand []string
 	Workload        string // the workload image's reference and size
 	PeerHits        string // status.peerHits.ratio after the update
+	// Latencies of the mirror path proof: how long a broken or fixed
+	// node setup took to show, and when held nodes were released.
+	Latencies []string
 }
 
 func (r *Report) time(step string, d time.Duration) {
@@ -205,9 +208,14 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		{"helm install the operator", s.install},
 		{"the operator's rights and the network key", s.checkLeastPrivilege},
 		{"prep ran once per node", s.checkPrep},
+		{"every node proves its mirror path", s.checkMirrorPath},
+		{"broken node configs: config_path removed, discard_unpacked_layers = true, config_path a list", s.faultConfigs},
+		{"broken: a mirrored registry's hosts.toml deleted with containerdMirrorAdd false", s.faultHostsDeleted},
+		{"broken: the mirror target where nothing listens", s.faultMirrorTarget},
 		{"roll out the workload", s.rollout},
 		{"delete an agent pod mid-rollout", s.faultAgentPod},
-		{"fresh node while the upstream is down", s.faultFreshNode},
+		{"fresh node while the operator is scaled to zero, then the upstream down", s.faultFreshNode},
+		{"a node whose agent never gets ready", s.faultNeverReady},
 		{"uninstall", s.uninstall},
 		{"the rollout without the addon", s.baseline},
 		{"migrate from a Spegel install, then helm uninstall alone", s.reinstall},
@@ -338,6 +346,13 @@ func (s *scenario) installArgs() []string {
 		"-f", filepath.Join(s.opts.Module, "overrides", "nebius.yaml"),
 		"--set", "imageMirror=" + s.mirror,
 		"--set", "components.spegel.mirroredRegistries={" + s.c.Upstream.URL() + "}",
+		// Node readiness on, and every check period and bound short, so
+		// the mirror path proof's transitions show within seconds.
+		"--set", "nodeReadiness.enabled=true",
+		"--set", "nodeReadiness.releaseAfter=" + releaseAfter.String(),
+		"--set", "mirrorPathPeriod=" + mirrorPathPeriod.String(),
+		"--set", "components.spegel.canaryInterval=" + canaryInterval.String(),
+		"--set", "components.spegel.releaseTaintAfter=" + releaseTaintAfter.String(),
 		"--wait", "--timeout", "3m"}
 }
 
@@ -506,13 +521,11 @@ func (s *scenario) checkPeerHits(ctx context.Context, nodes int) error {
 // stops the upstream, and schedules the workload there: every layer must
 // come from peers, the tag resolved through them too.
 func (s *scenario) faultFreshNode(ctx context.Context) error {
-	s.say("A fresh node joins.")
 	t0 := time.Now()
-	k, err := s.c.AddNode(ctx)
+	k, err := s.joinWithOperatorDown(ctx)
 	if err != nil {
 		return err
 	}
-	s.rep.time("fresh node to Ready", time.Since(t0))
 	n := len(s.c.Nodes)
 	if err := s.waitSpegelReady(ctx, n, 3*time.Minute); err != nil {
 		return err
@@ -586,6 +599,15 @@ func (s *scenario) uninstall(ctx context.Context) error {
 		return err
 	}
 	s.say("  DaemonSets gone; every node's certs.d is back to what it had before the install")
+	// Every agent stopped, each finishing a run in progress: whatever of
+	// the canary any run of the scenario left would be here now.
+	if err := s.checkNoCanaryLeft(ctx, 5*time.Second); err != nil {
+		return err
+	}
+	if err := s.checkNoCanaryUpstream(); err != nil {
+		return err
+	}
+	s.say("  after every canary of the scenario, broken nodes' included: no canary image or content on any node, and no canary request in the upstream's log")
 	if _, err := s.runHelm(ctx, "uninstall", Release, "--namespace", Namespace, "--wait", "--timeout", "3m"); err != nil {
 		return err
 	}
@@ -730,7 +752,7 @@ func (s *scenario) baseline(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	n := len(s.c.Nodes) - 1 // as many nodes as the rollout with the addon
+	n := s.opts.Nodes // as many nodes as the rollout with the addon
 	s.say("Without the addon: the same rollout (one replica, then %d) of an image of the same size that no node holds.", n)
 	ps, took, err := s.scaleAndMeasure(ctx, "baseline", ref, n)
 	if err != nil {
@@ -1174,7 +1196,13 @@ func (s *scenario) kubectlGetSpegel(ctx context.Context) (string, error) {
 	ready, _, _ := unstructured.NestedInt64(obj.Object, "status", "nodes", "ready")
 	desired, _, _ := unstructured.NestedInt64(obj.Object, "status", "nodes", "desired")
 	var b strings.Builder
-	fmt.Fprintf(&b, "spegel %s/%s: nodes %d/%d ready\n", obj.GetNamespace(), obj.GetName(), ready, desired)
+	proven, _, _ := unstructured.NestedString(obj.Object, "status", "mirrorPath", "summary")
+	fmt.Fprintf(&b, "spegel %s/%s: nodes %d/%d ready, path proven %s\n", obj.GetNamespace(), obj.GetName(), ready, desired, proven)
+	failing, _, _ := unstructured.NestedSlice(obj.Object, "status", "mirrorPath", "failing")
+	for _, f := range failing {
+		m, _ := f.(map[string]any)
+		fmt.Fprintf(&b, "  failing %v at %v: %s\n", m["node"], m["step"], short(fmt.Sprint(m["reason"])))
+	}
 	conds, _, _ := unstructured.NestedSlice(obj.Object, "status", "conditions")
 	for _, c := range conds {
 		m, _ := c.(map[string]any)
