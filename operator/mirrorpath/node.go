@@ -3,6 +3,7 @@ package mirrorpath
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -75,4 +76,35 @@ func (w *NodeWriter) Forget(node string) {
 	w.mu.Lock()
 	delete(w.last, node)
 	w.mu.Unlock()
+}
+
+// RemoveAll takes the condition off every node it was written on, for when
+// the Spegel resource goes: a node left saying its mirror path is proven
+// after the agents are gone would mislead whoever reads it. A node that
+// cannot be patched now keeps its entry for the next call.
+func (w *NodeWriter) RemoveAll(ctx context.Context) error {
+	w.mu.Lock()
+	nodes := make([]string, 0, len(w.last))
+	for n := range w.last {
+		nodes = append(nodes, n)
+	}
+	w.mu.Unlock()
+	// The strategic merge directive deletes the list item of this type
+	// (conditions merge on type); the kubelet's own conditions stay.
+	body, err := json.Marshal(map[string]any{"status": map[string]any{"conditions": []map[string]any{{"type": ConditionType, "$patch": "delete"}}}})
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, node := range nodes {
+		n := &corev1.Node{}
+		n.Name = node
+		err := w.Client.Status().Patch(ctx, n, client.RawPatch(types.StrategicMergePatchType, body))
+		if err != nil && !apierrors.IsNotFound(err) {
+			errs = append(errs, fmt.Errorf("node %s: removing condition %s: %w", node, ConditionType, err))
+			continue
+		}
+		w.Forget(node)
+	}
+	return errors.Join(errs...)
 }

@@ -150,12 +150,12 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	if err := c.Client.Get(ctx, req.NamespacedName, obj); err != nil {
 		if apierrors.IsNotFound(err) {
 			c.Released.Forget(req.NamespacedName)
-			return reconcile.Result{}, nil
+			return reconcile.Result{}, c.removeNodeConditions(ctx)
 		}
 		return reconcile.Result{}, err
 	}
 	if obj.GetDeletionTimestamp() != nil {
-		return reconcile.Result{}, nil
+		return reconcile.Result{}, c.removeNodeConditions(ctx)
 	}
 	if err := c.Namespaces.Refusal(obj); err != nil {
 		// Nothing of it is cached or readable there; only say why.
@@ -314,6 +314,16 @@ func (c *Controller) peerHits(ctx context.Context, agents []agent) (map[string]a
 		hits["ratio"] = strconv.FormatFloat(r.Value, 'f', 2, 64)
 	}
 	return hits, nil
+}
+
+// removeNodeConditions takes the mirror path condition off the nodes once
+// the resource is going (one resource serves every node); an error
+// requeues, so a node missed now is tried again.
+func (c *Controller) removeNodeConditions(ctx context.Context) error {
+	if c.NodeConditions == nil {
+		return nil
+	}
+	return c.NodeConditions.RemoveAll(ctx)
 }
 
 // mirrorPath reads every agent's canary verdict, writes each node's

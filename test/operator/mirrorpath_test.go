@@ -196,4 +196,32 @@ func TestMirrorPathReported(t *testing.T) {
 	if after, _ := cond("mp-good"); !after.LastTransitionTime.Equal(&before.LastTransitionTime) || !after.LastHeartbeatTime.Equal(&before.LastHeartbeatTime) {
 		t.Errorf("an unchanged condition was rewritten: %v then %v", before, after)
 	}
+
+	// The resource goes, and with it the condition from every node; the
+	// node's other conditions stay.
+	n := &corev1.Node{}
+	if err := cl.Get(ctx, client.ObjectKey{Name: "mp-good"}, n); err != nil {
+		t.Fatal(err)
+	}
+	n.Status.Conditions = append(n.Status.Conditions, corev1.NodeCondition{Type: "ExampleKubeletCondition", Status: corev1.ConditionTrue, Reason: "Test"})
+	if err := cl.Status().Update(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Delete(ctx, spegel(ns, defaultSpegel, nil)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the condition off every node once the resource is deleted", time.Minute, func() error {
+		for node := range ips {
+			if _, count := cond(node); count != 0 {
+				return fmt.Errorf("%s still has %s", node, mirrorpath.ConditionType)
+			}
+		}
+		return nil
+	})
+	if err := cl.Get(ctx, client.ObjectKey{Name: "mp-good"}, n); err != nil {
+		t.Fatal(err)
+	}
+	if len(n.Status.Conditions) != 1 || n.Status.Conditions[0].Type != "ExampleKubeletCondition" {
+		t.Errorf("mp-good's other conditions: %+v", n.Status.Conditions)
+	}
 }

@@ -44,6 +44,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 
+	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/release/version"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 	"github.com/fleetmirror/fleetmirror/test/kube"
@@ -598,7 +599,7 @@ func (s *scenario) uninstall(ctx context.Context) error {
 	if err := s.checkNodesRestored(ctx); err != nil {
 		return err
 	}
-	s.say("  DaemonSets gone; every node's certs.d is back to what it had before the install")
+	s.say("  DaemonSets gone; every node's certs.d is back to what it had before the install, and no node carries the %s condition", mirrorpath.ConditionType)
 	// Every agent stopped, each finishing a run in progress: whatever of
 	// the canary any run of the scenario left would be here now.
 	if err := s.checkNoCanaryLeft(ctx, 5*time.Second); err != nil {
@@ -642,7 +643,22 @@ func (s *scenario) checkNodesRestored(ctx context.Context) error {
 			return fmt.Errorf("%s: certs.d after uninstall = %v, want it restored to %v", n.Name, got, want)
 		}
 	}
-	return nil
+	// The mirror path condition goes with the resource: no node may keep
+	// saying its path is proven once nothing mirrors.
+	return s.c.Poll(ctx, 30*time.Second, func(ctx context.Context) (bool, string, error) {
+		nodes, err := s.c.Client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, "", err
+		}
+		for _, n := range nodes.Items {
+			for _, c := range n.Status.Conditions {
+				if c.Type == mirrorpath.ConditionType {
+					return false, fmt.Sprintf("%s still has the %s condition (%s)", n.Name, c.Type, c.Status), nil
+				}
+			}
+		}
+		return true, "", nil
+	})
 }
 
 // reinstall installs again on the nodes prep already prepared (no
