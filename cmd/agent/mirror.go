@@ -563,9 +563,16 @@ func hostsOf(regs []hosts.Registry) []string {
 const maxHeaderBytes = 16 << 10
 
 // serve runs an HTTP server until ctx is done, then drains it.
+// drain bounds how long a stopping agent finishes the requests under way.
+const drain = 10 * time.Second
+
 func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handler, maxHeader int) error {
+	// Handlers get their own context, ended partway through the drain.
+	base, cancelBase := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelBase()
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second,
 		MaxHeaderBytes: maxHeader,
+		BaseContext:    func(net.Listener) context.Context { return base },
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -574,7 +581,13 @@ func serve(ctx context.Context, log *slog.Logger, ln net.Listener, h http.Handle
 		return fmt.Errorf("serving on %s: %w", ln.Addr(), err)
 	case <-ctx.Done():
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	// Responses under way get half the drain to finish; requests still
+	// waiting then (on a peer's first bytes, a burst's fetcher) are
+	// cancelled, so containerd goes upstream at once and the agent exits
+	// inside its pod's grace period instead of being killed.
+	stop := time.AfterFunc(drain/2, cancelBase)
+	defer stop.Stop()
+	sctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {
 		srv.Close()
