@@ -27,13 +27,23 @@ import (
 type InFlight struct {
 	dir   string
 	stall time.Duration
+	first time.Duration
 	poll  time.Duration
 }
 
+// FirstByteWait is how long a reader waits for the first byte of an ingest
+// that has none yet: containerd opens it before it asks for the blob, and
+// on a busy node its first bytes from upstream can take seconds longer
+// than the stall timeout. It matches mirror.FollowWait, how long the
+// nodes that wait for this one are patient.
+const FirstByteWait = 20 * time.Second
+
 // NewInFlight reads ingests under contentDir. A reader that reaches the
-// writer's offset waits for more, and gives up after stall without growth.
+// writer's offset waits for more, and gives up after stall without growth,
+// or after the longer of stall and FirstByteWait while the ingest is
+// still empty.
 func NewInFlight(contentDir string, stall time.Duration) *InFlight {
-	return &InFlight{dir: contentDir, stall: stall, poll: 5 * time.Millisecond}
+	return &InFlight{dir: contentDir, stall: stall, first: max(stall, FirstByteWait), poll: 5 * time.Millisecond}
 }
 
 // Growing is a blob being written, read from an offset on. Reads wait for
@@ -44,6 +54,7 @@ type Growing struct {
 	total int64
 	off   int64
 	stall time.Duration
+	first time.Duration // the stall timeout while the ingest is empty
 	poll  time.Duration
 	ctx   context.Context
 }
@@ -89,7 +100,7 @@ func (s *InFlight) Writing(dgst digest.Digest) bool {
 }
 
 func (s *InFlight) open(dgst digest.Digest) (*Growing, error) {
-	g := &Growing{stall: s.stall, poll: s.poll}
+	g := &Growing{stall: s.stall, first: s.first, poll: s.poll}
 	// A committed blob the index does not list yet: complete, no waiting.
 	if f, err := os.Open(filepath.Join(s.dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())); err == nil {
 		fi, err := f.Stat()
@@ -148,9 +159,14 @@ func (g *Growing) Read(p []byte) (int, error) {
 		if err != nil && err != io.EOF {
 			return 0, err
 		}
-		// At the writer's offset: wait for it, not forever.
-		if waited >= g.stall {
-			return 0, fmt.Errorf("blob in flight stopped growing at %d of %d bytes for %s", g.off, g.total, g.stall)
+		// At the writer's offset: wait for it, not forever. At offset 0
+		// the file is empty: its writer still waits for its source.
+		limit := g.stall
+		if g.off == 0 {
+			limit = g.first
+		}
+		if waited >= limit {
+			return 0, fmt.Errorf("blob in flight stopped growing at %d of %d bytes for %s", g.off, g.total, limit)
 		}
 		if g.dir != "" && waited%(20*g.poll) == 0 {
 			if _, err := os.Stat(g.dir); errors.Is(err, os.ErrNotExist) {

@@ -1,0 +1,84 @@
+package store
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// fakeIngest lays out an ingest as containerd does (ref, total, data) with
+// an empty data file, and returns the data file's path.
+func fakeIngest(t *testing.T, dir string, dgst digest.Digest, total int) string {
+	t.Helper()
+	ing := filepath.Join(dir, "ingest", "0123abcd")
+	if err := os.MkdirAll(ing, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{
+		"ref":   "k8s.io/1/layer-" + dgst.String(),
+		"total": strconv.Itoa(total),
+		"data":  "",
+	} {
+		if err := os.WriteFile(filepath.Join(ing, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return filepath.Join(ing, "data")
+}
+
+// An ingest containerd opened but has no byte in yet (its containerd
+// waits for upstream) is waited for longer than the stall timeout: the
+// first bytes are read once they come. Once bytes came, the stall timeout
+// applies again.
+func TestInFlightWaitsLongerForTheFirstByte(t *testing.T) {
+	dir := t.TempDir()
+	dgst := digest.FromString("slow upstream")
+	data := fakeIngest(t, dir, dgst, 2000)
+	fl := NewInFlight(dir, 50*time.Millisecond)
+	fl.first = 10 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	g, err := fl.Open(ctx, dgst, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	// Several stall timeouts pass before the writer's first bytes.
+	time.AfterFunc(400*time.Millisecond, func() { os.WriteFile(data, make([]byte, 1000), 0o644) })
+	buf := make([]byte, 4096)
+	n, err := g.Read(buf)
+	if err != nil || n != 1000 {
+		t.Fatalf("read %d bytes, err %v; want the writer's first 1000", n, err)
+	}
+	// The writer stops mid-blob: the stall timeout, not the first-byte wait.
+	if _, err := g.Read(buf); err == nil {
+		t.Fatal("a stalled writer read without error")
+	}
+	if ctx.Err() != nil {
+		t.Error("the stalled read waited for the test's deadline, not the stall timeout")
+	}
+}
+
+// The first-byte wait is bounded too.
+func TestInFlightFirstByteWaitIsBounded(t *testing.T) {
+	dir := t.TempDir()
+	dgst := digest.FromString("upstream never answers")
+	fakeIngest(t, dir, dgst, 2000)
+	fl := NewInFlight(dir, 50*time.Millisecond)
+	fl.first = 200 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	g, err := fl.Open(ctx, dgst, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if _, err := g.Read(make([]byte, 10)); err == nil || ctx.Err() != nil {
+		t.Fatalf("err %v (deadline %v); want the first-byte wait to end the read", err, ctx.Err())
+	}
+}
