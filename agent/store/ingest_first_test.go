@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -80,5 +81,42 @@ func TestInFlightFirstByteWaitIsBounded(t *testing.T) {
 	defer g.Close()
 	if _, err := g.Read(make([]byte, 10)); err == nil || ctx.Err() != nil {
 		t.Fatalf("err %v (deadline %v); want the first-byte wait to end the read", err, ctx.Err())
+	}
+}
+
+// WriteTo (what io.Copy uses, in pieces the size of what the writer has
+// written, for sendfile) sends the blob as it grows, through to its end.
+func TestInFlightWriteToFollowsTheWriter(t *testing.T) {
+	dir := t.TempDir()
+	blob := make([]byte, 3000)
+	for i := range blob {
+		blob[i] = byte(i)
+	}
+	dgst := digest.FromBytes(blob)
+	data := fakeIngest(t, dir, dgst, len(blob))
+	fl := NewInFlight(dir, 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	g, err := fl.Open(ctx, dgst, 500, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	go func() {
+		f, err := os.OpenFile(data, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer f.Close()
+		for i := 0; i < len(blob); i += 1000 {
+			time.Sleep(30 * time.Millisecond)
+			f.Write(blob[i : i+1000])
+		}
+	}()
+	var out bytes.Buffer
+	n, err := g.WriteTo(&out)
+	if err != nil || n != 2500 || !bytes.Equal(out.Bytes(), blob[500:]) {
+		t.Fatalf("wrote %d bytes, err %v; want the 2500 from offset 500", n, err)
 	}
 }
