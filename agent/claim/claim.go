@@ -12,13 +12,18 @@
 // the highest rendezvous score of blob and node, as every node that sees
 // the same claimants does. The fetcher announces that it fetches ("fetch"
 // claim), so nodes that come later follow it.
+// On a busy node claims can miss the settle window, so two nodes that did
+// not see each other may both pick themselves: each fetcher looks at the
+// fetch claims once more a settle window later, and yields to one of
+// higher score. A node follows only a node of higher score (or a fetcher
+// that nobody it saw outranks), so no two nodes wait on each other.
 // The failure cases, each bounded:
-//   - Claims that do not reach each other in time (a busy node) make two
+//   - Claims that do not reach each other even in the second look make two
 //     nodes fetch: two upstream fetches, no failed pull.
-//   - Two nodes that each pick the other wait for each other's blob in
-//     flight, up to the follower's wait, then both fetch upstream.
-//   - The chosen node dies, stalls or is slow: its followers' streams stall
-//     and they fall back to another source or upstream (agent/mirror).
+//   - The chosen node dies, stalls or is slow: its followers wait for its
+//     first bytes up to mirror.FollowWait and go upstream; once bytes flow,
+//     a stream that stalls falls back to another source or upstream
+//     (agent/mirror).
 package claim
 
 import (
@@ -83,15 +88,35 @@ func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool)
 		return best, true
 	}
 	d.claim(ctx, routing.Fetch, key)
+	if len(others) > 0 {
+		// On a busy node a claim can miss the settle window, and a node
+		// that did not see a better claimant picks itself: in 20-node
+		// bursts half the layers had two fetchers. Each fetcher looks once
+		// more; the one of the highest score stays, the others follow it,
+		// as nodes that come later do. It costs a burst's fetcher one more
+		// settle window before its containerd goes upstream.
+		if sleep(ctx, d.settle) {
+			if f, ok := d.best(ctx, routing.Fetch, key); ok && bytes.Compare(score(key, f.ID), bestScore) > 0 {
+				d.log.Debug("claim yielded to a fetcher of higher score", "key", key, "follow", f.Addr.String(), "took", time.Since(start))
+				return f.Addr, true
+			}
+		}
+	}
 	return netip.AddrPort{}, false
 }
 
 // fetcher is the node that announced it fetches key, if any; of several,
 // the one every node picks.
 func (d *Decider) fetcher(ctx context.Context, key string) (netip.AddrPort, bool) {
-	fs := d.list(ctx, routing.Fetch, key)
+	f, ok := d.best(ctx, routing.Fetch, key)
+	return f.Addr, ok
+}
+
+// best is the other claimant of the kind on key with the highest score.
+func (d *Decider) best(ctx context.Context, kind routing.ClaimKind, key string) (routing.Claimant, bool) {
+	fs := d.list(ctx, kind, key)
 	if len(fs) == 0 {
-		return netip.AddrPort{}, false
+		return routing.Claimant{}, false
 	}
 	best := fs[0]
 	for _, f := range fs[1:] {
@@ -99,7 +124,7 @@ func (d *Decider) fetcher(ctx context.Context, key string) (netip.AddrPort, bool
 			best = f
 		}
 	}
-	return best.Addr, true
+	return best, true
 }
 
 func (d *Decider) claim(ctx context.Context, kind routing.ClaimKind, key string) {

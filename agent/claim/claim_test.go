@@ -89,3 +89,72 @@ func TestLateNodeFollowsTheFetcher(t *testing.T) {
 		}
 	}
 }
+
+// splitView hides one node's claims from this node until a moment, as
+// claims that miss the settle window on a busy node arrive late.
+type splitView struct {
+	routing.Claims
+	hide  string
+	until time.Time
+}
+
+func (s splitView) Claimants(ctx context.Context, kind routing.ClaimKind, key string) ([]routing.Claimant, error) {
+	cs, err := s.Claims.Claimants(ctx, kind, key)
+	if time.Now().After(s.until) {
+		return cs, err
+	}
+	var out []routing.Claimant
+	for _, c := range cs {
+		if c.ID != s.hide {
+			out = append(out, c)
+		}
+	}
+	return out, err
+}
+
+// Two nodes of a burst that did not see each other's want claims both pick
+// themselves; the second look at the fetch claims leaves one fetcher (the
+// one of the higher score, or the one that announced first if the other
+// saw it in time), and the other follows it.
+func TestSplitViewsLeaveOneFetcher(t *testing.T) {
+	addrs := []netip.AddrPort{
+		netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("10.0.0.3:1"),
+	}
+	// A key for which nodes 1 and 2 both outrank node 3, so each of them
+	// picks itself when it does not see the other.
+	key := ""
+	for i := 0; key == ""; i++ {
+		k := "sha256:" + string(rune('a'+i%26)) + string(rune(i))
+		s3 := string(score(k, addrs[2].String()))
+		if string(score(k, addrs[0].String())) > s3 && string(score(k, addrs[1].String())) > s3 {
+			key = k
+		}
+	}
+	rs := routing.NewMemory(addrs...)
+	// Node 3 wants it too: a burst.
+	if err := rs[2].Claim(context.Background(), routing.Want, key); err != nil {
+		t.Fatal(err)
+	}
+	// Each sees the other's claims only after both decided (a settle
+	// window), before the second look (two).
+	settle := 50 * time.Millisecond
+	until := time.Now().Add(settle * 3 / 2)
+	views := []routing.Claims{splitView{rs[0], addrs[1].String(), until}, splitView{rs[1], addrs[0].String(), until}}
+	leaders := make([]netip.AddrPort, 2)
+	follows := make([]bool, 2)
+	var wg sync.WaitGroup
+	for i, v := range views {
+		wg.Go(func() { leaders[i], follows[i] = New(v, settle, nil).Decide(context.Background(), key) })
+	}
+	wg.Wait()
+	if follows[0] == follows[1] {
+		t.Fatalf("follow %v: want exactly one of the two to fetch", follows)
+	}
+	fetcher, follower := 0, 1
+	if follows[0] {
+		fetcher, follower = 1, 0
+	}
+	if leaders[follower] != addrs[fetcher] {
+		t.Errorf("node %d follows %s, want the fetcher, node %d", follower+1, leaders[follower], fetcher+1)
+	}
+}
