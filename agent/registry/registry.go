@@ -418,6 +418,7 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 		return false
 	}
 	defer g.Close()
+	r.log.Debug("serving a blob in flight", "digest", oreq.Digest, "offset", off, "file", g.Name())
 	setHeaders(w, ocispec.Descriptor{Digest: oreq.Digest}, oci.KindBlob)
 	w.Header().Set(SourceHeader, "in-flight")
 	w.Header().Set("Content-Length", strconv.FormatInt(g.Size()-off, 10))

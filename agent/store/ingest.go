@@ -62,6 +62,9 @@ type Growing struct {
 // Size is the blob's full size.
 func (g *Growing) Size() int64 { return g.total }
 
+// Name is the file read, for logs.
+func (g *Growing) Name() string { return g.f.Name() }
+
 // Open finds dgst and positions the reader at off. With wait > 0 it waits
 // that long for the ingest to appear (a peer that agreed to fetch a blob is
 // asked before its containerd has started). ErrNotFound when there is none.
@@ -212,7 +215,14 @@ func (g *Growing) pause(waited *time.Duration) error {
 	if *waited >= limit {
 		return fmt.Errorf("blob in flight stopped growing at %d of %d bytes for %s", g.off, g.total, limit)
 	}
-	if g.dir != "" && *waited%(20*g.poll) == 0 {
+	// A writer that paused for a while is polled ten times less often:
+	// in a burst every follower of a node waits here for that node's
+	// first bytes from upstream, for seconds.
+	step, slow := g.poll, *waited >= 20*g.poll
+	if slow {
+		step = 10 * g.poll
+	}
+	if g.dir != "" && (*waited == 0 || slow) {
 		if _, err := os.Stat(g.dir); errors.Is(err, os.ErrNotExist) {
 			// Committed (the file was renamed whole) or abandoned.
 			if fi, err := g.f.Stat(); err == nil && fi.Size() < g.total {
@@ -220,11 +230,13 @@ func (g *Growing) pause(waited *time.Duration) error {
 			}
 		}
 	}
+	t := time.NewTimer(step)
+	defer t.Stop()
 	select {
 	case <-g.ctx.Done():
 		return g.ctx.Err()
-	case <-time.After(g.poll):
-		*waited += g.poll
+	case <-t.C:
+		*waited += step
 	}
 	return nil
 }
