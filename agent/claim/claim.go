@@ -9,8 +9,9 @@
 // costs the quiet window only. If others want it too, it is a burst: it
 // waits out the settle window for the rest to claim, follows a fetcher if
 // one appeared meanwhile, and else picks among the claimants the one with
-// the highest rendezvous score of blob and node, as every node that sees
-// the same claimants does. The fetcher announces that it fetches ("fetch"
+// the highest rendezvous score of image (the blob's repository) and node,
+// as every node that sees the same claimants does: one node fetches all
+// layers of an image (see Decide for why). The fetcher announces that it fetches ("fetch"
 // claim), so nodes that come later follow it.
 // On a busy node claims can miss the settle window, so two nodes that did
 // not see each other may both pick themselves: each fetcher looks at the
@@ -56,14 +57,27 @@ func New(claims routing.Claims, settle time.Duration, log *slog.Logger) *Decider
 // stream it from, or false when this node should fetch it itself. It takes
 // the quiet window when nobody else wants the key, and the settle window
 // (and one more to list claims) in a burst.
-func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool) {
+//
+// Claimants are ranked by their score for group, not for key: the blobs of
+// one image (group names its repository) get the same fetcher, and other
+// images other ones. A fetcher per blob would deadlock a burst on
+// containerd 2.x: its pull holds at most 3 requests (max_concurrent_downloads)
+// and lets go of one between the mirror's 404 and the upstream request, so
+// a queued request for another layer takes it, to wait on another node; a
+// node fetching one layer then holds all its slots waiting on nodes that
+// fetch the others, and they on it, until the follow waits run out. A node
+// that fetches every layer of an image never waits on another node.
+func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort, bool) {
+	if group == "" {
+		group = key
+	}
 	start := time.Now()
 	d.claim(ctx, routing.Want, key)
 	quiet := d.settle / 5
 	if !sleep(ctx, time.Until(start.Add(quiet))) {
 		return netip.AddrPort{}, false
 	}
-	if f, ok := d.fetcher(ctx, key); ok {
+	if f, ok := d.fetcher(ctx, key, group); ok {
 		return f, true
 	}
 	others := d.list(ctx, routing.Want, key)
@@ -72,14 +86,14 @@ func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool)
 		if !sleep(ctx, time.Until(start.Add(d.settle))) {
 			return netip.AddrPort{}, false
 		}
-		if f, ok := d.fetcher(ctx, key); ok {
+		if f, ok := d.fetcher(ctx, key, group); ok {
 			return f, true
 		}
 		others = d.list(ctx, routing.Want, key)
 	}
-	best, bestScore := netip.AddrPort{}, score(key, d.claims.Self())
+	best, bestScore := netip.AddrPort{}, score(group, d.claims.Self())
 	for _, c := range others {
-		if s := score(key, c.ID); bytes.Compare(s, bestScore) > 0 {
+		if s := score(group, c.ID); bytes.Compare(s, bestScore) > 0 {
 			best, bestScore = c.Addr, s
 		}
 	}
@@ -96,7 +110,7 @@ func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool)
 		// as nodes that come later do. It costs a burst's fetcher one more
 		// settle window before its containerd goes upstream.
 		if sleep(ctx, d.settle) {
-			if f, ok := d.best(ctx, routing.Fetch, key); ok && bytes.Compare(score(key, f.ID), bestScore) > 0 {
+			if f, ok := d.best(ctx, routing.Fetch, key, group); ok && bytes.Compare(score(group, f.ID), bestScore) > 0 {
 				d.log.Debug("claim yielded to a fetcher of higher score", "key", key, "follow", f.Addr.String(), "took", time.Since(start))
 				return f.Addr, true
 			}
@@ -107,20 +121,21 @@ func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool)
 
 // fetcher is the node that announced it fetches key, if any; of several,
 // the one every node picks.
-func (d *Decider) fetcher(ctx context.Context, key string) (netip.AddrPort, bool) {
-	f, ok := d.best(ctx, routing.Fetch, key)
+func (d *Decider) fetcher(ctx context.Context, key, group string) (netip.AddrPort, bool) {
+	f, ok := d.best(ctx, routing.Fetch, key, group)
 	return f.Addr, ok
 }
 
-// best is the other claimant of the kind on key with the highest score.
-func (d *Decider) best(ctx context.Context, kind routing.ClaimKind, key string) (routing.Claimant, bool) {
+// best is the other claimant of the kind on key with the highest score
+// for group.
+func (d *Decider) best(ctx context.Context, kind routing.ClaimKind, key, group string) (routing.Claimant, bool) {
 	fs := d.list(ctx, kind, key)
 	if len(fs) == 0 {
 		return routing.Claimant{}, false
 	}
 	best := fs[0]
 	for _, f := range fs[1:] {
-		if bytes.Compare(score(key, f.ID), score(key, best.ID)) > 0 {
+		if bytes.Compare(score(group, f.ID), score(group, best.ID)) > 0 {
 			best = f
 		}
 	}
@@ -154,7 +169,7 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// score is a node's rendezvous score for key: every node computes the
+// score is a node's rendezvous score for a group: every node computes the
 // same order of the same claimants.
 func score(key, id string) []byte {
 	h := sha256.Sum256([]byte(key + "\x00" + id))

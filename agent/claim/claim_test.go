@@ -25,7 +25,7 @@ func TestDecide(t *testing.T) {
 		for i := range n {
 			wg.Go(func() {
 				d := New(rs[i], 50*time.Millisecond, nil)
-				leader, follow := d.Decide(context.Background(), "sha256:abc")
+				leader, follow := d.Decide(context.Background(), "sha256:abc", "")
 				follows[i], fetches[i] = leader, !follow
 			})
 		}
@@ -50,8 +50,8 @@ func TestDecide(t *testing.T) {
 	}
 }
 
-// The score orders nodes the same way for everyone and differently per key,
-// so one node does not fetch every blob of a burst.
+// The score orders nodes the same way for everyone and differently per
+// image, so one node does not fetch every image of a burst.
 func TestScoreSpreadsKeys(t *testing.T) {
 	ids := []string{"a", "b", "c", "d"}
 	wins := map[string]int{}
@@ -78,11 +78,11 @@ func TestLateNodeFollowsTheFetcher(t *testing.T) {
 	a := netip.MustParseAddrPort("10.0.0.1:1")
 	rs := routing.NewMemory(a, netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("10.0.0.3:1"))
 	for _, key := range []string{"sha256:a", "sha256:b", "sha256:c", "sha256:d"} {
-		if _, follow := New(rs[0], 50*time.Millisecond, nil).Decide(context.Background(), key); follow {
+		if _, follow := New(rs[0], 50*time.Millisecond, nil).Decide(context.Background(), key, ""); follow {
 			t.Fatalf("%s: a lone node follows someone", key)
 		}
 		for _, r := range rs[1:] {
-			leader, follow := New(r, 50*time.Millisecond, nil).Decide(context.Background(), key)
+			leader, follow := New(r, 50*time.Millisecond, nil).Decide(context.Background(), key, "")
 			if !follow || leader != a {
 				t.Errorf("%s: a late node follows %v (%v), want the fetcher %s", key, leader, follow, a)
 			}
@@ -144,7 +144,7 @@ func TestSplitViewsLeaveOneFetcher(t *testing.T) {
 	follows := make([]bool, 2)
 	var wg sync.WaitGroup
 	for i, v := range views {
-		wg.Go(func() { leaders[i], follows[i] = New(v, settle, nil).Decide(context.Background(), key) })
+		wg.Go(func() { leaders[i], follows[i] = New(v, settle, nil).Decide(context.Background(), key, "") })
 	}
 	wg.Wait()
 	if follows[0] == follows[1] {
@@ -156,5 +156,36 @@ func TestSplitViewsLeaveOneFetcher(t *testing.T) {
 	}
 	if leaders[follower] != addrs[fetcher] {
 		t.Errorf("node %d follows %s, want the fetcher, node %d", follower+1, leaders[follower], fetcher+1)
+	}
+}
+
+// The nodes of a burst that miss the layers of one image at once agree on
+// one fetcher for all of them: a fetcher per layer deadlocks containerd
+// 2.x's pull slots (see Decide).
+func TestOneFetcherPerImage(t *testing.T) {
+	var addrs []netip.AddrPort
+	for i := range 5 {
+		addrs = append(addrs, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)))
+	}
+	rs := routing.NewMemory(addrs...)
+	layers := []string{"sha256:l1", "sha256:l2", "sha256:l3", "sha256:l4"}
+	fetchers := make([][]bool, len(layers))
+	var wg sync.WaitGroup
+	for l, key := range layers {
+		fetchers[l] = make([]bool, len(addrs))
+		for i := range addrs {
+			wg.Go(func() {
+				_, follow := New(rs[i], 50*time.Millisecond, nil).Decide(context.Background(), key, "registry.example/team/app")
+				fetchers[l][i] = !follow
+			})
+		}
+	}
+	wg.Wait()
+	for l := range layers {
+		for i := range addrs {
+			if fetchers[l][i] != fetchers[0][i] {
+				t.Fatalf("fetchers per layer %v: want the same node for every layer of the image", fetchers)
+			}
+		}
 	}
 }

@@ -345,7 +345,7 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 	if errors.Is(err, mirror.ErrNoSource) && r.claims != nil {
 		// Nobody has it: if other nodes miss it right now too, one of them
 		// fetches it upstream and the rest stream it from that one.
-		if leader, follow := r.claims.Decide(ctx, oreq.Digest.String()); follow {
+		if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), oreq.Registry+"/"+oreq.Repository); follow {
 			r.follows.add(oreq.Digest, 1)
 			bs, err = r.mirror.OpenBlobFrom(ctx, oreq, leader, followWait)
 			r.follows.add(oreq.Digest, -1)
