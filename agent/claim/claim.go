@@ -101,6 +101,13 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 	if best.IsValid() {
 		return best, true
 	}
+	if len(others) > 0 {
+		// Listing the claims took a while on a busy node: a node that
+		// decided meanwhile is followed, as a late node would.
+		if f, ok := d.fetcher(ctx, key, group); ok {
+			return f, true
+		}
+	}
 	d.claim(ctx, routing.Fetch, key)
 	if len(others) > 0 {
 		// On a busy node a claim can miss the settle window, and a node

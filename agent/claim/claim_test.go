@@ -189,3 +189,57 @@ func TestOneFetcherPerImage(t *testing.T) {
 		}
 	}
 }
+
+// slowWants answers want listings late, as a busy node's DHT does.
+type slowWants struct {
+	routing.Claims
+	delay time.Duration
+}
+
+func (s slowWants) Claimants(ctx context.Context, kind routing.ClaimKind, key string) ([]routing.Claimant, error) {
+	if kind == routing.Want {
+		time.Sleep(s.delay)
+	}
+	return s.Claims.Claimants(ctx, kind, key)
+}
+
+// A node whose listing of the claims is slow follows a node that decided
+// to fetch meanwhile, even one of lower score, instead of fetching too.
+func TestSlowNodeFollowsAFetcherThatDecidedMeanwhile(t *testing.T) {
+	addrs := []netip.AddrPort{
+		netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("10.0.0.3:1"),
+	}
+	// A group in which node 1 outranks node 2, which outranks node 3.
+	group := ""
+	for i := 0; group == ""; i++ {
+		g := "registry.example/app" + string(rune('a'+i%26)) + string(rune(i))
+		s1, s2, s3 := string(score(g, addrs[0].String())), string(score(g, addrs[1].String())), string(score(g, addrs[2].String()))
+		if s1 > s2 && s2 > s3 {
+			group = g
+		}
+	}
+	rs := routing.NewMemory(addrs...)
+	key := "sha256:layer"
+	if err := rs[2].Claim(context.Background(), routing.Want, key); err != nil {
+		t.Fatal(err)
+	}
+	settle := 50 * time.Millisecond
+	var leader netip.AddrPort
+	var follow1, follow2 bool
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		leader, follow1 = New(slowWants{rs[0], 100 * time.Millisecond}, settle, nil).Decide(context.Background(), key, group)
+	})
+	wg.Go(func() {
+		// Node 2 misses node 1's want claim and decides while node 1 lists.
+		time.Sleep(80 * time.Millisecond)
+		_, follow2 = New(splitView{rs[1], addrs[0].String(), time.Now().Add(time.Hour)}, settle, nil).Decide(context.Background(), key, group)
+	})
+	wg.Wait()
+	if follow2 {
+		t.Fatal("node 2 follows: the test did not set up two fetchers")
+	}
+	if !follow1 || leader != addrs[1] {
+		t.Errorf("node 1 follows %v (%s); want it to follow node 2, which fetches", follow1, leader)
+	}
+}
