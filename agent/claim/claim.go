@@ -16,8 +16,10 @@
 // On a busy node claims can miss the settle window, so two nodes that did
 // not see each other may both pick themselves: each fetcher looks at the
 // fetch claims once more a settle window later, and yields to one of
-// higher score. A node follows only a node of higher score (or a fetcher
-// that nobody it saw outranks), so no two nodes wait on each other.
+// higher score; and a node that listed the claims slowly follows a node
+// that announced it fetches meanwhile. A node follows one of higher score
+// or one that announced it fetches, and a node that announced it follows
+// only another that did, of higher score: no two nodes wait on each other.
 // The failure cases, each bounded:
 //   - Claims that do not reach each other even in the second look make two
 //     nodes fetch: two upstream fetches, no failed pull.

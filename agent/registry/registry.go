@@ -54,9 +54,10 @@ type Registry struct {
 // to follow. Such a blob is not advertised yet (the node has no source
 // until the first bytes come), but a node whose view of the claimants
 // differed may have picked this one: it is served in flight from here as
-// it arrives, instead of a 404 that would send it upstream. Rendezvous
-// scores order the nodes, and a node only follows one that scores above
-// it, so these waits form no cycle.
+// it arrives, instead of a 404 that would send it upstream. A node follows
+// one of higher score or one that announced it fetches, and a node that
+// announced it follows only another that did, of higher score, so these
+// waits form no cycle (see agent/claim).
 type following struct {
 	mu sync.Mutex
 	n  map[digest.Digest]int
