@@ -12,20 +12,18 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-
-	"github.com/fleetmirror/fleetmirror/agent/routing"
 )
 
 // lateLeader answers like a peer serving a blob in flight whose own
 // containerd has not received a byte yet: nothing, headers included, until
 // release is closed, then the whole blob. It counts the requests it got.
-func lateLeader(t *testing.T, blob []byte, release <-chan struct{}, wantWait bool) (netip.AddrPort, *atomic.Int32) {
+func lateLeader(t *testing.T, blob []byte, release <-chan struct{}) (netip.AddrPort, *atomic.Int32) {
 	t.Helper()
 	var asked atomic.Int32
 	good := newPeer(t, blob, good, 0)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		asked.Add(1)
-		if wantWait && r.Header.Get(WaitHeader) == "" {
+		if r.Header.Get(WaitHeader) == "" {
 			t.Errorf("the node followed was asked without %s", WaitHeader)
 		}
 		select {
@@ -52,7 +50,7 @@ func shortHeaders() *http.Client {
 func TestFollowerWaitsForItsLeadersFirstBytes(t *testing.T) {
 	blob := randomBlob(t, WholeBelow+1<<20)
 	release := make(chan struct{})
-	leader, _ := lateLeader(t, blob, release, true)
+	leader, _ := lateLeader(t, blob, release)
 	// Another node in flight, as empty-handed: it must not be asked.
 	other := newPeer(t, blob, stall, 0)
 	m := newMirror(t, digest.FromBytes(blob).String(), []*testPeer{other},
@@ -84,7 +82,7 @@ func TestFollowerWaitsForItsLeadersFirstBytes(t *testing.T) {
 func TestFollowerGoesUpstreamWhenItsLeaderFails(t *testing.T) {
 	blob := randomBlob(t, WholeBelow+1<<20)
 	never := make(chan struct{})
-	silent, asked := lateLeader(t, blob, never, true)
+	silent, asked := lateLeader(t, blob, never)
 	refusing := httptest.NewServer(http.NotFoundHandler())
 	t.Cleanup(refusing.Close)
 	for _, tt := range []struct {
@@ -114,28 +112,5 @@ func TestFollowerGoesUpstreamWhenItsLeaderFails(t *testing.T) {
 	}
 	if asked.Load() != 1 {
 		t.Errorf("the silent leader was asked %d times, want once", asked.Load())
-	}
-}
-
-// A peer a lookup finds may serve the blob in flight before its own
-// containerd got a byte (a burst's last layer starts seconds late on
-// containerd 2.x): it is waited for up to the follow wait, not the short
-// header timeout of manifests and HEADs.
-func TestStreamWaitsForAPeerInFlight(t *testing.T) {
-	blob := randomBlob(t, WholeBelow+1<<20)
-	release := make(chan struct{})
-	holder, _ := lateLeader(t, blob, release, false)
-	rs := routing.NewMemory(netip.MustParseAddrPort("127.0.0.1:1"), holder)
-	if err := rs[1].Advertise(context.Background(), []string{digest.FromBytes(blob).String()}); err != nil {
-		t.Fatal(err)
-	}
-	m, err := New(rs[0], WithHTTPClient(shortHeaders()), WithFollowWait(10*time.Second), WithResolveTimeout(50*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	time.AfterFunc(500*time.Millisecond, func() { close(release) })
-	s, _ := openStream(t, m, blob)
-	if got, err := readAll(t, s); err != nil || !bytes.Equal(got, blob) {
-		t.Fatalf("read %d bytes, err %v; want the blob", len(got), err)
 	}
 }

@@ -40,16 +40,15 @@ const WaitHeader = "X-Fleetmirror-Wait"
 // MaxWait bounds what WaitHeader may ask for.
 const MaxWait = 5 * time.Second
 
-// FollowWait is how long a node waits for the headers of a blob from a
-// peer, which a peer serving a blob in flight sends with its first bytes:
-// the node fetching a burst's image must first get them from upstream, and
-// on containerd 2.x the last layer of an image only starts once another
-// has finished (3 requests at a time), seconds later; with the 5 s peer
-// header timeout, followers gave up on it and went upstream too.
-// containerd itself waits minutes for progress (image_pull_progress_timeout),
-// so this stays well inside it; a peer that is gone fails at once
-// (connection refused or reset), and one that stalls mid-blob is left
-// after the stall timeout.
+// FollowWait is how long a node waits for the first bytes of the node it
+// agreed to follow (see agent/claim), which sends its headers with them:
+// that node's containerd must first get them from upstream, and on
+// containerd 2.x the last layer of an image only starts once another has
+// finished (3 requests at a time), seconds later; with the 5 s peer header
+// timeout, followers gave up on it and went upstream too. containerd
+// itself waits minutes for progress (image_pull_progress_timeout), so this
+// stays well inside it; a node that is gone fails at once (connection
+// refused or reset). Other peers keep the short header timeout.
 const FollowWait = 20 * time.Second
 
 // ErrNoSource means no peer could serve the content; the registry answers
@@ -78,7 +77,7 @@ func checkSize(n int64) error {
 type Mirror struct {
 	router         routing.Router
 	client         *http.Client
-	blobClient     *http.Client // client with the header timeout at followWait
+	followClient   *http.Client // client with the header timeout at followWait
 	followWait     time.Duration
 	resolveTimeout time.Duration
 	peers          int
@@ -107,8 +106,8 @@ const StallTimeout = 5 * time.Second
 // it is abandoned for the next one.
 func WithStallTimeout(d time.Duration) Option { return func(m *Mirror) { m.stallTimeout = d } }
 
-// WithFollowWait sets how long a node waits for the headers of a blob from
-// a peer (FollowWait by default).
+// WithFollowWait sets how long a node waits for the first bytes of the
+// node it agreed to follow (FollowWait by default).
 func WithFollowWait(d time.Duration) Option { return func(m *Mirror) { m.followWait = d } }
 
 // WithMetrics records fetches in m.
@@ -162,14 +161,14 @@ func New(router routing.Router, opts ...Option) (*Mirror, error) {
 	if m.followWait <= 0 {
 		return nil, fmt.Errorf("mirror: follow wait must be positive, got %s", m.followWait)
 	}
-	// A peer serving a blob in flight answers its headers with its first
-	// bytes; only blob GETs wait longer for them, manifests and HEADs keep
-	// the short header timeout.
-	m.blobClient = m.client
+	// The node followed answers its headers with its first bytes; only
+	// that request waits longer for them, every other keeps the short
+	// header timeout, so that a peer that hangs costs no more than before.
+	m.followClient = m.client
 	if t, ok := m.client.Transport.(*http.Transport); ok {
-		bt := t.Clone()
-		bt.ResponseHeaderTimeout = m.followWait
-		m.blobClient = &http.Client{Transport: bt, CheckRedirect: m.client.CheckRedirect, Jar: m.client.Jar, Timeout: m.client.Timeout}
+		ft := t.Clone()
+		ft.ResponseHeaderTimeout = m.followWait
+		m.followClient = &http.Client{Transport: ft, CheckRedirect: m.client.CheckRedirect, Jar: m.client.Jar, Timeout: m.client.Timeout}
 	}
 	return m, nil
 }
@@ -416,11 +415,9 @@ func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oc
 		hr.Header.Set("Range", rng)
 	}
 	client := m.client
-	if method == http.MethodGet && kind == "blobs" {
-		client = m.blobClient
-	}
 	if wait > 0 {
 		hr.Header.Set(WaitHeader, wait.String())
+		client = m.followClient
 	}
 	proof := "1"
 	if m.key != nil {

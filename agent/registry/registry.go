@@ -419,6 +419,11 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 		return false
 	}
 	defer g.Close()
+	if wait <= 0 {
+		// Only a node that agreed to follow this one waits for its first
+		// bytes longer than the stall timeout.
+		g.Impatient()
+	}
 	r.log.Debug("serving a blob in flight", "digest", oreq.Digest, "offset", off, "file", g.Name())
 	setHeaders(w, ocispec.Descriptor{Digest: oreq.Digest}, oci.KindBlob)
 	w.Header().Set(SourceHeader, "in-flight")

@@ -65,6 +65,11 @@ func (g *Growing) Size() int64 { return g.total }
 // Name is the file read, for logs.
 func (g *Growing) Name() string { return g.f.Name() }
 
+// Impatient makes the reader wait for the first byte no longer than for
+// any other: for a reader that did not agree to wait for this node (a
+// stale empty ingest then costs it the stall timeout, not FirstByteWait).
+func (g *Growing) Impatient() { g.first = g.stall }
+
 // Open finds dgst and positions the reader at off. With wait > 0 it waits
 // that long for the ingest to appear (a peer that agreed to fetch a blob is
 // asked before its containerd has started). ErrNotFound when there is none.
