@@ -9,16 +9,24 @@
 // costs the quiet window only. If others want it too, it is a burst: it
 // waits out the settle window for the rest to claim, follows a fetcher if
 // one appeared meanwhile, and else picks among the claimants the one with
-// the highest rendezvous score of blob and node, as every node that sees
-// the same claimants does. The fetcher announces that it fetches ("fetch"
+// the highest rendezvous score of image (the blob's repository) and node,
+// as every node that sees the same claimants does: one node fetches all
+// layers of an image (see Decide for why). The fetcher announces that it fetches ("fetch"
 // claim), so nodes that come later follow it.
+// On a busy node claims can miss the settle window, so two nodes that did
+// not see each other may both pick themselves: each fetcher looks at the
+// fetch claims once more a settle window later, and yields to one of
+// higher score; and a node that listed the claims slowly follows a node
+// that announced it fetches meanwhile. A node follows one of higher score
+// or one that announced it fetches, and a node that announced it follows
+// only another that did, of higher score: no two nodes wait on each other.
 // The failure cases, each bounded:
-//   - Claims that do not reach each other in time (a busy node) make two
+//   - Claims that do not reach each other even in the second look make two
 //     nodes fetch: two upstream fetches, no failed pull.
-//   - Two nodes that each pick the other wait for each other's blob in
-//     flight, up to the follower's wait, then both fetch upstream.
-//   - The chosen node dies, stalls or is slow: its followers' streams stall
-//     and they fall back to another source or upstream (agent/mirror).
+//   - The chosen node dies, stalls or is slow: its followers wait for its
+//     first bytes up to mirror.FollowWait and go upstream; once bytes flow,
+//     a stream that stalls falls back to another source or upstream
+//     (agent/mirror).
 package claim
 
 import (
@@ -51,14 +59,27 @@ func New(claims routing.Claims, settle time.Duration, log *slog.Logger) *Decider
 // stream it from, or false when this node should fetch it itself. It takes
 // the quiet window when nobody else wants the key, and the settle window
 // (and one more to list claims) in a burst.
-func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool) {
+//
+// Claimants are ranked by their score for group, not for key: the blobs of
+// one image (group names its repository) get the same fetcher, and other
+// images other ones. A fetcher per blob would deadlock a burst on
+// containerd 2.x: its pull holds at most 3 requests (max_concurrent_downloads)
+// and lets go of one between the mirror's 404 and the upstream request, so
+// a queued request for another layer takes it, to wait on another node; a
+// node fetching one layer then holds all its slots waiting on nodes that
+// fetch the others, and they on it, until the follow waits run out. A node
+// that fetches every layer of an image never waits on another node.
+func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort, bool) {
+	if group == "" {
+		group = key
+	}
 	start := time.Now()
 	d.claim(ctx, routing.Want, key)
 	quiet := d.settle / 5
 	if !sleep(ctx, time.Until(start.Add(quiet))) {
 		return netip.AddrPort{}, false
 	}
-	if f, ok := d.fetcher(ctx, key); ok {
+	if f, ok := d.fetcher(ctx, key, group); ok {
 		return f, true
 	}
 	others := d.list(ctx, routing.Want, key)
@@ -67,14 +88,14 @@ func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool)
 		if !sleep(ctx, time.Until(start.Add(d.settle))) {
 			return netip.AddrPort{}, false
 		}
-		if f, ok := d.fetcher(ctx, key); ok {
+		if f, ok := d.fetcher(ctx, key, group); ok {
 			return f, true
 		}
 		others = d.list(ctx, routing.Want, key)
 	}
-	best, bestScore := netip.AddrPort{}, score(key, d.claims.Self())
+	best, bestScore := netip.AddrPort{}, score(group, d.claims.Self())
 	for _, c := range others {
-		if s := score(key, c.ID); bytes.Compare(s, bestScore) > 0 {
+		if s := score(group, c.ID); bytes.Compare(s, bestScore) > 0 {
 			best, bestScore = c.Addr, s
 		}
 	}
@@ -82,24 +103,52 @@ func (d *Decider) Decide(ctx context.Context, key string) (netip.AddrPort, bool)
 	if best.IsValid() {
 		return best, true
 	}
+	if len(others) > 0 {
+		// Listing the claims took a while on a busy node: a node that
+		// decided meanwhile is followed, as a late node would.
+		if f, ok := d.fetcher(ctx, key, group); ok {
+			return f, true
+		}
+	}
 	d.claim(ctx, routing.Fetch, key)
+	if len(others) > 0 {
+		// On a busy node a claim can miss the settle window, and a node
+		// that did not see a better claimant picks itself: in 20-node
+		// bursts half the layers had two fetchers. Each fetcher looks once
+		// more; the one of the highest score stays, the others follow it,
+		// as nodes that come later do. It costs a burst's fetcher one more
+		// settle window before its containerd goes upstream.
+		if sleep(ctx, d.settle) {
+			if f, ok := d.best(ctx, routing.Fetch, key, group); ok && bytes.Compare(score(group, f.ID), bestScore) > 0 {
+				d.log.Debug("claim yielded to a fetcher of higher score", "key", key, "follow", f.Addr.String(), "took", time.Since(start))
+				return f.Addr, true
+			}
+		}
+	}
 	return netip.AddrPort{}, false
 }
 
 // fetcher is the node that announced it fetches key, if any; of several,
 // the one every node picks.
-func (d *Decider) fetcher(ctx context.Context, key string) (netip.AddrPort, bool) {
-	fs := d.list(ctx, routing.Fetch, key)
+func (d *Decider) fetcher(ctx context.Context, key, group string) (netip.AddrPort, bool) {
+	f, ok := d.best(ctx, routing.Fetch, key, group)
+	return f.Addr, ok
+}
+
+// best is the other claimant of the kind on key with the highest score
+// for group.
+func (d *Decider) best(ctx context.Context, kind routing.ClaimKind, key, group string) (routing.Claimant, bool) {
+	fs := d.list(ctx, kind, key)
 	if len(fs) == 0 {
-		return netip.AddrPort{}, false
+		return routing.Claimant{}, false
 	}
 	best := fs[0]
 	for _, f := range fs[1:] {
-		if bytes.Compare(score(key, f.ID), score(key, best.ID)) > 0 {
+		if bytes.Compare(score(group, f.ID), score(group, best.ID)) > 0 {
 			best = f
 		}
 	}
-	return best.Addr, true
+	return best, true
 }
 
 func (d *Decider) claim(ctx context.Context, kind routing.ClaimKind, key string) {
@@ -129,7 +178,7 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// score is a node's rendezvous score for key: every node computes the
+// score is a node's rendezvous score for a group: every node computes the
 // same order of the same claimants.
 func score(key, id string) []byte {
 	h := sha256.Sum256([]byte(key + "\x00" + id))

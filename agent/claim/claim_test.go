@@ -25,7 +25,7 @@ func TestDecide(t *testing.T) {
 		for i := range n {
 			wg.Go(func() {
 				d := New(rs[i], 50*time.Millisecond, nil)
-				leader, follow := d.Decide(context.Background(), "sha256:abc")
+				leader, follow := d.Decide(context.Background(), "sha256:abc", "")
 				follows[i], fetches[i] = leader, !follow
 			})
 		}
@@ -50,8 +50,8 @@ func TestDecide(t *testing.T) {
 	}
 }
 
-// The score orders nodes the same way for everyone and differently per key,
-// so one node does not fetch every blob of a burst.
+// The score orders nodes the same way for everyone and differently per
+// image, so one node does not fetch every image of a burst.
 func TestScoreSpreadsKeys(t *testing.T) {
 	ids := []string{"a", "b", "c", "d"}
 	wins := map[string]int{}
@@ -78,14 +78,168 @@ func TestLateNodeFollowsTheFetcher(t *testing.T) {
 	a := netip.MustParseAddrPort("10.0.0.1:1")
 	rs := routing.NewMemory(a, netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("10.0.0.3:1"))
 	for _, key := range []string{"sha256:a", "sha256:b", "sha256:c", "sha256:d"} {
-		if _, follow := New(rs[0], 50*time.Millisecond, nil).Decide(context.Background(), key); follow {
+		if _, follow := New(rs[0], 50*time.Millisecond, nil).Decide(context.Background(), key, ""); follow {
 			t.Fatalf("%s: a lone node follows someone", key)
 		}
 		for _, r := range rs[1:] {
-			leader, follow := New(r, 50*time.Millisecond, nil).Decide(context.Background(), key)
+			leader, follow := New(r, 50*time.Millisecond, nil).Decide(context.Background(), key, "")
 			if !follow || leader != a {
 				t.Errorf("%s: a late node follows %v (%v), want the fetcher %s", key, leader, follow, a)
 			}
 		}
+	}
+}
+
+// splitView hides one node's claims from this node until a moment, as
+// claims that miss the settle window on a busy node arrive late.
+type splitView struct {
+	routing.Claims
+	hide  string
+	until time.Time
+}
+
+func (s splitView) Claimants(ctx context.Context, kind routing.ClaimKind, key string) ([]routing.Claimant, error) {
+	cs, err := s.Claims.Claimants(ctx, kind, key)
+	if time.Now().After(s.until) {
+		return cs, err
+	}
+	var out []routing.Claimant
+	for _, c := range cs {
+		if c.ID != s.hide {
+			out = append(out, c)
+		}
+	}
+	return out, err
+}
+
+// Two nodes of a burst that did not see each other's want claims both pick
+// themselves; the second look at the fetch claims leaves one fetcher (the
+// one of the higher score, or the one that announced first if the other
+// saw it in time), and the other follows it.
+func TestSplitViewsLeaveOneFetcher(t *testing.T) {
+	addrs := []netip.AddrPort{
+		netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("10.0.0.3:1"),
+	}
+	// A key for which nodes 1 and 2 both outrank node 3, so each of them
+	// picks itself when it does not see the other.
+	key := ""
+	for i := 0; key == ""; i++ {
+		k := "sha256:" + string(rune('a'+i%26)) + string(rune(i))
+		s3 := string(score(k, addrs[2].String()))
+		if string(score(k, addrs[0].String())) > s3 && string(score(k, addrs[1].String())) > s3 {
+			key = k
+		}
+	}
+	rs := routing.NewMemory(addrs...)
+	// Node 3 wants it too: a burst.
+	if err := rs[2].Claim(context.Background(), routing.Want, key); err != nil {
+		t.Fatal(err)
+	}
+	// Each sees the other's claims only after both decided (a settle
+	// window), before the second look (two).
+	settle := 50 * time.Millisecond
+	until := time.Now().Add(settle * 3 / 2)
+	views := []routing.Claims{splitView{rs[0], addrs[1].String(), until}, splitView{rs[1], addrs[0].String(), until}}
+	leaders := make([]netip.AddrPort, 2)
+	follows := make([]bool, 2)
+	var wg sync.WaitGroup
+	for i, v := range views {
+		wg.Go(func() { leaders[i], follows[i] = New(v, settle, nil).Decide(context.Background(), key, "") })
+	}
+	wg.Wait()
+	if follows[0] == follows[1] {
+		t.Fatalf("follow %v: want exactly one of the two to fetch", follows)
+	}
+	fetcher, follower := 0, 1
+	if follows[0] {
+		fetcher, follower = 1, 0
+	}
+	if leaders[follower] != addrs[fetcher] {
+		t.Errorf("node %d follows %s, want the fetcher, node %d", follower+1, leaders[follower], fetcher+1)
+	}
+}
+
+// The nodes of a burst that miss the layers of one image at once agree on
+// one fetcher for all of them: a fetcher per layer deadlocks containerd
+// 2.x's pull slots (see Decide).
+func TestOneFetcherPerImage(t *testing.T) {
+	var addrs []netip.AddrPort
+	for i := range 5 {
+		addrs = append(addrs, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)))
+	}
+	rs := routing.NewMemory(addrs...)
+	layers := []string{"sha256:l1", "sha256:l2", "sha256:l3", "sha256:l4"}
+	fetchers := make([][]bool, len(layers))
+	var wg sync.WaitGroup
+	for l, key := range layers {
+		fetchers[l] = make([]bool, len(addrs))
+		for i := range addrs {
+			wg.Go(func() {
+				_, follow := New(rs[i], 50*time.Millisecond, nil).Decide(context.Background(), key, "registry.example/team/app")
+				fetchers[l][i] = !follow
+			})
+		}
+	}
+	wg.Wait()
+	for l := range layers {
+		for i := range addrs {
+			if fetchers[l][i] != fetchers[0][i] {
+				t.Fatalf("fetchers per layer %v: want the same node for every layer of the image", fetchers)
+			}
+		}
+	}
+}
+
+// slowWants answers want listings late, as a busy node's DHT does.
+type slowWants struct {
+	routing.Claims
+	delay time.Duration
+}
+
+func (s slowWants) Claimants(ctx context.Context, kind routing.ClaimKind, key string) ([]routing.Claimant, error) {
+	if kind == routing.Want {
+		time.Sleep(s.delay)
+	}
+	return s.Claims.Claimants(ctx, kind, key)
+}
+
+// A node whose listing of the claims is slow follows a node that decided
+// to fetch meanwhile, even one of lower score, instead of fetching too.
+func TestSlowNodeFollowsAFetcherThatDecidedMeanwhile(t *testing.T) {
+	addrs := []netip.AddrPort{
+		netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("10.0.0.3:1"),
+	}
+	// A group in which node 1 outranks node 2, which outranks node 3.
+	group := ""
+	for i := 0; group == ""; i++ {
+		g := "registry.example/app" + string(rune('a'+i%26)) + string(rune(i))
+		s1, s2, s3 := string(score(g, addrs[0].String())), string(score(g, addrs[1].String())), string(score(g, addrs[2].String()))
+		if s1 > s2 && s2 > s3 {
+			group = g
+		}
+	}
+	rs := routing.NewMemory(addrs...)
+	key := "sha256:layer"
+	if err := rs[2].Claim(context.Background(), routing.Want, key); err != nil {
+		t.Fatal(err)
+	}
+	settle := 50 * time.Millisecond
+	var leader netip.AddrPort
+	var follow1, follow2 bool
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		leader, follow1 = New(slowWants{rs[0], 100 * time.Millisecond}, settle, nil).Decide(context.Background(), key, group)
+	})
+	wg.Go(func() {
+		// Node 2 misses node 1's want claim and decides while node 1 lists.
+		time.Sleep(80 * time.Millisecond)
+		_, follow2 = New(splitView{rs[1], addrs[0].String(), time.Now().Add(time.Hour)}, settle, nil).Decide(context.Background(), key, group)
+	})
+	wg.Wait()
+	if follow2 {
+		t.Fatal("node 2 follows: the test did not set up two fetchers")
+	}
+	if !follow1 || leader != addrs[1] {
+		t.Errorf("node 1 follows %v (%s); want it to follow node 2, which fetches", follow1, leader)
 	}
 }

@@ -40,6 +40,17 @@ const WaitHeader = "X-Fleetmirror-Wait"
 // MaxWait bounds what WaitHeader may ask for.
 const MaxWait = 5 * time.Second
 
+// FollowWait is how long a node waits for the first bytes of the node it
+// agreed to follow (see agent/claim), which sends its headers with them:
+// that node's containerd must first get them from upstream, and on
+// containerd 2.x the last layer of an image only starts once another has
+// finished (3 requests at a time), seconds later; with the 5 s peer header
+// timeout, followers gave up on it and went upstream too. containerd
+// itself waits minutes for progress (image_pull_progress_timeout), so this
+// stays well inside it; a node that is gone fails at once (connection
+// refused or reset). Other peers keep the short header timeout.
+const FollowWait = 20 * time.Second
+
 // ErrNoSource means no peer could serve the content; the registry answers
 // 404 and containerd goes to the next host.
 var ErrNoSource = errors.New("no peer could serve it")
@@ -66,6 +77,8 @@ func checkSize(n int64) error {
 type Mirror struct {
 	router         routing.Router
 	client         *http.Client
+	followClient   *http.Client // client with the header timeout at followWait
+	followWait     time.Duration
 	resolveTimeout time.Duration
 	peers          int
 	stallTimeout   time.Duration
@@ -93,6 +106,10 @@ const StallTimeout = 5 * time.Second
 // it is abandoned for the next one.
 func WithStallTimeout(d time.Duration) Option { return func(m *Mirror) { m.stallTimeout = d } }
 
+// WithFollowWait sets how long a node waits for the first bytes of the
+// node it agreed to follow (FollowWait by default).
+func WithFollowWait(d time.Duration) Option { return func(m *Mirror) { m.followWait = d } }
+
 // WithMetrics records fetches in m.
 func WithMetrics(mt *metrics.Metrics) Option { return func(m *Mirror) { m.metrics = mt } }
 
@@ -117,6 +134,7 @@ func New(router routing.Router, opts ...Option) (*Mirror, error) {
 		resolveTimeout: 20 * time.Millisecond,
 		peers:          3,
 		stallTimeout:   StallTimeout,
+		followWait:     FollowWait,
 		log:            slog.Default(),
 		hints:          newHints(),
 		bad:            newBadPeers(),
@@ -139,6 +157,18 @@ func New(router routing.Router, opts ...Option) (*Mirror, error) {
 	}
 	if m.peers < 1 {
 		return nil, fmt.Errorf("mirror: peers to try must be at least 1, got %d", m.peers)
+	}
+	if m.followWait <= 0 {
+		return nil, fmt.Errorf("mirror: follow wait must be positive, got %s", m.followWait)
+	}
+	// The node followed answers its headers with its first bytes; only
+	// that request waits longer for them, every other keeps the short
+	// header timeout, so that a peer that hangs costs no more than before.
+	m.followClient = m.client
+	if t, ok := m.client.Transport.(*http.Transport); ok {
+		ft := t.Clone()
+		ft.ResponseHeaderTimeout = m.followWait
+		m.followClient = &http.Client{Transport: ft, CheckRedirect: m.client.CheckRedirect, Jar: m.client.Jar, Timeout: m.client.Timeout}
 	}
 	return m, nil
 }
@@ -384,8 +414,10 @@ func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oc
 	if rng != "" {
 		hr.Header.Set("Range", rng)
 	}
+	client := m.client
 	if wait > 0 {
 		hr.Header.Set(WaitHeader, wait.String())
+		client = m.followClient
 	}
 	proof := "1"
 	if m.key != nil {
@@ -393,7 +425,7 @@ func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oc
 	} else {
 		hr.Header.Set(PeerHeader, proof)
 	}
-	resp, err := m.client.Do(hr)
+	resp, err := client.Do(hr)
 	if err != nil {
 		m.fail("connect")
 		return nil, err

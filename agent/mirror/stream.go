@@ -75,9 +75,13 @@ func (m *Mirror) OpenBlob(ctx context.Context, req oci.Request) (*BlobStream, er
 	return m.open(ctx, req, netip.AddrPort{}, 0)
 }
 
-// OpenBlobFrom is OpenBlob asking first, waiting up to wait, a peer that
-// agreed to fetch the blob and may not have started yet (see agent/claim);
-// the peers a lookup finds are the fallback.
+// OpenBlobFrom opens the blob from the peer that agreed to fetch it (see
+// agent/claim), asking it to wait up to wait for the blob to appear in
+// flight, and waiting up to the follow wait for its first bytes. If that
+// peer fails before its first byte, it returns ErrNoSource at once, for
+// upstream: the other peers in flight are followers of the same node, as
+// empty-handed, and trying each in turn would only add their timeouts.
+// Once bytes flow, a peer that breaks off is resumed from the others.
 func (m *Mirror) OpenBlobFrom(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
 	return m.open(ctx, req, first, min(wait, MaxWait))
 }
@@ -99,6 +103,9 @@ func (m *Mirror) open(ctx context.Context, req oci.Request, first netip.AddrPort
 	for ; ok; p, ok = s.next() {
 		if err := s.connect(p); err != nil {
 			m.log.WarnContext(ctx, "peer failed to serve blob", "peer", p.String(), "digest", req.Digest, "err", err)
+			if p == first {
+				break
+			}
 			continue
 		}
 		if s.Descriptor.Size >= WholeBelow {

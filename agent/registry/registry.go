@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -46,11 +47,44 @@ type Registry struct {
 	claims  *claim.Decider
 	policy  *policy.Policy
 	limit   *limiter
+	follows following
 }
 
-// followWait is how long a node that agreed to follow another waits for it
-// to start: well inside containerd's patience, and the fallback is upstream.
-const followWait = 3 * time.Second
+// following counts the blobs this node waits for from the node it agreed
+// to follow. Such a blob is not advertised yet (the node has no source
+// until the first bytes come), but a node whose view of the claimants
+// differed may have picked this one: it is served in flight from here as
+// it arrives, instead of a 404 that would send it upstream. A node follows
+// one of higher score or one that announced it fetches, and a node that
+// announced it follows only another that did, of higher score, so these
+// waits form no cycle (see agent/claim).
+type following struct {
+	mu sync.Mutex
+	n  map[digest.Digest]int
+}
+
+func (f *following) add(d digest.Digest, delta int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.n == nil {
+		f.n = map[digest.Digest]int{}
+	}
+	if f.n[d] += delta; f.n[d] <= 0 {
+		delete(f.n, d)
+	}
+}
+
+func (f *following) has(d digest.Digest) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.n[d] > 0
+}
+
+// followWait is how long a node that agreed to follow another asks it to
+// wait for the blob to appear in flight: nodes decide at different moments
+// on a busy machine (up to a second apart in a 20-node burst), and the
+// fallback is upstream. The wait for its first bytes is mirror.FollowWait.
+const followWait = mirror.MaxWait
 
 // WithClaims makes nodes that miss a blob at the same moment agree on one
 // of them fetching it upstream (see agent/claim).
@@ -312,8 +346,10 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 	if errors.Is(err, mirror.ErrNoSource) && r.claims != nil {
 		// Nobody has it: if other nodes miss it right now too, one of them
 		// fetches it upstream and the rest stream it from that one.
-		if leader, follow := r.claims.Decide(ctx, oreq.Digest.String()); follow {
+		if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), oreq.Registry+"/"+oreq.Repository); follow {
+			r.follows.add(oreq.Digest, 1)
 			bs, err = r.mirror.OpenBlobFrom(ctx, oreq, leader, followWait)
+			r.follows.add(oreq.Digest, -1)
 		}
 	}
 	// Whether from peers or, after the 404, from upstream, containerd is
@@ -367,7 +403,7 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	wait, _ := time.ParseDuration(req.Header.Get(mirror.WaitHeader))
 	deadline := time.Now().Add(min(max(wait, 0), mirror.MaxWait))
 	// A node that follows this one may ask before this one decided to fetch.
-	for !r.held.Holding(oreq.Digest.String()) {
+	for !r.held.Holding(oreq.Digest.String()) && !r.follows.has(oreq.Digest) {
 		if time.Now().After(deadline) {
 			return false
 		}
@@ -383,6 +419,12 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 		return false
 	}
 	defer g.Close()
+	if wait <= 0 {
+		// Only a node that agreed to follow this one waits for its first
+		// bytes longer than the stall timeout.
+		g.Impatient()
+	}
+	r.log.Debug("serving a blob in flight", "digest", oreq.Digest, "offset", off, "file", g.Name())
 	setHeaders(w, ocispec.Descriptor{Digest: oreq.Digest}, oci.KindBlob)
 	w.Header().Set(SourceHeader, "in-flight")
 	w.Header().Set("Content-Length", strconv.FormatInt(g.Size()-off, 10))

@@ -27,13 +27,23 @@ import (
 type InFlight struct {
 	dir   string
 	stall time.Duration
+	first time.Duration
 	poll  time.Duration
 }
 
+// FirstByteWait is how long a reader waits for the first byte of an ingest
+// that has none yet: containerd opens it before it asks for the blob, and
+// on a busy node its first bytes from upstream can take seconds longer
+// than the stall timeout. It matches mirror.FollowWait, how long the
+// nodes that wait for this one are patient.
+const FirstByteWait = 20 * time.Second
+
 // NewInFlight reads ingests under contentDir. A reader that reaches the
-// writer's offset waits for more, and gives up after stall without growth.
+// writer's offset waits for more, and gives up after stall without growth,
+// or after the longer of stall and FirstByteWait while the ingest is
+// still empty.
 func NewInFlight(contentDir string, stall time.Duration) *InFlight {
-	return &InFlight{dir: contentDir, stall: stall, poll: 5 * time.Millisecond}
+	return &InFlight{dir: contentDir, stall: stall, first: max(stall, FirstByteWait), poll: 5 * time.Millisecond}
 }
 
 // Growing is a blob being written, read from an offset on. Reads wait for
@@ -44,12 +54,21 @@ type Growing struct {
 	total int64
 	off   int64
 	stall time.Duration
+	first time.Duration // the stall timeout while the ingest is empty
 	poll  time.Duration
 	ctx   context.Context
 }
 
 // Size is the blob's full size.
 func (g *Growing) Size() int64 { return g.total }
+
+// Name is the file read, for logs.
+func (g *Growing) Name() string { return g.f.Name() }
+
+// Impatient makes the reader wait for the first byte no longer than for
+// any other: for a reader that did not agree to wait for this node (a
+// stale empty ingest then costs it the stall timeout, not FirstByteWait).
+func (g *Growing) Impatient() { g.first = g.stall }
 
 // Open finds dgst and positions the reader at off. With wait > 0 it waits
 // that long for the ingest to appear (a peer that agreed to fetch a blob is
@@ -89,7 +108,7 @@ func (s *InFlight) Writing(dgst digest.Digest) bool {
 }
 
 func (s *InFlight) open(dgst digest.Digest) (*Growing, error) {
-	g := &Growing{stall: s.stall, poll: s.poll}
+	g := &Growing{stall: s.stall, first: s.first, poll: s.poll}
 	// A committed blob the index does not list yet: complete, no waiting.
 	if f, err := os.Open(filepath.Join(s.dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())); err == nil {
 		fi, err := f.Stat()
@@ -148,25 +167,83 @@ func (g *Growing) Read(p []byte) (int, error) {
 		if err != nil && err != io.EOF {
 			return 0, err
 		}
-		// At the writer's offset: wait for it, not forever.
-		if waited >= g.stall {
-			return 0, fmt.Errorf("blob in flight stopped growing at %d of %d bytes for %s", g.off, g.total, g.stall)
-		}
-		if g.dir != "" && waited%(20*g.poll) == 0 {
-			if _, err := os.Stat(g.dir); errors.Is(err, os.ErrNotExist) {
-				// Committed (the file was renamed whole) or abandoned.
-				if fi, err := g.f.Stat(); err == nil && fi.Size() < g.total {
-					return 0, fmt.Errorf("blob in flight was abandoned at %d of %d bytes", fi.Size(), g.total)
-				}
-			}
-		}
-		select {
-		case <-g.ctx.Done():
-			return 0, g.ctx.Err()
-		case <-time.After(g.poll):
-			waited += g.poll
+		if err := g.pause(&waited); err != nil {
+			return 0, err
 		}
 	}
+}
+
+// WriteTo implements io.WriterTo, which io.Copy prefers: what the writer
+// has written so far goes to w in one piece of the file, which a
+// connection's ReadFrom sends with sendfile, instead of 32 KiB reads and
+// writes (a node that fetches for a burst serves every follower so).
+func (g *Growing) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	var waited time.Duration
+	for g.off < g.total {
+		fi, err := g.f.Stat()
+		if err != nil {
+			return total, err
+		}
+		avail := min(fi.Size(), g.total) - g.off
+		if avail <= 0 {
+			if err := g.pause(&waited); err != nil {
+				return total, err
+			}
+			continue
+		}
+		waited = 0
+		if _, err := g.f.Seek(g.off, io.SeekStart); err != nil {
+			return total, err
+		}
+		n, err := io.Copy(w, &io.LimitedReader{R: g.f, N: avail})
+		g.off += n
+		total += n
+		if err != nil {
+			return total, err
+		}
+		if n < avail {
+			return total, io.ErrUnexpectedEOF
+		}
+	}
+	return total, nil
+}
+
+// pause waits one poll at the writer's offset, and fails once the writer
+// stopped for the stall timeout (the first-byte wait while the file is
+// still empty, its writer waiting for its source) or abandoned the blob.
+func (g *Growing) pause(waited *time.Duration) error {
+	limit := g.stall
+	if g.off == 0 {
+		limit = g.first
+	}
+	if *waited >= limit {
+		return fmt.Errorf("blob in flight stopped growing at %d of %d bytes for %s", g.off, g.total, limit)
+	}
+	// A writer that paused for a while is polled ten times less often:
+	// in a burst every follower of a node waits here for that node's
+	// first bytes from upstream, for seconds.
+	step, slow := g.poll, *waited >= 20*g.poll
+	if slow {
+		step = 10 * g.poll
+	}
+	if g.dir != "" && (*waited == 0 || slow) {
+		if _, err := os.Stat(g.dir); errors.Is(err, os.ErrNotExist) {
+			// Committed (the file was renamed whole) or abandoned.
+			if fi, err := g.f.Stat(); err == nil && fi.Size() < g.total {
+				return fmt.Errorf("blob in flight was abandoned at %d of %d bytes", fi.Size(), g.total)
+			}
+		}
+	}
+	t := time.NewTimer(step)
+	defer t.Stop()
+	select {
+	case <-g.ctx.Done():
+		return g.ctx.Err()
+	case <-t.C:
+		*waited += step
+	}
+	return nil
 }
 
 // Close implements io.Closer.

@@ -1,0 +1,122 @@
+package registry
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/store"
+	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
+)
+
+// noHolds is a Holder that holds nothing in flight.
+type noHolds struct{}
+
+func (noHolds) Hold(string)         {}
+func (noHolds) Holding(string) bool { return false }
+
+// A node that waits for the node it agreed to follow has advertised
+// nothing yet, but a node whose view of the claimants picked it instead
+// is served the blob in flight from its containerd's ingest as it
+// arrives, not sent upstream with a 404 (20-node bursts: a third of the
+// upstream fetches). A node that neither holds nor follows the blob still
+// answers 404.
+func TestFollowerServesInFlightWhileItWaits(t *testing.T) {
+	blob := randomBytes(t, 3000)
+	d := digest.FromBytes(blob)
+	dir := t.TempDir()
+	ing := filepath.Join(dir, "ingest", "x")
+	if err := os.MkdirAll(ing, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string][]byte{
+		"ref": []byte("k8s.io/1/layer-" + d.String()), "total": []byte(strconv.Itoa(len(blob))), "data": blob,
+	} {
+		if err := os.WriteFile(filepath.Join(ing, name), body, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, time.Second), noHolds{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(reg)
+	defer srv.Close()
+	url := srv.URL + "/v2/team/app/blobs/" + d.String() + "?ns=example.com"
+	hdr := []string{mirror.PeerHeader, "1", mirror.WaitHeader, "200ms"}
+
+	if resp, _ := get(t, http.MethodGet, url, hdr...); resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("neither holding nor following: status %d, want 404", resp.StatusCode)
+	}
+	reg.follows.add(d, 1)
+	resp, body := get(t, http.MethodGet, url, hdr...)
+	if resp.StatusCode != http.StatusOK || string(body) != string(blob) {
+		t.Fatalf("following: status %d, %d bytes; want 200 and the blob", resp.StatusCode, len(body))
+	}
+	reg.follows.add(d, -1)
+	if reg.follows.has(d) {
+		t.Error("the blob is still counted as followed after the wait ended")
+	}
+}
+
+// A blob in flight whose ingest is still empty: a node that agreed to
+// follow this one (it sends the wait header) waits for its first bytes
+// beyond the stall timeout; any other peer is cut after the stall timeout,
+// as before, so a stale empty ingest cannot hold it for long.
+func TestOnlyFollowersWaitForTheFirstByte(t *testing.T) {
+	blob := randomBytes(t, 3000)
+	d := digest.FromBytes(blob)
+	for _, tt := range []struct {
+		name string
+		hdr  []string
+		ok   bool
+	}{
+		{"follower", []string{mirror.PeerHeader, "1", mirror.WaitHeader, "1s"}, true},
+		{"other peer", []string{mirror.PeerHeader, "1"}, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			ing := filepath.Join(dir, "ingest", "x")
+			if err := os.MkdirAll(ing, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			for name, body := range map[string][]byte{
+				"ref": []byte("k8s.io/1/layer-" + d.String()), "total": []byte(strconv.Itoa(len(blob))), "data": nil,
+			} {
+				if err := os.WriteFile(filepath.Join(ing, name), body, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, 100*time.Millisecond), noHolds{}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			reg.follows.add(d, 1)
+			srv := httptest.NewServer(reg)
+			defer srv.Close()
+			// The writer's bytes come after several stall timeouts.
+			time.AfterFunc(600*time.Millisecond, func() { os.WriteFile(filepath.Join(ing, "data"), blob, 0o644) })
+			req, _ := http.NewRequest(http.MethodGet, srv.URL+"/v2/team/app/blobs/"+d.String()+"?ns=example.com", nil)
+			for i := 0; i+1 < len(tt.hdr); i += 2 {
+				req.Header.Set(tt.hdr[i], tt.hdr[i+1])
+			}
+			resp, err := http.DefaultClient.Do(req)
+			var body []byte
+			if err == nil {
+				body, err = io.ReadAll(resp.Body)
+				resp.Body.Close()
+			}
+			if got := err == nil && string(body) == string(blob); got != tt.ok {
+				t.Errorf("got the blob: %v (err %v), want %v", got, err, tt.ok)
+			}
+		})
+	}
+}
