@@ -428,9 +428,9 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	connected := st.Connected()
 	if c.mirrorAdd {
 		// In the group, so no rewrite outlives the agent's cleanup.
-		rewritten := make(chan struct{}, 1)
+		in, rewritten := connected, make(chan struct{}, 1)
 		g.Go(func() error {
-			c.rewriteHosts(ctx, connected, rewritten, log)
+			c.rewriteHosts(ctx, in, rewritten, log)
 			return nil
 		})
 		connected = rewritten
