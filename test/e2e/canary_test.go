@@ -120,6 +120,32 @@ func canarySuite(t *testing.T, version string) {
 		e.restartAgent(t, n1, true)
 	})
 
+	// The agent writes hosts.toml again when containerd comes back: the
+	// restart after prep migrated a mirror into a folder of its own is
+	// when the agent must join it (agent/hosts keptRegistries).
+	t.Run("hosts.toml written again when containerd restarts", func(t *testing.T) {
+		file := filepath.Join(n1.CertsDir, c.Upstream.Host(), "hosts.toml")
+		written := readFile(t, file)
+		if err := os.Remove(file); err != nil {
+			t.Fatal(err)
+		}
+		if err := n1.RestartContainerd(e.ctx); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			b, err := os.ReadFile(file)
+			if err == nil && string(b) == written {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s not written again within 30 s of containerd's restart: %v", file, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		e.waitCanary(t, n1, "ok", "")
+	})
+
 	t.Run("d/mirror target where nothing listens", func(t *testing.T) {
 		n1.AgentFlags = []string{"--mirror-target=http://127.0.0.1:30029"}
 		e.restartAgent(t, n1, false)
