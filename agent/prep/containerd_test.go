@@ -268,17 +268,7 @@ func testPrep(t *testing.T, bin, config string, link bool) {
 	if err := os.WriteFile(file, []byte(fmt.Sprintf(config, dir)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	u := &unit{bin: bin, dir: dir}
-	if err := u.start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		u.stop()
-		if t.Failed() {
-			t.Logf("containerd log:\n%s", u.logTail())
-		}
-	})
-	waitUp(t, ctx, u)
+	u := startUnit(t, ctx, bin, dir)
 
 	bus := systemdtest.StartBus(t)
 	mgr := systemdtest.Serve(t, bus, map[string]func() error{"containerd.service": u.restart})
@@ -381,6 +371,25 @@ func testPrep(t *testing.T, bin, config string, link bool) {
 	}
 }
 
+// startUnit starts containerd from bin with dir's config.toml, stops it when
+// the test ends (its log then shown if the test failed) and waits until it
+// answers.
+func startUnit(t *testing.T, ctx context.Context, bin, dir string) *unit {
+	t.Helper()
+	u := &unit{bin: bin, dir: dir}
+	if err := u.start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		u.stop()
+		if t.Failed() {
+			t.Logf("containerd log:\n%s", u.logTail())
+		}
+	})
+	waitUp(t, ctx, u)
+	return u
+}
+
 func waitUp(t *testing.T, ctx context.Context, u *unit) {
 	t.Helper()
 	for {
@@ -479,17 +488,7 @@ func testMigrate(t *testing.T, bin, config, mirrors string) {
 	if err := os.WriteFile(cfgPath, []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	u := &unit{bin: bin, dir: dir}
-	if err := u.start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		u.stop()
-		if t.Failed() {
-			t.Logf("containerd log:\n%s", u.logTail())
-		}
-	})
-	waitUp(t, ctx, u)
+	u := startUnit(t, ctx, bin, dir)
 
 	conn, err := grpc.NewClient("unix://"+u.socket(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
