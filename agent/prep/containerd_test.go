@@ -270,13 +270,7 @@ func testPrep(t *testing.T, bin, config string, link bool) {
 	}
 	u := startUnit(t, ctx, bin, dir)
 
-	bus := systemdtest.StartBus(t)
-	mgr := systemdtest.Serve(t, bus, map[string]func() error{"containerd.service": u.restart})
-	sd, err := systemd.Dial(ctx, bus)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sd.Close()
+	mgr, sd := systemdFor(t, ctx, u)
 
 	certs := filepath.Join(dir, "certs.d")
 	cfg := prep.Config{Options: prep.Options{CertsDir: certs}, Path: cfgPath, HostRoot: dir,
@@ -369,6 +363,20 @@ func testPrep(t *testing.T, bin, config string, link bool) {
 	if plan.Changed || mgr.Restarts("containerd.service") != 1 || u.pid() != pid1 {
 		t.Fatalf("second prep: changed=%v restarts=%d pid %d -> %d; want nothing", plan.Changed, mgr.Restarts("containerd.service"), pid1, u.pid())
 	}
+}
+
+// systemdFor serves u as containerd.service on a private bus, as systemd
+// would, and returns that manager and a client of it (closed at the end).
+func systemdFor(t *testing.T, ctx context.Context, u *unit) (*systemdtest.Manager, *systemd.Client) {
+	t.Helper()
+	bus := systemdtest.StartBus(t)
+	mgr := systemdtest.Serve(t, bus, map[string]func() error{"containerd.service": u.restart})
+	sd, err := systemd.Dial(ctx, bus)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sd.Close() })
+	return mgr, sd
 }
 
 // startUnit starts containerd from bin with dir's config.toml, stops it when
@@ -515,13 +523,7 @@ func testMigrate(t *testing.T, bin, config, mirrors string) {
 		t.Fatal("no pull reached the mirror")
 	}
 
-	bus := systemdtest.StartBus(t)
-	mgr := systemdtest.Serve(t, bus, map[string]func() error{"containerd.service": u.restart})
-	sd, err := systemd.Dial(ctx, bus)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sd.Close()
+	mgr, sd := systemdFor(t, ctx, u)
 	certs := filepath.Join(dir, "certs.d")
 	cfg := prep.Config{Options: prep.Options{CertsDir: certs, MigrateMirrors: true}, Path: cfgPath, HostRoot: "/",
 		Unit: "containerd.service", Socket: u.socket(), RestartTimeout: time.Minute}

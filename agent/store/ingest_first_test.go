@@ -37,18 +37,7 @@ func fakeIngest(t *testing.T, dir string, dgst digest.Digest, total int) string 
 // first bytes are read once they come. Once bytes came, the stall timeout
 // applies again.
 func TestInFlightWaitsLongerForTheFirstByte(t *testing.T) {
-	dir := t.TempDir()
-	dgst := digest.FromString("slow upstream")
-	data := fakeIngest(t, dir, dgst, 2000)
-	fl := NewInFlight(dir, 50*time.Millisecond)
-	fl.first = 10 * time.Second
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	g, err := fl.Open(ctx, dgst, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	ctx, g, data := openEmptyIngest(t, "slow upstream", 10*time.Second)
 	// Several stall timeouts pass before the writer's first bytes.
 	time.AfterFunc(400*time.Millisecond, func() { os.WriteFile(data, make([]byte, 1000), 0o644) })
 	buf := make([]byte, 4096)
@@ -67,18 +56,7 @@ func TestInFlightWaitsLongerForTheFirstByte(t *testing.T) {
 
 // The first-byte wait is bounded too.
 func TestInFlightFirstByteWaitIsBounded(t *testing.T) {
-	dir := t.TempDir()
-	dgst := digest.FromString("upstream never answers")
-	fakeIngest(t, dir, dgst, 2000)
-	fl := NewInFlight(dir, 50*time.Millisecond)
-	fl.first = 200 * time.Millisecond
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	g, err := fl.Open(ctx, dgst, 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	ctx, g, _ := openEmptyIngest(t, "upstream never answers", 200*time.Millisecond)
 	if _, err := g.Read(make([]byte, 10)); err == nil || ctx.Err() != nil {
 		t.Fatalf("err %v (deadline %v); want the first-byte wait to end the read", err, ctx.Err())
 	}
@@ -119,4 +97,24 @@ func TestInFlightWriteToFollowsTheWriter(t *testing.T) {
 	if err != nil || n != 2500 || !bytes.Equal(out.Bytes(), blob[500:]) {
 		t.Fatalf("wrote %d bytes, err %v; want the 2500 from offset 500", n, err)
 	}
+}
+
+// openEmptyIngest opens, in flight, an ingest of 2000 bytes that has none
+// yet, with a stall timeout of 50 ms and the given first-byte wait; ctx is
+// the test's own deadline, well past both. data is the ingest's data file.
+func openEmptyIngest(t *testing.T, name string, first time.Duration) (ctx context.Context, g *Growing, data string) {
+	t.Helper()
+	dir := t.TempDir()
+	dgst := digest.FromString(name)
+	data = fakeIngest(t, dir, dgst, 2000)
+	fl := NewInFlight(dir, 50*time.Millisecond)
+	fl.first = first
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	g, err := fl.Open(ctx, dgst, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	return ctx, g, data
 }
