@@ -4,7 +4,8 @@
 //
 //	make bench   (or: go test -run '^$' -bench . -benchtime 3x ./bench/)
 //
-// FLEETMIRROR_BENCH_IMAGES picks the images, e.g. "10MB/1,100MB/1,1GB/4".
+// FLEETMIRROR_BENCH_IMAGES picks the images, e.g. "10MB/1,100MB/1,1GB/4";
+// FLEETMIRROR_AGENT_ARGS adds agent flags, e.g. "--debug-pprof" to profile.
 package bench
 
 import (
@@ -14,6 +15,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,7 +61,7 @@ func benchCluster(b *testing.B) *cluster.Cluster {
 			return
 		}
 		ctx := context.Background()
-		shared, initErr = cluster.Start(ctx, cluster.Options{Nodes: 3, AgentBin: bin})
+		shared, initErr = cluster.Start(ctx, cluster.Options{Nodes: 3, AgentBin: bin, AgentArgs: strings.Fields(os.Getenv("FLEETMIRROR_AGENT_ARGS"))})
 		if initErr != nil {
 			return
 		}
@@ -143,6 +145,10 @@ func pullLoop(b *testing.B, n *cluster.Node, ref string, g *cluster.GeneratedIma
 	for b.Loop() {
 		b.StopTimer()
 		removeImage(b, n, ref, g)
+		// Each pull writes its layers twice (content and snapshot); without
+		// this the next pull competes with the last one's writeback, and
+		// whichever mode runs first after another pays for it.
+		syscall.Sync()
 		b.StartTimer()
 		if _, err := n.Pull(ctx, ref); err != nil {
 			b.Fatalf("pull on %s: %v\n%s", n.Name, err, n.LogTail(20))
