@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -53,7 +54,7 @@ func newNodes(t testing.TB, n int, wrap func(i int, h http.Handler) http.Handler
 	for i := range nodes {
 		nd := &node{store: storetest.NewMemory(), metrics: metrics.New(func() int { return 0 }), addr: addrs[i], router: routers[i]}
 		m, err := mirror.New(routers[i], mirror.WithMetrics(nd.metrics),
-			mirror.WithResolveTimeout(50*time.Millisecond), mirror.WithStallTimeout(time.Second))
+			mirror.WithResolveTimeout(testResolveTimeout), mirror.WithStallTimeout(time.Second))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -218,16 +219,33 @@ func TestProxiesFromPeer(t *testing.T) {
 	}
 }
 
+// testResolveTimeout is the resolve timeout of newNodes' mirrors.
+const testResolveTimeout = 50 * time.Millisecond
+
+// TestMissIsFast: a blob no peer holds costs one resolve timeout, not a
+// peer's header or stall timeout, before containerd is sent upstream. The
+// bound is the median of several misses against the resolve timeout plus
+// a wide margin, so a busy machine does not fail it but a miss that waits
+// for anything else does.
 func TestMissIsFast(t *testing.T) {
 	nodes := newNodes(t, 2, nil)
-	start := time.Now()
-	resp, _ := get(t, "GET", nodes[0].srv.URL+"/v2/app/blobs/"+digest.FromString("nobody").String())
-	if resp.StatusCode != 404 {
-		t.Fatalf("status %d", resp.StatusCode)
+	const misses = 7
+	took := make([]time.Duration, misses)
+	for i := range took {
+		start := time.Now()
+		resp, _ := get(t, "GET", nodes[0].srv.URL+"/v2/app/blobs/"+digest.FromString(fmt.Sprint("nobody", i)).String())
+		took[i] = time.Since(start)
+		if resp.StatusCode != 404 {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
 	}
-	t.Logf("miss took %s", time.Since(start))
-	if got := testutil.ToFloat64(nodes[0].metrics.Requests.WithLabelValues("unknown", "blob", metrics.OutcomeMiss)); got != 1 {
-		t.Errorf("misses = %v", got)
+	slices.Sort(took)
+	t.Logf("misses took %v", took)
+	if p50, bound := took[misses/2], testResolveTimeout+450*time.Millisecond; p50 > bound {
+		t.Errorf("median miss took %s, want under %s (resolve timeout %s plus margin)", p50, bound, testResolveTimeout)
+	}
+	if got := testutil.ToFloat64(nodes[0].metrics.Requests.WithLabelValues("unknown", "blob", metrics.OutcomeMiss)); got != misses {
+		t.Errorf("misses = %v, want %d", got, misses)
 	}
 }
 
@@ -280,10 +298,15 @@ func peerFailover(t *testing.T, size int) {
 		"server error": func(w http.ResponseWriter, r *http.Request, next http.Handler) {
 			http.Error(w, "boom", 500)
 		},
+		// A peer whose header names other content and whose bytes are
+		// wrong too: the bytes are what a GET is judged by, so the case
+		// fails unless the pull fails over to the good peer.
 		"wrong digest header": func(w http.ResponseWriter, r *http.Request, next http.Handler) {
 			w.Header().Set("Docker-Content-Digest", digest.FromString("other").String())
 			w.Header().Set("Content-Length", fmt.Sprint(len(layer)))
-			w.Write(layer)
+			corrupt := bytes.Clone(layer)
+			corrupt[0] ^= 0xff
+			w.Write(corrupt)
 		},
 	}
 	for name, misbehave := range bad {
@@ -309,7 +332,7 @@ func peerFailover(t *testing.T, size int) {
 			nodes[1].hold(t, ocispec.MediaTypeImageLayer, layer)
 			nodes[2].hold(t, ocispec.MediaTypeImageLayer, layer)
 			url := nodes[0].srv.URL + "/v2/app/blobs/" + ld.String()
-			if streamed && name == "wrong bytes" {
+			if streamed && (name == "wrong bytes" || name == "wrong digest header") {
 				resp, err := http.Get(url)
 				if err != nil {
 					t.Fatal(err)
