@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
 // lateLeader answers like a peer serving a blob in flight whose own
@@ -23,8 +25,8 @@ func lateLeader(t *testing.T, blob []byte, release <-chan struct{}) (netip.AddrP
 	good := newPeer(t, blob, good, 0)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		asked.Add(1)
-		if r.Header.Get(WaitHeader) == "" {
-			t.Errorf("the node followed was asked without %s", WaitHeader)
+		if r.Header.Get(peerproto.WaitHeader) == "" {
+			t.Errorf("the node followed was asked without %s", peerproto.WaitHeader)
 		}
 		select {
 		case <-release:

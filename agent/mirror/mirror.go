@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -23,22 +22,9 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/oci"
 	"github.com/fleetmirror/fleetmirror/agent/peerauth"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 )
-
-// PeerHeader marks a request from another agent, and carries its proof of
-// membership (see peerauth). A peer answers such a request from its own
-// store only and never forwards it, so a lookup can never loop between
-// agents.
-const PeerHeader = peerauth.Header
-
-// WaitHeader asks a peer to wait up to the given duration ("2s") for a
-// blob its containerd is about to fetch to appear in flight, instead of
-// answering 404 at once. Agents that predate it ignore it.
-const WaitHeader = "X-Fleetmirror-Wait"
-
-// MaxWait bounds what WaitHeader may ask for.
-const MaxWait = 5 * time.Second
 
 // FollowWait is how long a node waits for the first bytes of the node it
 // agreed to follow (see agent/claim), which sends its headers with them:
@@ -54,24 +40,6 @@ const FollowWait = 20 * time.Second
 // ErrNoSource means no peer could serve the content; the registry answers
 // 404 and containerd goes to the next host.
 var ErrNoSource = errors.New("no peer could serve it")
-
-// maxManifestSize bounds what is read from a peer into memory; registries
-// refuse manifests over 4 MiB as well.
-const maxManifestSize = 4 << 20
-
-// MaxBlobSize is the largest blob a peer is believed to hold. The size
-// the manifest gives is not known here, so a peer's Content-Length is
-// taken as the blob's size; one beyond any real layer is a lie that would
-// have this agent promise containerd a transfer without end.
-const MaxBlobSize = 1 << 40
-
-// checkSize refuses a size a peer claims that no blob has.
-func checkSize(n int64) error {
-	if n < 0 || n > MaxBlobSize {
-		return fmt.Errorf("peer claims a blob of %d bytes (want 0 to %d)", n, int64(MaxBlobSize))
-	}
-	return nil
-}
 
 // Mirror finds and fetches content from peers.
 type Mirror struct {
@@ -300,7 +268,7 @@ func (m *Mirror) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Req
 	if req.Digest != "" {
 		ref = req.Digest.String()
 	}
-	resp, err := m.do(ctx, http.MethodGet, p, req, "manifests", ref, "", 0)
+	resp, err := m.do(ctx, http.MethodGet, p, req, peerproto.Manifests, ref, "", 0)
 	if err != nil {
 		return Manifest{}, err
 	}
@@ -309,45 +277,26 @@ func (m *Mirror) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Req
 		m.fail("status")
 		return Manifest{}, fmt.Errorf("status %s", resp.Status)
 	}
-	desc, err := descriptorOf(resp, req.Digest)
+	desc, err := peerproto.DescriptorOf(resp, req.Digest)
 	if err != nil {
 		m.fail("digest")
 		return Manifest{}, err
 	}
-	if desc.Size > maxManifestSize {
+	if desc.Size > peerproto.MaxManifestSize {
 		m.fail("status")
-		return Manifest{}, fmt.Errorf("manifest of %d bytes is over the %d byte limit", desc.Size, maxManifestSize)
+		return Manifest{}, fmt.Errorf("manifest of %d bytes is over the %d byte limit", desc.Size, peerproto.MaxManifestSize)
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxManifestSize+1))
+	body, err := peerproto.ReadManifest(resp.Body)
 	m.fetched(int64(len(body)))
 	if err != nil {
 		m.fail("short")
 		return Manifest{}, fmt.Errorf("reading manifest: %w", err)
 	}
-	if int64(len(body)) != desc.Size || digest.FromBytes(body) != desc.Digest {
+	if err := peerproto.VerifyManifest(body, desc.Digest, desc.Size); err != nil {
 		m.fail("digest")
-		return Manifest{}, fmt.Errorf("manifest body does not match digest %s", desc.Digest)
+		return Manifest{}, err
 	}
 	return Manifest{Descriptor: desc, Body: body}, nil
-}
-
-// descriptorOf reads what a peer claims about content and checks it
-// against the digest asked for, when one was.
-func descriptorOf(resp *http.Response, want digest.Digest) (ocispec.Descriptor, error) {
-	d, err := oci.ParseDigest(resp.Header.Get("Docker-Content-Digest"))
-	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("peer sent no usable Docker-Content-Digest: %w", err)
-	}
-	if want != "" && d != want {
-		return ocispec.Descriptor{}, fmt.Errorf("peer answered %s for %s", d, want)
-	}
-	if resp.ContentLength < 0 {
-		return ocispec.Descriptor{}, errors.New("peer sent no Content-Length")
-	}
-	if err := checkSize(resp.ContentLength); err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	return ocispec.Descriptor{MediaType: resp.Header.Get("Content-Type"), Digest: d, Size: resp.ContentLength}, nil
 }
 
 // BlobHead asks peers for a blob's size.
@@ -359,7 +308,7 @@ func (m *Mirror) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descrip
 	defer src.close()
 	p, ok := m.firstPeer(ctx, src, req.Kind)
 	for ; ok; p, ok = src.next(ctx) {
-		resp, err := m.do(ctx, http.MethodHead, p, req, "blobs", req.Digest.String(), "", 0)
+		resp, err := m.do(ctx, http.MethodHead, p, req, peerproto.Blobs, req.Digest.String(), "", 0)
 		if err != nil {
 			continue
 		}
@@ -368,7 +317,7 @@ func (m *Mirror) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descrip
 			m.fail("status")
 			continue
 		}
-		desc, err := descriptorOf(resp, req.Digest)
+		desc, err := peerproto.DescriptorOf(resp, req.Digest)
 		if err == nil {
 			return desc, nil
 		}
@@ -377,37 +326,8 @@ func (m *Mirror) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descrip
 	return ocispec.Descriptor{}, fmt.Errorf("blob %s: %w", req.Digest, ErrNoSource)
 }
 
-// contentSize checks a blob response starts where asked and returns the
-// blob's full size.
-func contentSize(resp *http.Response, off int64) (int64, error) {
-	if off == 0 {
-		if resp.StatusCode != http.StatusOK {
-			return 0, fmt.Errorf("status %s", resp.Status)
-		}
-		if resp.ContentLength < 0 {
-			return 0, errors.New("peer sent no Content-Length")
-		}
-		return resp.ContentLength, checkSize(resp.ContentLength)
-	}
-	if resp.StatusCode != http.StatusPartialContent {
-		return 0, fmt.Errorf("status %s to a Range request", resp.Status)
-	}
-	var start, end, size int64
-	if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-%d/%d", &start, &end, &size); err != nil {
-		return 0, fmt.Errorf("bad Content-Range %q", resp.Header.Get("Content-Range"))
-	}
-	if start != off || end != size-1 {
-		return 0, fmt.Errorf("Content-Range %q does not resume at %d", resp.Header.Get("Content-Range"), off)
-	}
-	return size, checkSize(size)
-}
-
-func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, kind, ref, rng string, wait time.Duration) (*http.Response, error) {
-	u := "http://" + p.String() + "/v2/" + req.Repository + "/" + kind + "/" + ref
-	if req.Registry != "" {
-		u += "?ns=" + req.Registry
-	}
-	hr, err := http.NewRequestWithContext(ctx, method, u, nil)
+func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, segment, ref, rng string, wait time.Duration) (*http.Response, error) {
+	hr, err := http.NewRequestWithContext(ctx, method, peerproto.PeerURL(p, req, segment, ref), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -416,14 +336,14 @@ func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oc
 	}
 	client := m.client
 	if wait > 0 {
-		hr.Header.Set(WaitHeader, wait.String())
+		hr.Header.Set(peerproto.WaitHeader, wait.String())
 		client = m.followClient
 	}
 	proof := "1"
 	if m.key != nil {
 		proof = m.key.Sign(hr)
 	} else {
-		hr.Header.Set(PeerHeader, proof)
+		hr.Header.Set(peerproto.PeerHeader, proof)
 	}
 	resp, err := client.Do(hr)
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/fleetmirror/fleetmirror/agent/oci"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
 // WholeBelow is the size under which a blob is read and verified whole
@@ -59,7 +60,7 @@ type BlobStream struct {
 	cancel context.CancelCauseFunc
 	stop   func() bool
 	err    error
-	wait   time.Duration // for the first request, see WaitHeader
+	wait   time.Duration // for the first request, see peerproto.WaitHeader
 
 	// For watch: how long reads waited on the current peer since it last
 	// sent minProgress bytes, and when the read in progress began.
@@ -83,7 +84,7 @@ func (m *Mirror) OpenBlob(ctx context.Context, req oci.Request) (*BlobStream, er
 // empty-handed, and trying each in turn would only add their timeouts.
 // Once bytes flow, a peer that breaks off is resumed from the others.
 func (m *Mirror) OpenBlobFrom(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
-	return m.open(ctx, req, first, min(wait, MaxWait))
+	return m.open(ctx, req, first, min(wait, peerproto.MaxWait))
 }
 
 func (m *Mirror) open(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
@@ -147,15 +148,15 @@ func (s *BlobStream) connect(p netip.AddrPort) error {
 	ctx, cancel := context.WithCancelCause(s.ctx)
 	rng := ""
 	if s.off > 0 {
-		rng = fmt.Sprintf("bytes=%d-", s.off)
+		rng = peerproto.ResumeRange(s.off)
 	}
-	resp, err := s.m.do(ctx, http.MethodGet, p, s.req, "blobs", s.req.Digest.String(), rng, s.wait)
+	resp, err := s.m.do(ctx, http.MethodGet, p, s.req, peerproto.Blobs, s.req.Digest.String(), rng, s.wait)
 	s.wait = 0
 	if err != nil {
 		cancel(nil)
 		return err
 	}
-	size, err := contentSize(resp, s.off)
+	size, err := peerproto.ContentSize(resp, s.off)
 	if err == nil && s.Descriptor.Size >= 0 && size != s.Descriptor.Size {
 		err = fmt.Errorf("peer says the blob has %d bytes, another said %d", size, s.Descriptor.Size)
 	}

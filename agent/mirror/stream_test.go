@@ -18,6 +18,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/fleetmirror/fleetmirror/agent/oci"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 )
 
@@ -321,7 +322,7 @@ func TestHintedPeerWhenLookupMisses(t *testing.T) {
 }
 
 // TestRefusesAbsurdSizes: a peer that claims a blob larger than any real
-// one (MaxBlobSize) is not believed, for a HEAD or a GET; the next source
+// one (peerproto.MaxBlobSize) is not believed, for a HEAD or a GET; the next source
 // (here none: ErrNoSource, so containerd goes upstream) is used instead.
 func TestRefusesAbsurdSizes(t *testing.T) {
 	blob := randomBlob(t, 1000)
@@ -329,7 +330,7 @@ func TestRefusesAbsurdSizes(t *testing.T) {
 	for _, tt := range []struct {
 		claim int64
 		ok    bool
-	}{{MaxBlobSize, true}, {MaxBlobSize + 1, false}, {1 << 62, false}} {
+	}{{peerproto.MaxBlobSize, true}, {peerproto.MaxBlobSize + 1, false}, {1 << 62, false}} {
 		p := &testPeer{}
 		p.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Docker-Content-Digest", d.String())

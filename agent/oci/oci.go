@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/distribution/reference"
@@ -194,18 +195,20 @@ func SplitTagKey(key string) (registry, repository, tag string, ok bool) {
 	return registry, rest[:i], rest[i+1:], true
 }
 
-// Manifest media types: what the manifests endpoint serves. Anything else
-// the store holds (configs, layers) is a blob, served only as one.
-var manifestTypes = map[string]bool{
-	"application/vnd.oci.image.manifest.v1+json":                true,
-	"application/vnd.oci.image.index.v1+json":                   true,
-	"application/vnd.docker.distribution.manifest.v2+json":      true,
-	"application/vnd.docker.distribution.manifest.list.v2+json": true,
+// ManifestTypes are the media types of manifests and indexes, in the
+// order containerd lists them when it asks for a manifest: what the
+// manifests endpoint serves. Anything else the store holds (configs,
+// layers) is a blob, served only as one.
+var ManifestTypes = []string{
+	"application/vnd.oci.image.index.v1+json",
+	"application/vnd.oci.image.manifest.v1+json",
+	"application/vnd.docker.distribution.manifest.list.v2+json",
+	"application/vnd.docker.distribution.manifest.v2+json",
 }
 
 // IsManifestType tells manifest and index media types from blob ones.
 func IsManifestType(mediaType string) bool {
-	return manifestTypes[mediaType]
+	return slices.Contains(ManifestTypes, mediaType)
 }
 
 // Key is what the request is advertised under: the digest, or the tag key.
@@ -264,6 +267,18 @@ func ParseImage(s string) (Image, error) {
 		img.Digest = d.Digest()
 	}
 	return img, nil
+}
+
+// ParseReference parses an image reference as a person types it: a short
+// name is expanded as docker does ("nginx" is
+// docker.io/library/nginx:latest), and a digest, when there is one, wins
+// over the tag.
+func ParseReference(s string) (Image, error) {
+	named, err := reference.ParseDockerRef(strings.TrimSpace(s))
+	if err != nil {
+		return Image{}, fmt.Errorf("image reference %q: %v", s, err)
+	}
+	return ParseImage(named.String())
 }
 
 // TagKey returns the image's tag key, or "" when it has no tag.

@@ -27,14 +27,16 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
 // Header carries a peer request's proof. Agents before membership set it
 // to "1" to mark a peer request; members refuse that.
-const Header = "X-Fleetmirror-Peer"
+const Header = peerproto.PeerHeader
 
 // AnswerHeader carries the proof that an answer came from a member.
-const AnswerHeader = "X-Fleetmirror-Peer-Answer"
+const AnswerHeader = peerproto.AnswerHeader
 
 // MaxSkew is how far a request's time may be from ours. Nodes keep their
 // clocks within a second or so by NTP; the window bounds how long a MAC

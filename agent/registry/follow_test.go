@@ -12,7 +12,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
@@ -51,7 +51,7 @@ func TestFollowerServesInFlightWhileItWaits(t *testing.T) {
 	srv := httptest.NewServer(reg)
 	defer srv.Close()
 	url := srv.URL + "/v2/team/app/blobs/" + d.String() + "?ns=example.com"
-	hdr := []string{mirror.PeerHeader, "1", mirror.WaitHeader, "200ms"}
+	hdr := []string{peerproto.PeerHeader, "1", peerproto.WaitHeader, "200ms"}
 
 	if resp, _ := get(t, http.MethodGet, url, hdr...); resp.StatusCode != http.StatusNotFound {
 		t.Fatalf("neither holding nor following: status %d, want 404", resp.StatusCode)
@@ -79,8 +79,8 @@ func TestOnlyFollowersWaitForTheFirstByte(t *testing.T) {
 		hdr  []string
 		ok   bool
 	}{
-		{"follower", []string{mirror.PeerHeader, "1", mirror.WaitHeader, "1s"}, true},
-		{"other peer", []string{mirror.PeerHeader, "1"}, false},
+		{"follower", []string{peerproto.PeerHeader, "1", peerproto.WaitHeader, "1s"}, true},
+		{"other peer", []string{peerproto.PeerHeader, "1"}, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()

@@ -19,6 +19,7 @@ import (
 
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
@@ -273,7 +274,7 @@ func TestLimits(t *testing.T) {
 	}
 	// The same client again, as containerd or as a peer: over its share.
 	check(from("127.0.0.1"), nil, http.StatusTooManyRequests, "TOOMANYREQUESTS")
-	check(from("127.0.0.1"), []string{mirror.PeerHeader, "1"}, http.StatusTooManyRequests, "TOOMANYREQUESTS")
+	check(from("127.0.0.1"), []string{peerproto.PeerHeader, "1"}, http.StatusTooManyRequests, "TOOMANYREQUESTS")
 
 	second := pull(from("127.0.0.2"))
 	wait()

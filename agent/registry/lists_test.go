@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
 // TestAnswersIndependentClients covers what skopeo, crane and the
@@ -43,7 +44,7 @@ func TestAnswersIndependentClients(t *testing.T) {
 		headers            map[string]string
 	}{
 		{name: "tag without ns, one registry", method: "GET", path: "/v2/team/app/manifests/v1", status: 200, body: manifest,
-			headers: map[string]string{"Docker-Content-Digest": md.String(), "Content-Type": ocispec.MediaTypeImageManifest, SourceHeader: "local"}},
+			headers: map[string]string{"Docker-Content-Digest": md.String(), "Content-Type": ocispec.MediaTypeImageManifest, peerproto.SourceHeader: "local"}},
 		{name: "manifest list by tag without ns", method: "HEAD", path: "/v2/team/app/manifests/v3", status: 200,
 			headers: map[string]string{"Docker-Content-Digest": ld.String(), "Content-Type": "application/vnd.docker.distribution.manifest.list.v2+json",
 				"Content-Length": fmt.Sprint(len(list))}},

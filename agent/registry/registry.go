@@ -25,15 +25,10 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/oci"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/policy"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 )
-
-// SourceHeader tells a client of this node where a response's content came
-// from: "local", or "peer" followed by the peers' registry addresses when
-// known ("peer 10.0.0.12:30120"). The debug page's Measure Image Pull reads
-// it; containerd ignores it.
-const SourceHeader = "X-Fleetmirror-Source"
 
 // Registry serves the distribution API.
 type Registry struct {
@@ -84,7 +79,7 @@ func (f *following) has(d digest.Digest) bool {
 // wait for the blob to appear in flight: nodes decide at different moments
 // on a busy machine (up to a second apart in a 20-node burst), and the
 // fallback is upstream. The wait for its first bytes is mirror.FollowWait.
-const followWait = mirror.MaxWait
+const followWait = peerproto.MaxWait
 
 // WithClaims makes nodes that miss a blob at the same moment agree on one
 // of them fetching it upstream (see agent/claim).
@@ -220,10 +215,10 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	if r.serveLocal(w, req, oreq) {
 		return
 	}
-	if req.Header.Get(mirror.PeerHeader) != "" && r.serveInFlight(w, req, oreq) {
+	if req.Header.Get(peerproto.PeerHeader) != "" && r.serveInFlight(w, req, oreq) {
 		return
 	}
-	if req.Header.Get(mirror.PeerHeader) != "" || r.mirror == nil {
+	if req.Header.Get(peerproto.PeerHeader) != "" || r.mirror == nil {
 		// Never forward a peer's request: it would bounce between agents.
 		notFound(w, oreq)
 		return
@@ -281,11 +276,11 @@ func (r *Registry) serveLocal(w http.ResponseWriter, req *http.Request, oreq oci
 		return false
 	}
 	defer rc.Close()
-	fromPeer := req.Header.Get(mirror.PeerHeader) != ""
+	fromPeer := req.Header.Get(peerproto.PeerHeader) != ""
 	if !fromPeer {
 		r.metrics.Requests.WithLabelValues(r.metrics.RegistryLabel(oreq.Registry), string(oreq.Kind), metrics.OutcomeLocal).Inc()
 	}
-	w.Header().Set(SourceHeader, metrics.OutcomeLocal)
+	w.Header().Set(peerproto.SourceHeader, peerproto.SourceLocal)
 	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedBytes.WithLabelValues(metrics.OutcomeLocal)}
 	if fromPeer {
 		cw.counter = r.metrics.ServedToPeers
@@ -396,12 +391,12 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	if r.flights == nil || oreq.Kind != oci.KindBlob {
 		return false
 	}
-	off, ok := rangeStart(req.Header.Get("Range"))
+	off, ok := peerproto.ParseResumeRange(req.Header.Get("Range"))
 	if !ok {
 		return false
 	}
-	wait, _ := time.ParseDuration(req.Header.Get(mirror.WaitHeader))
-	deadline := time.Now().Add(min(max(wait, 0), mirror.MaxWait))
+	wait, _ := time.ParseDuration(req.Header.Get(peerproto.WaitHeader))
+	deadline := time.Now().Add(min(max(wait, 0), peerproto.MaxWait))
 	// A node that follows this one may ask before this one decided to fetch.
 	for !r.held.Holding(oreq.Digest.String()) && !r.follows.has(oreq.Digest) {
 		if time.Now().After(deadline) {
@@ -426,7 +421,7 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	}
 	r.log.Debug("serving a blob in flight", "digest", oreq.Digest, "offset", off, "file", g.Name())
 	setHeaders(w, ocispec.Descriptor{Digest: oreq.Digest}, oci.KindBlob)
-	w.Header().Set(SourceHeader, "in-flight")
+	w.Header().Set(peerproto.SourceHeader, peerproto.SourceInFlight)
 	w.Header().Set("Content-Length", strconv.FormatInt(g.Size()-off, 10))
 	if off > 0 {
 		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, g.Size()-1, g.Size()))
@@ -443,19 +438,6 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 		panic(http.ErrAbortHandler)
 	}
 	return true
-}
-
-// rangeStart reads the Range header peers send to resume: "bytes=N-".
-func rangeStart(h string) (int64, bool) {
-	if h == "" {
-		return 0, true
-	}
-	n, ok := strings.CutPrefix(h, "bytes=")
-	if !ok || !strings.HasSuffix(n, "-") {
-		return 0, false
-	}
-	off, err := strconv.ParseInt(strings.TrimSuffix(n, "-"), 10, 64)
-	return off, err == nil && off >= 0
 }
 
 // refuseRange answers a Range that selects no byte of size bytes with a
@@ -528,7 +510,7 @@ func (r *Registry) miss(w http.ResponseWriter, oreq oci.Request, err error) {
 func (r *Registry) hit(w http.ResponseWriter, oreq oci.Request, peers []netip.AddrPort) {
 	r.metrics.Requests.WithLabelValues(r.metrics.RegistryLabel(oreq.Registry), string(oreq.Kind), metrics.OutcomePeer).Inc()
 	r.metrics.LastSuccess.Set(float64(time.Now().Unix()))
-	w.Header().Set(SourceHeader, peerSource(peers))
+	w.Header().Set(peerproto.SourceHeader, peerproto.PeerSource(peers))
 }
 
 // maxRangeHeader bounds the Range header: containerd and peers send one
@@ -554,20 +536,6 @@ func setHeaders(w http.ResponseWriter, desc ocispec.Descriptor, kind oci.Kind) {
 	w.Header().Set("Content-Type", mt)
 	w.Header().Set("Docker-Content-Digest", desc.Digest.String())
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-}
-
-// peerSource is the SourceHeader value for content from peers.
-func peerSource(peers []netip.AddrPort) string {
-	s := metrics.OutcomePeer
-	for i, p := range peers {
-		if i == 0 {
-			s += " "
-		} else {
-			s += ","
-		}
-		s += p.String()
-	}
-	return s
 }
 
 func notFoundCode(oreq oci.Request) string {

@@ -23,6 +23,7 @@ import (
 
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
@@ -142,7 +143,7 @@ func TestServesLocalContent(t *testing.T) {
 			headers: map[string]string{"Docker-Content-Digest": md.String(), "Content-Type": ocispec.MediaTypeImageManifest}},
 		{name: "get blob", method: "GET", path: "/v2/library/app/blobs/" + ld.String(), status: 200, body: layer,
 			headers: map[string]string{"Docker-Content-Digest": ld.String(), "Content-Type": "application/octet-stream",
-				SourceHeader: "local"}},
+				peerproto.SourceHeader: "local"}},
 		{name: "range", method: "GET", path: "/v2/library/app/blobs/" + ld.String(), hdr: []string{"Range", "bytes=10-19"},
 			status: 206, body: layer[10:20], headers: map[string]string{"Content-Range": "bytes 10-19/100000"}},
 		{name: "unknown blob", method: "GET", path: "/v2/library/app/blobs/" + digest.FromString("x").String(), status: 404},
@@ -199,8 +200,8 @@ func TestProxiesFromPeer(t *testing.T) {
 	if resp.StatusCode != 200 || !bytes.Equal(body, layer) {
 		t.Fatalf("blob through peer: %d, %d bytes", resp.StatusCode, len(body))
 	}
-	if got, want := resp.Header.Get(SourceHeader), "peer "+nodes[1].addr.String(); got != want {
-		t.Errorf("%s = %q, want %q", SourceHeader, got, want)
+	if got, want := resp.Header.Get(peerproto.SourceHeader), "peer "+nodes[1].addr.String(); got != want {
+		t.Errorf("%s = %q, want %q", peerproto.SourceHeader, got, want)
 	}
 	if got := testutil.ToFloat64(nodes[0].metrics.Requests.WithLabelValues("10.1.2.3:5000", "blob", metrics.OutcomePeer)); got != 1 {
 		t.Errorf("peer blob requests = %v, want 1", got)
@@ -213,7 +214,7 @@ func TestProxiesFromPeer(t *testing.T) {
 	}
 
 	// A request from a peer is never forwarded: node 0 lacks the blob.
-	resp, _ = get(t, "GET", base+"/v2/team/app/blobs/"+ld.String(), mirror.PeerHeader, "1")
+	resp, _ = get(t, "GET", base+"/v2/team/app/blobs/"+ld.String(), peerproto.PeerHeader, "1")
 	if resp.StatusCode != 404 {
 		t.Fatalf("peer request was forwarded: %d", resp.StatusCode)
 	}
@@ -410,8 +411,8 @@ func TestManifestPeerHintsItsBlobs(t *testing.T) {
 	if resp.StatusCode != 200 || !bytes.Equal(body, layer) {
 		t.Fatalf("hinted blob: %d, %d bytes", resp.StatusCode, len(body))
 	}
-	if got, want := resp.Header.Get(SourceHeader), "peer "+nodes[1].addr.String(); got != want {
-		t.Errorf("%s = %q, want %q", SourceHeader, got, want)
+	if got, want := resp.Header.Get(peerproto.SourceHeader), "peer "+nodes[1].addr.String(); got != want {
+		t.Errorf("%s = %q, want %q", peerproto.SourceHeader, got, want)
 	}
 	// The config is hinted too, but node 1 lacks it: one 404 from the
 	// hinted peer, then a miss.

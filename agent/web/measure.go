@@ -11,12 +11,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/fleetmirror/fleetmirror/agent/oci"
-	"github.com/fleetmirror/fleetmirror/agent/registry"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
 const (
@@ -26,17 +25,7 @@ const (
 	lookupWindow = 2 * time.Second
 	// lookupPeers is how many peers the lookup lists at most.
 	lookupPeers = 10
-	// maxManifest bounds manifests read into memory, as registries do.
-	maxManifest = 4 << 20
 )
-
-// Media types of manifests, as containerd asks for them.
-var manifestTypes = []string{
-	ocispec.MediaTypeImageIndex,
-	ocispec.MediaTypeImageManifest,
-	"application/vnd.docker.distribution.manifest.list.v2+json",
-	"application/vnd.docker.distribution.manifest.v2+json",
-}
 
 // Measurement is the result of Measure Image Pull.
 type Measurement struct {
@@ -86,31 +75,12 @@ type Fetch struct {
 	Peers           []string `json:"peers"`
 }
 
-// target is an image reference split the way containerd asks the mirror.
-type target struct {
-	registry, repository, tag string
-	digest                    digest.Digest
-}
-
-func parseTarget(image string) (target, error) {
-	named, err := reference.ParseDockerRef(strings.TrimSpace(image))
-	if err != nil {
-		return target{}, fmt.Errorf("image reference %q: %v; want e.g. docker.io/library/nginx:1.27 or registry:5000/app@sha256:...", image, err)
+// imageKey is what img is advertised under: its digest, or its tag key.
+func imageKey(img oci.Image) string {
+	if img.Digest != "" {
+		return img.Digest.String()
 	}
-	t := target{registry: reference.Domain(named), repository: reference.Path(named)}
-	if d, ok := named.(reference.Digested); ok {
-		t.digest = d.Digest()
-	} else if tg, ok := named.(reference.Tagged); ok {
-		t.tag = tg.Tag()
-	}
-	return t, nil
-}
-
-func (t target) key() string {
-	if t.digest != "" {
-		return t.digest.String()
-	}
-	return oci.TagKey(t.registry, t.repository, t.tag)
+	return img.TagKey()
 }
 
 // Measure looks ref up on the router and pulls it through the node's own
@@ -120,18 +90,18 @@ func (t target) key() string {
 // Only a reference that cannot be parsed is an error; how far the pull got
 // is in the result.
 func (w *Web) Measure(ctx context.Context, image string) (Measurement, error) {
-	t, err := parseTarget(image)
+	img, err := oci.ParseReference(image)
 	if err != nil {
-		return Measurement{}, err
+		return Measurement{}, fmt.Errorf("%v; want e.g. docker.io/library/nginx:1.27 or registry:5000/app@sha256:...", err)
 	}
-	ref := t.registry + "/" + t.repository
-	if t.digest != "" {
-		ref += "@" + t.digest.String()
+	ref := img.Registry + "/" + img.Repository
+	if img.Digest != "" {
+		ref += "@" + img.Digest.String()
 	} else {
-		ref += ":" + t.tag
+		ref += ":" + img.Tag
 	}
-	m := Measurement{Image: ref, Lookup: w.lookup(ctx, t.key())}
-	m.Pull = w.pull(ctx, t)
+	m := Measurement{Image: ref, Lookup: w.lookup(ctx, imageKey(img))}
+	m.Pull = w.pull(ctx, img)
 	return m, nil
 }
 
@@ -156,99 +126,122 @@ func (w *Web) lookup(ctx context.Context, key string) LookupResult {
 	return res
 }
 
-func (w *Web) pull(ctx context.Context, t target) (res PullResult) {
+func (w *Web) pull(ctx context.Context, img oci.Image) (res PullResult) {
 	res = PullResult{Blobs: []Fetch{}, Platform: runtime.GOOS + "/" + runtime.GOARCH}
 	start := time.Now()
-	defer func() {
-		d := time.Since(start)
-		res.Duration, res.DurationSeconds = roundDuration(d).String(), d.Seconds()
-		for _, b := range res.Blobs {
-			res.Size += b.Size
-		}
-		res.SizeText = formatBytes(res.Size)
-		res.Throughput = throughput(res.Size, d)
-	}()
-	fail := func(format string, args ...any) PullResult {
-		res.Error = fmt.Sprintf(format, args...)
+	defer func() { res.total(time.Since(start)) }()
+	dgst, err := w.resolve(ctx, img)
+	if err != nil {
+		res.Error = err.Error()
 		return res
 	}
-
-	dgst := t.digest
-	if dgst == "" {
-		resp, err := w.request(ctx, http.MethodHead, t, "manifests", t.tag)
-		if err != nil {
-			return fail("resolving tag %s: %v", t.tag, err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fail("resolving tag %s: the mirror answered %s: %s", t.tag, resp.Status, missHint)
-		}
-		if dgst, err = oci.ParseDigest(resp.Header.Get("Docker-Content-Digest")); err != nil {
-			return fail("resolving tag %s: %v", t.tag, err)
-		}
-	}
 	res.Digest = dgst.String()
-
-	body, f, err := w.manifest(ctx, t, dgst)
-	if f.Digest != "" {
-		res.Blobs = append(res.Blobs, f)
-	}
+	man, err := w.imageManifest(ctx, img, dgst, &res)
 	if err != nil {
-		return fail("manifest %s: %v", dgst, err)
-	}
-	var man struct {
-		MediaType string               `json:"mediaType"`
-		Manifests []ocispec.Descriptor `json:"manifests"`
-		Config    ocispec.Descriptor   `json:"config"`
-		Layers    []ocispec.Descriptor `json:"layers"`
-	}
-	if err := json.Unmarshal(body, &man); err != nil {
-		return fail("manifest %s is not JSON: %v", dgst, err)
-	}
-	if len(man.Manifests) > 0 {
-		res.Blobs[len(res.Blobs)-1].Kind = "index"
-		desc, err := pickPlatform(man.Manifests, runtime.GOOS, runtime.GOARCH)
-		if err != nil {
-			return fail("index %s: %v", dgst, err)
-		}
-		body, f, err = w.manifest(ctx, t, desc.Digest)
-		if f.Digest != "" {
-			res.Blobs = append(res.Blobs, f)
-		}
-		if err != nil {
-			return fail("manifest %s: %v", desc.Digest, err)
-		}
-		man.Config, man.Layers = ocispec.Descriptor{}, nil
-		if err := json.Unmarshal(body, &man); err != nil {
-			return fail("manifest %s is not JSON: %v", desc.Digest, err)
-		}
+		res.Error = err.Error()
+		return res
 	}
 	if man.Config.Digest == "" {
-		return fail("manifest has no config: not an image manifest")
+		res.Error = "manifest has no config: not an image manifest"
+		return res
 	}
-	blobs := append([]ocispec.Descriptor{man.Config}, man.Layers...)
-	for i, desc := range blobs {
+	for i, desc := range append([]ocispec.Descriptor{man.Config}, man.Layers...) {
 		kind := "layer"
 		if i == 0 {
 			kind = "config"
 		}
-		f, err := w.blob(ctx, t, kind, desc)
+		f, err := w.blob(ctx, img, kind, desc)
 		res.Blobs = append(res.Blobs, f)
 		if err != nil {
-			return fail("%s %s: %v", kind, desc.Digest, err)
+			res.Error = fmt.Sprintf("%s %s: %v", kind, desc.Digest, err)
+			return res
 		}
 	}
 	return res
+}
+
+// total sums up the pull's requests once it is over, d after it began.
+func (res *PullResult) total(d time.Duration) {
+	res.Duration, res.DurationSeconds = roundDuration(d).String(), d.Seconds()
+	for _, b := range res.Blobs {
+		res.Size += b.Size
+	}
+	res.SizeText = formatBytes(res.Size)
+	res.Throughput = throughput(res.Size, d)
+}
+
+// resolve returns the manifest digest img names: its own, or what the
+// mirror answers a HEAD by tag with.
+func (w *Web) resolve(ctx context.Context, img oci.Image) (digest.Digest, error) {
+	if img.Digest != "" {
+		return img.Digest, nil
+	}
+	resp, err := w.request(ctx, http.MethodHead, img, peerproto.Manifests, img.Tag)
+	if err != nil {
+		return "", fmt.Errorf("resolving tag %s: %v", img.Tag, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("resolving tag %s: the mirror answered %s: %s", img.Tag, resp.Status, missHint)
+	}
+	dgst, err := oci.ParseDigest(resp.Header.Get("Docker-Content-Digest"))
+	if err != nil {
+		return "", fmt.Errorf("resolving tag %s: %v", img.Tag, err)
+	}
+	return dgst, nil
+}
+
+// imageDoc is the part of a manifest or index the pull reads.
+type imageDoc struct {
+	MediaType string               `json:"mediaType"`
+	Manifests []ocispec.Descriptor `json:"manifests"`
+	Config    ocispec.Descriptor   `json:"config"`
+	Layers    []ocispec.Descriptor `json:"layers"`
+}
+
+// imageManifest fetches the manifest dgst names and, when it is an index,
+// the manifest in it for this node's platform, recording each request in
+// res.
+func (w *Web) imageManifest(ctx context.Context, img oci.Image, dgst digest.Digest, res *PullResult) (imageDoc, error) {
+	var man imageDoc
+	if err := w.manifestDoc(ctx, img, dgst, res, &man); err != nil {
+		return man, err
+	}
+	if len(man.Manifests) == 0 {
+		return man, nil
+	}
+	res.Blobs[len(res.Blobs)-1].Kind = "index"
+	desc, err := pickPlatform(man.Manifests, runtime.GOOS, runtime.GOARCH)
+	if err != nil {
+		return man, fmt.Errorf("index %s: %v", dgst, err)
+	}
+	man.Config, man.Layers = ocispec.Descriptor{}, nil
+	return man, w.manifestDoc(ctx, img, desc.Digest, res, &man)
+}
+
+// manifestDoc fetches a manifest into man, recording the request in res.
+func (w *Web) manifestDoc(ctx context.Context, img oci.Image, dgst digest.Digest, res *PullResult, man *imageDoc) error {
+	body, f, err := w.manifest(ctx, img, dgst)
+	if f.Digest != "" {
+		res.Blobs = append(res.Blobs, f)
+	}
+	if err != nil {
+		return fmt.Errorf("manifest %s: %v", dgst, err)
+	}
+	if err := json.Unmarshal(body, man); err != nil {
+		return fmt.Errorf("manifest %s is not JSON: %v", dgst, err)
+	}
+	return nil
 }
 
 // missHint explains a 404 from the mirror.
 const missHint = "no node of this cluster holds it (containerd would pull it from the upstream registry)"
 
 // manifest GETs a manifest by digest and verifies it.
-func (w *Web) manifest(ctx context.Context, t target, dgst digest.Digest) ([]byte, Fetch, error) {
+func (w *Web) manifest(ctx context.Context, img oci.Image, dgst digest.Digest) ([]byte, Fetch, error) {
 	f := Fetch{Kind: "manifest", Digest: dgst.String(), Peers: []string{}}
 	start := time.Now()
-	resp, err := w.request(ctx, http.MethodGet, t, "manifests", dgst.String())
+	resp, err := w.request(ctx, http.MethodGet, img, peerproto.Manifests, dgst.String())
 	if err != nil {
 		return nil, Fetch{}, err
 	}
@@ -256,22 +249,22 @@ func (w *Web) manifest(ctx context.Context, t target, dgst digest.Digest) ([]byt
 	if resp.StatusCode != http.StatusOK {
 		return nil, Fetch{}, fmt.Errorf("the mirror answered %s: %s", resp.Status, missHint)
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxManifest+1))
+	body, err := peerproto.ReadManifest(resp.Body)
 	f.finish(resp, int64(len(body)), time.Since(start))
 	if err != nil {
 		return nil, f, fmt.Errorf("reading: %w", err)
 	}
-	if digest.FromBytes(body) != dgst {
-		return nil, f, fmt.Errorf("body does not match its digest")
+	if err := peerproto.VerifyManifest(body, dgst, -1); err != nil {
+		return nil, f, err
 	}
 	return body, f, nil
 }
 
 // blob GETs a blob, verifying and discarding it.
-func (w *Web) blob(ctx context.Context, t target, kind string, desc ocispec.Descriptor) (Fetch, error) {
+func (w *Web) blob(ctx context.Context, img oci.Image, kind string, desc ocispec.Descriptor) (Fetch, error) {
 	f := Fetch{Kind: kind, Digest: desc.Digest.String(), MediaType: desc.MediaType, Peers: []string{}}
 	start := time.Now()
-	resp, err := w.request(ctx, http.MethodGet, t, "blobs", desc.Digest.String())
+	resp, err := w.request(ctx, http.MethodGet, img, peerproto.Blobs, desc.Digest.String())
 	if err != nil {
 		return f, err
 	}
@@ -299,32 +292,17 @@ func (f *Fetch) finish(resp *http.Response, n int64, d time.Duration) {
 	f.Size, f.SizeText = n, formatBytes(n)
 	f.Duration, f.DurationSeconds = roundDuration(d).String(), d.Seconds()
 	f.Throughput = throughput(n, d)
-	f.Source, f.Peers = parseSource(resp.Header.Get(registry.SourceHeader))
+	f.Source, f.Peers = peerproto.ParseSource(resp.Header.Get(peerproto.SourceHeader))
 }
 
-// parseSource reads registry.SourceHeader: "local", "peer" or "peer a,b".
-func parseSource(h string) (string, []string) {
-	src, peers, _ := strings.Cut(h, " ")
-	if src == "" {
-		src = "unknown"
-	}
-	out := []string{}
-	for _, p := range strings.Split(peers, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return src, out
-}
-
-func (w *Web) request(ctx context.Context, method string, t target, kind, ref string) (*http.Response, error) {
-	u := strings.TrimSuffix(w.cfg.RegistryURL, "/") + "/v2/" + t.repository + "/" + kind + "/" + ref + "?ns=" + t.registry
+func (w *Web) request(ctx context.Context, method string, img oci.Image, segment, ref string) (*http.Response, error) {
+	u := peerproto.URL(w.cfg.RegistryURL, img.Repository, segment, ref, img.Registry)
 	req, err := http.NewRequestWithContext(ctx, method, u, nil)
 	if err != nil {
 		return nil, err
 	}
-	if kind == "manifests" {
-		req.Header.Set("Accept", strings.Join(manifestTypes, ", "))
+	if segment == peerproto.Manifests {
+		req.Header.Set("Accept", peerproto.ManifestAccept)
 	}
 	resp, err := w.client.Do(req)
 	if err != nil {

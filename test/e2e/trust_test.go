@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetmirror/fleetmirror/agent/mirror"
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
@@ -88,7 +88,7 @@ func (e *env) strangersGet403(t *testing.T) {
 	get := func(client *http.Client, url string, header string) (int, string) {
 		req, _ := http.NewRequestWithContext(e.ctx, http.MethodGet, url, nil)
 		if header != "" {
-			req.Header.Set(mirror.PeerHeader, header)
+			req.Header.Set(peerproto.PeerHeader, header)
 		}
 		resp, err := client.Do(req)
 		if err != nil {
