@@ -23,7 +23,6 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/oci"
 	"github.com/fleetmirror/fleetmirror/agent/peerauth"
 	"github.com/fleetmirror/fleetmirror/agent/peerproto"
-	"github.com/fleetmirror/fleetmirror/agent/routing"
 )
 
 // FollowWait is how long a node waits for the first bytes of the node it
@@ -43,7 +42,7 @@ var ErrNoSource = errors.New("no peer could serve it")
 
 // Mirror finds and fetches content from peers.
 type Mirror struct {
-	router         routing.Router
+	router         Router
 	client         *http.Client
 	followClient   *http.Client // client with the header timeout at followWait
 	followWait     time.Duration
@@ -56,6 +55,12 @@ type Mirror struct {
 	hints          *hints
 	bad            *badPeers
 	manifests      *recentManifests
+}
+
+// Router is what the mirror needs of the node's router.
+type Router interface {
+	// Lookup streams the registry addresses of up to count peers holding key.
+	Lookup(ctx context.Context, key string, count int) (<-chan netip.AddrPort, error)
 }
 
 // Option configures a Mirror.
@@ -93,7 +98,7 @@ func WithPeerKey(k *peerauth.Key) Option { return func(m *Mirror) { m.key = k } 
 func WithHTTPClient(c *http.Client) Option { return func(m *Mirror) { m.client = c } }
 
 // New returns a Mirror that finds peers through router.
-func New(router routing.Router, opts ...Option) (*Mirror, error) {
+func New(router Router, opts ...Option) (*Mirror, error) {
 	if router == nil {
 		return nil, errors.New("mirror: a router is required")
 	}

@@ -30,9 +30,21 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/store"
 )
 
+// Store is what the registry needs of the node's content store.
+type Store interface {
+	// Resolve returns the manifest digest a tag key points at.
+	Resolve(ctx context.Context, tagKey string) (digest.Digest, error)
+	// Descriptor returns the media type and size of content the node holds.
+	Descriptor(ctx context.Context, dgst digest.Digest) (ocispec.Descriptor, error)
+	// Open returns the content's bytes; the caller closes it.
+	Open(ctx context.Context, dgst digest.Digest) (io.ReadSeekCloser, error)
+	// Keys lists the tag keys and digests the node can serve.
+	Keys() []string
+}
+
 // Registry serves the distribution API.
 type Registry struct {
-	store   store.Store
+	store   Store
 	mirror  *mirror.Mirror
 	metrics *metrics.Metrics
 	log     *slog.Logger
@@ -128,7 +140,7 @@ func WithLogger(l *slog.Logger) Option { return func(r *Registry) { r.log = l } 
 func WithReadiness(f func(context.Context) error) Option { return func(r *Registry) { r.ready = f } }
 
 // New returns a registry serving from st.
-func New(st store.Store, opts ...Option) (*Registry, error) {
+func New(st Store, opts ...Option) (*Registry, error) {
 	if st == nil {
 		return nil, errors.New("registry: a store is required")
 	}

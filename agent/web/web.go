@@ -92,18 +92,6 @@ type Web struct {
 // Option configures a Web.
 type Option func(*Web)
 
-// WithRouter sets the router peers and lookups come from (required).
-func WithRouter(r Router) Option { return func(w *Web) { w.router = r } }
-
-// WithStore sets the store advertised keys come from (required).
-func WithStore(k Keys) Option { return func(w *Web) { w.store = k } }
-
-// WithGatherer sets the metrics registry the stats are read from (required).
-func WithGatherer(g prometheus.Gatherer) Option { return func(w *Web) { w.gatherer = g } }
-
-// WithConfig sets the configuration shown and the registry measured (required).
-func WithConfig(c Config) Option { return func(w *Web) { w.cfg = c } }
-
 // WithPrepStatus sets the node's prep check; without it the page says
 // "not configured".
 func WithPrepStatus(p PrepStatus) Option { return func(w *Web) { w.prep = p } }
@@ -115,20 +103,21 @@ func WithCanaryStatus(c CanaryStatus) Option { return func(w *Web) { w.canary = 
 // WithLogger sets the logger.
 func WithLogger(l *slog.Logger) Option { return func(w *Web) { w.log = l } }
 
-// New returns the debug page; Router, Store, Gatherer and a Config with a
-// RegistryURL are required.
-func New(opts ...Option) (*Web, error) {
-	w := &Web{log: slog.Default(), now: time.Now}
+// New returns the debug page of the node whose peers and lookups come
+// from router, advertised keys from store and stats from gatherer; cfg is
+// the configuration shown, and its RegistryURL the registry measured.
+func New(router Router, store Keys, gatherer prometheus.Gatherer, cfg Config, opts ...Option) (*Web, error) {
+	switch {
+	case router == nil:
+		return nil, errors.New("web: a router is required")
+	case store == nil:
+		return nil, errors.New("web: a store is required")
+	case gatherer == nil:
+		return nil, errors.New("web: a metrics gatherer is required")
+	}
+	w := &Web{router: router, store: store, gatherer: gatherer, cfg: cfg, log: slog.Default(), now: time.Now}
 	for _, o := range opts {
 		o(w)
-	}
-	switch {
-	case w.router == nil:
-		return nil, errors.New("web: a router is required (WithRouter)")
-	case w.store == nil:
-		return nil, errors.New("web: a store is required (WithStore)")
-	case w.gatherer == nil:
-		return nil, errors.New("web: a metrics gatherer is required (WithGatherer)")
 	}
 	u, err := url.Parse(w.cfg.RegistryURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {

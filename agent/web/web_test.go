@@ -77,9 +77,9 @@ func newNodes(t *testing.T, n int) []*node {
 				nd.router.peers = append(nd.router.peers, routing.Peer{ID: fmt.Sprintf("peer-%d", j), Address: a.String()})
 			}
 		}
-		nd.web, err = New(WithRouter(nd.router), WithStore(nd.store), WithGatherer(nd.metrics.Registry),
-			WithConfig(Config{RegistryURL: srv.URL, MirroredRegistries: []string{"example.com"}, ResolveTimeout: 20 * time.Millisecond,
-				ResolveRetries: 3, Version: "v-test"}))
+		nd.web, err = New(nd.router, nd.store, nd.metrics.Registry,
+			Config{RegistryURL: srv.URL, MirroredRegistries: []string{"example.com"}, ResolveTimeout: 20 * time.Millisecond,
+				ResolveRetries: 3, Version: "v-test"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -344,14 +344,16 @@ func TestStaticAndRedirect(t *testing.T) {
 
 func TestNewRequires(t *testing.T) {
 	nd := newNodes(t, 1)[0]
-	for name, opts := range map[string][]Option{
-		"router":   {WithStore(nd.store), WithGatherer(nd.metrics.Registry), WithConfig(Config{RegistryURL: "http://127.0.0.1:1"})},
-		"store":    {WithRouter(nd.router), WithGatherer(nd.metrics.Registry), WithConfig(Config{RegistryURL: "http://127.0.0.1:1"})},
-		"gatherer": {WithRouter(nd.router), WithStore(nd.store), WithConfig(Config{RegistryURL: "http://127.0.0.1:1"})},
-		"RegistryURL": {WithRouter(nd.router), WithStore(nd.store), WithGatherer(nd.metrics.Registry),
-			WithConfig(Config{RegistryURL: ":30120"})},
+	cfg := Config{RegistryURL: "http://127.0.0.1:1"}
+	for name, newWeb := range map[string]func() (*Web, error){
+		"router":   func() (*Web, error) { return New(nil, nd.store, nd.metrics.Registry, cfg) },
+		"store":    func() (*Web, error) { return New(nd.router, nil, nd.metrics.Registry, cfg) },
+		"gatherer": func() (*Web, error) { return New(nd.router, nd.store, nil, cfg) },
+		"RegistryURL": func() (*Web, error) {
+			return New(nd.router, nd.store, nd.metrics.Registry, Config{RegistryURL: ":30120"})
+		},
 	} {
-		if _, err := New(opts...); err == nil || !strings.Contains(err.Error(), name) {
+		if _, err := newWeb(); err == nil || !strings.Contains(err.Error(), name) {
 			t.Errorf("without %s: %v", name, err)
 		}
 	}

@@ -501,15 +501,15 @@ func (c *mirrorConfig) canary(m *metrics.Metrics, log *slog.Logger) (*canary.Can
 
 // debugPage serves /debug/web.
 func (c *mirrorConfig) debugPage(router web.Router, st web.Keys, m *metrics.Metrics, regs []hosts.Registry, can *canary.Canary, log *slog.Logger) (http.Handler, error) {
-	opts := []web.Option{web.WithRouter(router), web.WithStore(st), web.WithGatherer(m.Registry),
-		web.WithLogger(log.With("component", "web")), web.WithConfig(web.Config{
-			RegistryURL:        localURL(c.registryAddr),
-			MirroredRegistries: hostsOf(regs),
-			MirrorTargets:      c.mirrorTargets,
-			ResolveTimeout:     c.resolveTimeout,
-			ResolveRetries:     c.resolveRetries,
-			Version:            version.Version,
-		})}
+	cfg := web.Config{
+		RegistryURL:        localURL(c.registryAddr),
+		MirroredRegistries: hostsOf(regs),
+		MirrorTargets:      c.mirrorTargets,
+		ResolveTimeout:     c.resolveTimeout,
+		ResolveRetries:     c.resolveRetries,
+		Version:            version.Version,
+	}
+	opts := []web.Option{web.WithLogger(log.With("component", "web"))}
 	// Without --prep-check-config the page says "not configured".
 	if c.prepCheckConfig != "" {
 		opts = append(opts, web.WithPrepStatus(c.prepStatus))
@@ -520,7 +520,7 @@ func (c *mirrorConfig) debugPage(router web.Router, st web.Keys, m *metrics.Metr
 			return s.Verdict, s.Summary()
 		}))
 	}
-	dw, err := web.New(opts...)
+	dw, err := web.New(router, st, m.Registry, cfg, opts...)
 	if err != nil {
 		return nil, err
 	}
