@@ -161,37 +161,7 @@ func New(st Store, opts ...Option) (*Registry, error) {
 }
 
 func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
-	switch req.URL.Path {
-	case "/livez":
-		w.WriteHeader(http.StatusOK)
-		io.WriteString(w, "ok\n")
-		return
-	case "/readyz":
-		if err := r.ready(req.Context()); err != nil {
-			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		io.WriteString(w, "ok\n")
-		return
-	case "/v2", "/v2/":
-		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-		if !readOnly(w, req) {
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		io.WriteString(w, "{}")
-		return
-	}
-	if !readOnly(w, req) {
-		return
-	}
-	if !strings.HasPrefix(req.URL.Path, "/v2/") {
-		writeError(w, http.StatusNotFound, "NOT_FOUND", "not a distribution API path: "+req.URL.Path)
-		return
-	}
-	if rng := req.Header.Values("Range"); len(rng) > 1 || (len(rng) == 1 && len(rng[0]) > maxRangeHeader) {
-		writeError(w, http.StatusBadRequest, "RANGE_INVALID", fmt.Sprintf(
-			"one Range header of at most %d bytes, e.g. bytes=1048576-, is served here", maxRangeHeader))
+	if r.serveProbe(w, req) || !admissible(w, req) {
 		return
 	}
 	release, ok := r.limit.acquire(w, req)
@@ -212,6 +182,58 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		writeParseError(w, err)
 		return
 	}
+	r.serveContent(w, req, oreq)
+}
+
+// serveProbe answers the liveness and readiness probes and the API
+// version check, and reports whether it did.
+func (r *Registry) serveProbe(w http.ResponseWriter, req *http.Request) bool {
+	switch req.URL.Path {
+	case "/livez":
+		w.WriteHeader(http.StatusOK)
+		io.WriteString(w, "ok\n")
+	case "/readyz":
+		if err := r.ready(req.Context()); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return true
+		}
+		io.WriteString(w, "ok\n")
+	case "/v2", "/v2/":
+		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+		if !readOnly(w, req) {
+			return true
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, "{}")
+	default:
+		return false
+	}
+	return true
+}
+
+// admissible refuses, before the request takes a place in the limiter,
+// what this read-only mirror never serves: other methods than GET and
+// HEAD, paths outside the distribution API, and more than one short Range.
+func admissible(w http.ResponseWriter, req *http.Request) bool {
+	if !readOnly(w, req) {
+		return false
+	}
+	if !strings.HasPrefix(req.URL.Path, "/v2/") {
+		writeError(w, http.StatusNotFound, "NOT_FOUND", "not a distribution API path: "+req.URL.Path)
+		return false
+	}
+	if rng := req.Header.Values("Range"); len(rng) > 1 || (len(rng) == 1 && len(rng[0]) > maxRangeHeader) {
+		writeError(w, http.StatusBadRequest, "RANGE_INVALID", fmt.Sprintf(
+			"one Range header of at most %d bytes, e.g. bytes=1048576-, is served here", maxRangeHeader))
+		return false
+	}
+	return true
+}
+
+// serveContent answers a request for a manifest or blob: from the node's
+// store, to a peer from what is in flight, or else from peers; a peer's
+// request is never forwarded.
+func (r *Registry) serveContent(w http.ResponseWriter, req *http.Request, oreq oci.Request) {
 	if !r.policy.Shared(oreq) {
 		r.metrics.Requests.WithLabelValues(r.metrics.RegistryLabel(oreq.Registry), string(oreq.Kind), metrics.OutcomeMiss).Inc()
 		writeError(w, http.StatusNotFound, notFoundCode(oreq), oreq.Registry+"/"+oreq.Repository+
@@ -227,10 +249,11 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	if r.serveLocal(w, req, oreq) {
 		return
 	}
-	if req.Header.Get(peerproto.PeerHeader) != "" && r.serveInFlight(w, req, oreq) {
+	fromPeer := req.Header.Get(peerproto.PeerHeader) != ""
+	if fromPeer && r.serveInFlight(w, req, oreq) {
 		return
 	}
-	if req.Header.Get(peerproto.PeerHeader) != "" || r.mirror == nil {
+	if fromPeer || r.mirror == nil {
 		// Never forward a peer's request: it would bounce between agents.
 		notFound(w, oreq)
 		return
