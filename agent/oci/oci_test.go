@@ -249,3 +249,22 @@ func FuzzParseImage(f *testing.F) {
 		}
 	})
 }
+
+// TestParseReference: a reference as a person types it on the debug page.
+func TestParseReference(t *testing.T) {
+	for in, want := range map[string]Image{
+		"nginx":                           {Registry: "docker.io", Repository: "library/nginx", Tag: "latest"},
+		" example.com/team/app:v1 ":       {Registry: "example.com", Repository: "team/app", Tag: "v1"},
+		"registry:5000/app:v1@" + dgst:    {Registry: "registry:5000", Repository: "app", Digest: dgst},
+		"docker.io/library/nginx@" + dgst: {Registry: "docker.io", Repository: "library/nginx", Digest: dgst},
+	} {
+		if got, err := ParseReference(in); err != nil || got != want {
+			t.Errorf("ParseReference(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "example.com/Team/app:v1", "example.com/app:bad tag"} {
+		if _, err := ParseReference(bad); err == nil {
+			t.Errorf("ParseReference(%q) accepted", bad)
+		}
+	}
+}
