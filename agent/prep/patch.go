@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -427,7 +428,7 @@ func set(src []byte, d *document, table []string, key string, v any) ([]byte, er
 		switch {
 		case e.kind == unstable.ArrayTable && hasPrefix(full, e.path):
 			return nil, refuse("line %d: %s is an array of tables; set %s %s by hand", e.line(d.src), displayTable(e.path), displayTable(table), key)
-		case e.kind == unstable.KeyValue && equal(e.path, full):
+		case e.kind == unstable.KeyValue && slices.Equal(e.path, full):
 			// Keep the quoting the value had.
 			if q := src[e.valStart]; q == '"' || q == '\'' {
 				val = (&document{singleQuotes: q == '\''}).renderValue(v)
@@ -440,7 +441,7 @@ func set(src []byte, d *document, table []string, key string, v any) ([]byte, er
 	}
 	// The table has a header: add the key after its last key/value.
 	for i, e := range d.exprs {
-		if e.kind != unstable.Table || !equal(e.path, table) {
+		if e.kind != unstable.Table || !slices.Equal(e.path, table) {
 			continue
 		}
 		last, indent := e, e.indent+d.step

@@ -39,6 +39,8 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 	"github.com/multiformats/go-multihash"
+
+	"github.com/fleetmirror/fleetmirror/agent/internal/atomicfile"
 )
 
 const (
@@ -792,23 +794,8 @@ func loadOrCreateKey(dir string) (crypto.PrivKey, error) {
 		return nil, err
 	}
 	// Write then rename, so a crash never leaves a truncated key behind.
-	f, err := os.CreateTemp(dir, ".peer.key-*")
-	if err != nil {
+	if err := atomicfile.Write(path, b, 0o600); err != nil {
 		return nil, fmt.Errorf("routing: identity key: %w", err)
-	}
-	_, werr := f.Write(b)
-	if werr == nil {
-		werr = f.Sync()
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr == nil {
-		werr = os.Rename(f.Name(), path)
-	}
-	if werr != nil {
-		_ = os.Remove(f.Name())
-		return nil, fmt.Errorf("routing: identity key: %w", werr)
 	}
 	return k, nil
 }
