@@ -472,8 +472,7 @@ func (c *mirrorConfig) rewriteHosts(ctx context.Context, in <-chan struct{}, out
 // router starts the libp2p router, bootstrapping from the static peers or
 // the DNS name when one is given.
 func (c *mirrorConfig) router(ctx context.Context, port uint16, key *peerauth.Key, log *slog.Logger) (*routing.P2P, error) {
-	opts := []routing.Option{routing.WithListenAddr(c.routerAddr), routing.WithRegistryPort(port),
-		routing.WithDataDir(c.dataDir), routing.WithLogger(log.With("component", "routing"))}
+	opts := []routing.Option{routing.WithLogger(log.With("component", "routing"))}
 	if key != nil {
 		opts = append(opts, routing.WithNetworkKey(key.PSK()))
 	}
@@ -483,7 +482,7 @@ func (c *mirrorConfig) router(ctx context.Context, port uint16, key *peerauth.Ke
 	case c.bootstrapDNS != "":
 		opts = append(opts, routing.WithBootstrapper(routing.DNSBootstrapper{Name: c.bootstrapDNS, Port: port}))
 	}
-	return routing.NewP2P(ctx, opts...)
+	return routing.NewP2P(ctx, c.routerAddr, port, routing.KeyIn(c.dataDir), opts...)
 }
 
 // canary returns the node's canary, nil when --canary-interval is 0.
