@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fleetmirror/fleetmirror/agent/advertise"
 	"github.com/fleetmirror/fleetmirror/agent/canary"
 	"github.com/fleetmirror/fleetmirror/agent/claim"
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
@@ -31,7 +32,6 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/prep"
 	"github.com/fleetmirror/fleetmirror/agent/registry"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
-	"github.com/fleetmirror/fleetmirror/agent/state"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 	"github.com/fleetmirror/fleetmirror/agent/version"
 	"github.com/fleetmirror/fleetmirror/agent/web"
@@ -334,7 +334,10 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		}
 		return nil
 	}
-	tr := &state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs), Policy: pol}
+	tr, err := advertise.New(st, router, advertise.WithMetrics(m), advertise.WithLogger(log.With("component", "advertise")), advertise.WithRegistries(hostsOf(regs)), advertise.WithPolicy(pol))
+	if err != nil {
+		return err
+	}
 	regOpts := []registry.Option{registry.WithMirror(mir), registry.WithMetrics(m), registry.WithPolicy(pol),
 		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready), registry.WithMaxRequests(c.maxRequests),
 		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr)}
