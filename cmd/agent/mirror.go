@@ -280,12 +280,12 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	log.Info("starting mirror", "version", version.Version, "registries", c.mirroredRegistries.String(), "resolveTimeout", c.resolveTimeout.String())
 
-	stOpts := []store.Option{store.WithSocket(c.containerdSocket), store.WithNamespace(c.containerdNamespace),
+	stOpts := []store.Option{store.WithNamespace(c.containerdNamespace),
 		store.WithContentDir(c.contentDir), store.WithLogger(log.With("component", "store"))}
 	if pol.HasPrivate() {
 		stOpts = append(stOpts, store.WithShared(pol.SharedImage))
 	}
-	st, err := store.NewContainerd(ctx, stOpts...)
+	st, err := store.NewContainerd(ctx, c.containerdSocket, stOpts...)
 	if err != nil {
 		return err
 	}
