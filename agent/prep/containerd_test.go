@@ -65,28 +65,26 @@ var config2x = nodeConfig(3, 2, `  [plugins."io.containerd.cri.v1.images"]
     disable_tcp_service = true
 `)
 
-var config16 = nodeConfig(2, 1, `  [plugins."io.containerd.grpc.v1.cri"]
-    disable_tcp_service = true
-    [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "native"
-      discard_unpacked_layers = true
-    [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "%[1]s/cni-bin"
-      conf_dir = "%[1]s/cni-conf"
-`)
+var config16 = nodeConfig(2, 1, criV1Tables("native"))
 
 // config2xV2 is a version 2 file on containerd 2.x, which migrates it on
 // load: what prep writes for an empty config.toml (version 2 with the
 // 1.x tables) must take effect there too.
-var config2xV2 = nodeConfig(2, 2, `  [plugins."io.containerd.grpc.v1.cri"]
+var config2xV2 = nodeConfig(2, 2, criV1Tables("overlayfs"))
+
+// criV1Tables are the CRI tables of a version 2 config without the
+// settings, with snapshotter.
+func criV1Tables(snapshotter string) string {
+	return `  [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
     [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "overlayfs"
+      snapshotter = "` + snapshotter + `"
       discard_unpacked_layers = true
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "%[1]s/cni-bin"
       conf_dir = "%[1]s/cni-conf"
-`)
+`
+}
 
 // unit is a containerd run the way systemd would run containerd.service:
 // restart stops it and starts it again from the same config.
