@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/internal/atomicfile"
 )
 
 // Write installs cfg's hosts.toml files under cfg.CertsDir and removes the
@@ -230,11 +232,11 @@ func writeRegistry(cfg Config, mirrors []string, r Registry) error {
 		if st, err := os.Stat(file); err == nil {
 			mode = st.Mode().Perm()
 		}
-		if err := writeAtomic(backup, cur, mode); err != nil {
+		if err := atomicfile.Write(backup, cur, mode); err != nil {
 			return fmt.Errorf("backing up %s: %w", file, err)
 		}
 	}
-	return writeAtomic(file, content, 0o644)
+	return atomicfile.Write(file, content, 0o644)
 }
 
 // cleanupDir restores or removes what we did in one registry directory.
@@ -278,60 +280,21 @@ func isNotEmpty(dir string) bool {
 	return err == nil && len(entries) > 0
 }
 
-// staleTemp is how old a temp file of writeAtomic must be before Write
+// staleTemp is how old a temp file of atomicfile.Write must be before Write
 // removes it: an agent killed between create and rename leaves one behind,
 // while a younger one may belong to a writer still at work (the old and
 // the new agent pod overlap during an update).
 const staleTemp = time.Minute
 
-// sweepTemps removes writeAtomic's temp files for hosts.toml and its
+// sweepTemps removes atomicfile.Write's temp files for hosts.toml and its
 // backup in dir that are at least olderThan old. Nothing else matches.
 func sweepTemps(dir string, olderThan time.Duration) {
 	for _, base := range []string{FileName, FileName + BackupSuffix} {
-		matches, _ := filepath.Glob(filepath.Join(dir, "."+base+tempInfix+"*"))
+		matches, _ := filepath.Glob(filepath.Join(dir, "."+base+atomicfile.TempInfix+"*"))
 		for _, m := range matches {
 			if st, err := os.Lstat(m); err == nil && st.Mode().IsRegular() && time.Since(st.ModTime()) >= olderThan {
 				_ = os.Remove(m)
 			}
 		}
 	}
-}
-
-// tempInfix sits between a file's name and the random part in the names
-// of writeAtomic's temp files.
-const tempInfix = ".tmp-"
-
-// writeAtomic replaces name via a temp file in the same directory and a
-// rename, so containerd, which reads hosts.toml on every pull, never sees a
-// partial file.
-func writeAtomic(name string, data []byte, mode fs.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+tempInfix+"*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Chmod(mode); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, name); err != nil {
-		return err
-	}
-	ok = true
-	return nil
 }

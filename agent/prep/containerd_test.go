@@ -32,44 +32,19 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/prep"
 	"github.com/fleetmirror/fleetmirror/agent/systemd"
 	"github.com/fleetmirror/fleetmirror/agent/systemd/systemdtest"
+	"github.com/fleetmirror/fleetmirror/test/cluster/containerdconfig"
 )
 
-// nodeTables are the tables every test config shares: its own root,
-// state and sockets, and no plugin that cannot run here.
-const nodeTables = `root = "%[1]s/root"
-state = "%[1]s/state"
-imports = []
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.erofs",
-  "io.containerd.snapshotter.v1.blockfile",
-  "io.containerd.differ.v1.erofs",
-  "io.containerd.mount-handler.v1.erofs",
-  "io.containerd.nri.v1.nri",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "%[1]s/c.sock"
-
-[ttrpc]
-  address = "%[1]s/c.sock.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "%[1]s/opt"
-
-`
+// nodeConfig is a test config for containerd major version major in
+// dir: containerdconfig's (its own root, state and sockets, and no plugin
+// that cannot run here) with plugins, the CRI tables of the test.
+func nodeConfig(version, major int, plugins string) func(dir string) string {
+	return func(dir string) string {
+		return containerdconfig.Config{Version: version, Major: major, NoImports: true,
+			Root: dir + "/root", State: dir + "/state", Socket: dir + "/c.sock", Opt: dir + "/opt",
+			Plugins: strings.ReplaceAll(plugins, "%[1]s", dir)}.String()
+	}
+}
 
 // Configs "without these settings": no registry config_path anywhere and
 // discard_unpacked_layers = true (what EKS ships), so a CRI pull neither
@@ -77,8 +52,7 @@ disabled_plugins = [
 // has its own root, state and sockets; plugins that cannot run here are
 // disabled (as in test/cluster). 2.x's transfer service unpacks only for
 // its configured snapshotter, overlayfs.
-const config2x = `version = 3
-` + nodeTables + `  [plugins."io.containerd.cri.v1.images"]
+var config2x = nodeConfig(3, 2, `  [plugins."io.containerd.cri.v1.images"]
     snapshotter = "overlayfs"
     discard_unpacked_layers = true
 
@@ -89,60 +63,28 @@ const config2x = `version = 3
 
   [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
-`
+`)
 
-const config16 = `version = 2
-root = "%[1]s/root"
-state = "%[1]s/state"
-imports = []
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "%[1]s/c.sock"
-
-[ttrpc]
-  address = "%[1]s/c.sock.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "%[1]s/opt"
-
-  [plugins."io.containerd.grpc.v1.cri"]
-    disable_tcp_service = true
-    [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "native"
-      discard_unpacked_layers = true
-    [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "%[1]s/cni-bin"
-      conf_dir = "%[1]s/cni-conf"
-`
+var config16 = nodeConfig(2, 1, criV1Tables("native"))
 
 // config2xV2 is a version 2 file on containerd 2.x, which migrates it on
 // load: what prep writes for an empty config.toml (version 2 with the
 // 1.x tables) must take effect there too.
-const config2xV2 = `version = 2
-` + nodeTables + `  [plugins."io.containerd.grpc.v1.cri"]
+var config2xV2 = nodeConfig(2, 2, criV1Tables("overlayfs"))
+
+// criV1Tables are the CRI tables of a version 2 config without the
+// settings, with snapshotter.
+func criV1Tables(snapshotter string) string {
+	return `  [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
     [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "overlayfs"
+      snapshotter = "` + snapshotter + `"
       discard_unpacked_layers = true
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "%[1]s/cni-bin"
       conf_dir = "%[1]s/cni-conf"
 `
+}
 
 // unit is a containerd run the way systemd would run containerd.service:
 // restart stops it and starts it again from the same config.
@@ -229,8 +171,9 @@ func TestPrepRealContainerd(t *testing.T) {
 		v2 = "/var/cache/fleetmirror/tools/containerd-v2.4.2/bin/containerd"
 	}
 	for _, tc := range []struct {
-		name, bin, config string
-		link              bool
+		name, bin string
+		config    func(dir string) string
+		link      bool
 	}{
 		{"containerd-2", v2, config2x, false},
 		{"containerd-1.6", "/usr/bin/containerd", config16, false},
@@ -240,7 +183,7 @@ func TestPrepRealContainerd(t *testing.T) {
 	}
 }
 
-func testPrep(t *testing.T, bin, config string, link bool) {
+func testPrep(t *testing.T, bin string, config func(dir string) string, link bool) {
 	if _, err := os.Stat(bin); err != nil {
 		t.Fatalf("%v (run `make tools`)", err)
 	}
@@ -265,7 +208,7 @@ func testPrep(t *testing.T, bin, config string, link bool) {
 			t.Fatal(err)
 		}
 	}
-	if err := os.WriteFile(file, []byte(fmt.Sprintf(config, dir)), 0o644); err != nil {
+	if err := os.WriteFile(file, []byte(config(dir)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	u := startUnit(t, ctx, bin, dir)
@@ -436,7 +379,9 @@ func TestMigrateMirrorsRealContainerd(t *testing.T) {
     endpoint = ["%s"]
 `
 	for _, tc := range []struct {
-		name, bin, config, mirrors string
+		name, bin string
+		config    func(dir string) string
+		mirrors   string
 	}{
 		{"containerd-1.6", "/usr/bin/containerd", config16, v1Mirrors},
 		{"containerd-2-version-2", v2, config2xV2, v1Mirrors},
@@ -457,7 +402,7 @@ func counting(h http.Handler) (*httptest.Server, *atomic.Int64) {
 	})), &n
 }
 
-func testMigrate(t *testing.T, bin, config, mirrors string) {
+func testMigrate(t *testing.T, bin string, config func(dir string) string, mirrors string) {
 	if _, err := os.Stat(bin); err != nil {
 		t.Fatalf("%v (run `make tools`)", err)
 	}
@@ -492,7 +437,7 @@ func testMigrate(t *testing.T, bin, config, mirrors string) {
 		os.MkdirAll(filepath.Join(dir, d), 0o755)
 	}
 	cfgPath := filepath.Join(dir, "config.toml")
-	src := fmt.Sprintf(config, dir) + fmt.Sprintf(mirrors, upHost, mirror.URL)
+	src := config(dir) + fmt.Sprintf(mirrors, upHost, mirror.URL)
 	if err := os.WriteFile(cfgPath, []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -125,19 +126,10 @@ func Patch(src []byte, o Options) (*Plan, error) {
 	if o.CertsDir == "" || !filepath.IsAbs(o.CertsDir) {
 		return nil, fmt.Errorf("certs dir %q: want an absolute path, e.g. /etc/containerd/certs.d", o.CertsDir)
 	}
-	var before map[string]any
-	if err := toml.Unmarshal(src, &before); err != nil {
-		return nil, refuse("the file does not parse as TOML (%s); fix it (containerd would not start with it either)", parseError(err))
-	}
 	orig := src
-	fromEmpty := len(before) == 0
-	if fromEmpty {
-		// No keys at all (empty, blank or only comments) is containerd's
-		// defaults. Version 2 is the header every supported containerd
-		// reads: 1.6 and 1.7 natively, 2.x by migrating it on load, so
-		// the tables added below mean the same on either.
-		src = insertLine(src, len(src), "version = 2")
-		before = map[string]any{"version": int64(2)}
+	before, src, fromEmpty, err := decode(src)
+	if err != nil {
+		return nil, err
 	}
 	doc, err := parseDocument(src)
 	if err != nil {
@@ -147,63 +139,17 @@ func Patch(src []byte, o Options) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	cps, discard := targets(version)
 	mirrorTables, err := checkLayout(before, version, o)
 	if err != nil {
 		return nil, err
 	}
-	plan := &Plan{Version: version, FromEmpty: fromEmpty}
-	out := src
-	if len(mirrorTables) > 0 {
-		seen := map[string]string{}
-		for _, t := range mirrorTables {
-			files, err := migrateMirrors(t, lookup(before, append(t, "mirrors")).(map[string]any), o.CertsDir)
-			if err != nil {
-				return nil, err
-			}
-			for _, f := range files {
-				if prev, ok := seen[f.Dir]; ok {
-					return nil, refuse("both %s and %s are mirrors for %q; keep one and run prep again", prev, displayTable(f.Table), f.Registry)
-				}
-				seen[f.Dir] = displayTable(f.Table)
-			}
-			plan.Hosts = append(plan.Hosts, files...)
-			out = removeTree(out, doc, append(t, "mirrors"))
-			if doc, err = parseDocument(out); err != nil {
-				return nil, fmt.Errorf("internal error: file without mirrors does not scan: %v", err)
-			}
-		}
+	plan := &Plan{Version: version, FromEmpty: fromEmpty, Settings: settings(before, version, o)}
+	out, doc, err := migrate(plan, before, mirrorTables, src, doc, o)
+	if err != nil {
+		return nil, err
 	}
-
-	// discard first: its table is the parent of the registry table in
-	// version 3, and a new parent reads better above its child.
-	cur := lookup(before, append(discard.table, discard.key))
-	plan.Settings = append(plan.Settings, Setting{Table: discard.table, Key: discard.key, Current: cur, Want: false, OK: cur == false})
-	for _, t := range cps {
-		cur := lookup(before, append(t.table, t.key))
-		plan.Settings = append(plan.Settings, Setting{Table: t.table, Key: t.key, Current: cur, Want: o.CertsDir, OK: namesDir(cur, o.CertsDir, version)})
-	}
-
-	for _, s := range plan.Settings {
-		if s.OK {
-			continue
-		}
-		if s.Key == "config_path" {
-			if err := checkConfigPath(s, o, version); err != nil {
-				return plan, err
-			}
-		} else if s.Current != nil {
-			if _, ok := s.Current.(bool); !ok {
-				return plan, refuse("%s %s is %#v, not true or false; fix it by hand", displayTable(s.Table), s.Key, s.Current)
-			}
-		}
-		if out, err = set(out, doc, s.Table, s.Key, s.Want); err != nil {
-			return plan, err
-		}
-		// Positions moved: scan the edited file again for the next edit.
-		if doc, err = parseDocument(out); err != nil {
-			return plan, fmt.Errorf("internal error: patched file does not scan: %v", err)
-		}
+	if out, err = apply(plan, out, doc, o); err != nil {
+		return plan, err
 	}
 	if err := verify(src, out, plan.Settings, mirrorTables); err != nil {
 		return plan, err
@@ -211,6 +157,88 @@ func Patch(src []byte, o Options) (*Plan, error) {
 	plan.Patched = out
 	plan.Changed = string(out) != string(orig)
 	return plan, nil
+}
+
+// decode reads src as TOML. A file without keys (empty, blank or only
+// comments) is containerd's defaults: it comes back with a version line
+// added, and fromEmpty set.
+func decode(src []byte) (before map[string]any, out []byte, fromEmpty bool, err error) {
+	if err := toml.Unmarshal(src, &before); err != nil {
+		return nil, nil, false, refuse("the file does not parse as TOML (%s); fix it (containerd would not start with it either)", parseError(err))
+	}
+	if len(before) > 0 {
+		return before, src, false, nil
+	}
+	// Version 2 is the header every supported containerd reads: 1.6 and
+	// 1.7 natively, 2.x by migrating it on load, so the tables added below
+	// mean the same on either.
+	return map[string]any{"version": int64(2)}, insertLine(src, len(src), "version = 2"), true, nil
+}
+
+// migrate moves the inline mirrors of mirrorTables out of src into
+// plan.Hosts (hosts.toml files) and returns src without them, scanned again.
+func migrate(plan *Plan, before map[string]any, mirrorTables [][]string, src []byte, doc *document, o Options) ([]byte, *document, error) {
+	seen := map[string]string{}
+	for _, t := range mirrorTables {
+		files, err := migrateMirrors(t, lookup(before, append(t, "mirrors")).(map[string]any), o.CertsDir)
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, f := range files {
+			if prev, ok := seen[f.Dir]; ok {
+				return nil, nil, refuse("both %s and %s are mirrors for %q; keep one and run prep again", prev, displayTable(f.Table), f.Registry)
+			}
+			seen[f.Dir] = displayTable(f.Table)
+		}
+		plan.Hosts = append(plan.Hosts, files...)
+		src = removeTree(src, doc, append(t, "mirrors"))
+		if doc, err = parseDocument(src); err != nil {
+			return nil, nil, fmt.Errorf("internal error: file without mirrors does not scan: %v", err)
+		}
+	}
+	return src, doc, nil
+}
+
+// settings lists the keys prep sets, with their current values in before.
+func settings(before map[string]any, version int, o Options) []Setting {
+	cps, discard := targets(version)
+	// discard first: its table is the parent of the registry table in
+	// version 3, and a new parent reads better above its child.
+	cur := lookup(before, append(discard.table, discard.key))
+	out := []Setting{{Table: discard.table, Key: discard.key, Current: cur, Want: false, OK: cur == false}}
+	for _, t := range cps {
+		cur := lookup(before, append(t.table, t.key))
+		out = append(out, Setting{Table: t.table, Key: t.key, Current: cur, Want: o.CertsDir, OK: namesDir(cur, o.CertsDir, version)})
+	}
+	return out
+}
+
+// apply edits src for each setting of plan that is not OK yet, refusing
+// values it should not overwrite.
+func apply(plan *Plan, src []byte, doc *document, o Options) ([]byte, error) {
+	var err error
+	for _, s := range plan.Settings {
+		if s.OK {
+			continue
+		}
+		if s.Key == "config_path" {
+			if err := checkConfigPath(s, o, plan.Version); err != nil {
+				return nil, err
+			}
+		} else if s.Current != nil {
+			if _, ok := s.Current.(bool); !ok {
+				return nil, refuse("%s %s is %#v, not true or false; fix it by hand", displayTable(s.Table), s.Key, s.Current)
+			}
+		}
+		if src, err = set(src, doc, s.Table, s.Key, s.Want); err != nil {
+			return nil, err
+		}
+		// Positions moved: scan the edited file again for the next edit.
+		if doc, err = parseDocument(src); err != nil {
+			return nil, fmt.Errorf("internal error: patched file does not scan: %v", err)
+		}
+	}
+	return src, nil
 }
 
 // parseError names the line and column of a TOML error, so the file can
@@ -420,27 +448,50 @@ func describe(settings []Setting) string {
 // set makes table.key read v, by the smallest edit of src.
 func set(src []byte, d *document, table []string, key string, v any) ([]byte, error) {
 	full := append(append([]string{}, table...), key)
+	if out, done, err := replaceValue(src, d, table, full, v); done {
+		return out, err
+	}
 	val := d.renderValue(v)
-	// Anything on the way that is not a plain table (an inline table, an
-	// array of tables, a scalar) cannot take a key by a local edit.
+	if out, ok := appendToTable(src, d, table, key, val); ok {
+		return out, nil
+	}
+	if out, ok := appendDotted(src, d, table, full, val); ok {
+		return out, nil
+	}
+	return addTable(src, d, table, key, val), nil
+}
+
+// replaceValue replaces the value of key full (table and key) where it is
+// set; done is false when it is not set and nothing on the way to it keeps
+// set from adding it. Anything on the way that is not a plain table (an
+// inline table, an array of tables, a scalar) cannot take a key by a local
+// edit.
+func replaceValue(src []byte, d *document, table, full []string, v any) (out []byte, done bool, err error) {
+	key := full[len(full)-1]
 	for _, e := range d.exprs {
 		switch {
 		case e.kind == unstable.ArrayTable && hasPrefix(full, e.path):
-			return nil, refuse("line %d: %s is an array of tables; set %s %s by hand", e.line(d.src), displayTable(e.path), displayTable(table), key)
-		case e.kind == unstable.KeyValue && equal(e.path, full):
+			return nil, true, refuse("line %d: %s is an array of tables; set %s %s by hand", e.line(d.src), displayTable(e.path), displayTable(table), key)
+		case e.kind == unstable.KeyValue && slices.Equal(e.path, full):
+			val := d.renderValue(v)
 			// Keep the quoting the value had.
 			if q := src[e.valStart]; q == '"' || q == '\'' {
 				val = (&document{singleQuotes: q == '\''}).renderValue(v)
 			}
-			return splice(src, e.valStart, e.end, val), nil
+			return splice(src, e.valStart, e.end, val), true, nil
 		case e.kind == unstable.KeyValue && hasPrefix(full, e.path):
-			return nil, refuse("line %d: %s is written inline (%s = ...); write it as a [table] or set %s by hand",
+			return nil, true, refuse("line %d: %s is written inline (%s = ...); write it as a [table] or set %s by hand",
 				e.line(d.src), strings.Join(e.path, "."), d.renderKey(e.path[len(e.path)-e.keyLen:]), key)
 		}
 	}
-	// The table has a header: add the key after its last key/value.
+	return nil, false, nil
+}
+
+// appendToTable adds key after the last key/value of table's header, when
+// table has one.
+func appendToTable(src []byte, d *document, table []string, key, val string) ([]byte, bool) {
 	for i, e := range d.exprs {
-		if e.kind != unstable.Table || !equal(e.path, table) {
+		if e.kind != unstable.Table || !slices.Equal(e.path, table) {
 			continue
 		}
 		last, indent := e, e.indent+d.step
@@ -450,10 +501,14 @@ func set(src []byte, d *document, table []string, key string, v any) ([]byte, er
 			}
 			last, indent = k, k.indent
 		}
-		return insertLine(src, last.lineEnd, indent+d.renderKey([]string{key})+" = "+val), nil
+		return insertLine(src, last.lineEnd, indent+d.renderKey([]string{key})+" = "+val), true
 	}
-	// The table exists through dotted keys (registry.x = ... under its
-	// parent): add another dotted key next to the last of them.
+	return nil, false
+}
+
+// appendDotted adds key as another dotted key next to the last one, when
+// table exists only through dotted keys (registry.x = ... under its parent).
+func appendDotted(src []byte, d *document, table, full []string, val string) ([]byte, bool) {
 	var dotted *expr
 	for i, e := range d.exprs {
 		// Only keys whose dotted part names the table, not keys under a
@@ -462,12 +517,16 @@ func set(src []byte, d *document, table []string, key string, v any) ([]byte, er
 			dotted = &d.exprs[i]
 		}
 	}
-	if dotted != nil {
-		base := len(dotted.path) - dotted.keyLen
-		return insertLine(src, dotted.lineEnd, dotted.indent+d.renderKey(full[base:])+" = "+val), nil
+	if dotted == nil {
+		return nil, false
 	}
-	// No such table yet: add its header and the key after the block of
-	// its closest ancestor that has a header (or at the end of the file).
+	base := len(dotted.path) - dotted.keyLen
+	return insertLine(src, dotted.lineEnd, dotted.indent+d.renderKey(full[base:])+" = "+val), true
+}
+
+// addTable adds table's header and key after the block of its closest
+// ancestor that has a header (or at the end of the file).
+func addTable(src []byte, d *document, table []string, key, val string) []byte {
 	parent, depth := -1, 0
 	for i, e := range d.exprs {
 		if e.kind == unstable.Table && len(e.path) < len(table) && hasPrefix(table, e.path) && len(e.path) >= depth {
@@ -492,7 +551,7 @@ func set(src []byte, d *document, table []string, key string, v any) ([]byte, er
 		at = d.exprs[n-1].lineEnd
 	}
 	block := "\n" + indent + "[" + d.renderKey(table) + "]\n" + indent + d.step + d.renderKey([]string{key}) + " = " + val
-	return insertLine(src, at, block), nil
+	return insertLine(src, at, block)
 }
 
 func (d *document) renderValue(v any) string {

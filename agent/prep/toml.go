@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/pelletier/go-toml/v2/unstable"
@@ -46,100 +47,131 @@ type expr struct {
 	indent    string
 }
 
-func (e expr) line(src []byte) int { return bytes.Count(src[:e.start], []byte("\n")) + 1 }
+func (e expr) line(src []byte) int { return lineOf(src, e.start) }
 
 // parseDocument scans src with go-toml's parser, which reports byte ranges.
 // Syntax errors come back with the line they are on.
 func parseDocument(src []byte) (*document, error) {
-	d := &document{src: src}
+	s := docScan{d: &document{src: src}, section: -1}
 	var p unstable.Parser
 	p.Reset(src)
-	var table []string
-	section := -1
-	// The file's quoting style, judged by its quoted keys: strings we
-	// write follow it (see renderString).
-	singles, doubles := 0, 0
-	countQuotes := func(keys []unstable.Range) {
-		for _, k := range keys {
-			switch src[k.Offset] {
-			case '\'':
-				singles++
-			case '"':
-				doubles++
-			}
-		}
-	}
-	stepSeen := false
 	for p.NextExpression() {
 		n := p.Expression()
 		var e expr
+		var err error
 		switch n.Kind {
 		case unstable.Table, unstable.ArrayTable:
-			keys, first, last := keyParts(n.Key())
-			countQuotes(keys)
-			table = first
-			// The '[' (or '[[') precedes the first key part, maybe
-			// after blanks.
-			open := bytes.LastIndexByte(src[:keys[0].Offset], '[')
-			if n.Kind == unstable.ArrayTable {
-				open--
-			}
-			closeAt := bytes.IndexByte(src[last:], ']')
-			if open < 0 || closeAt < 0 {
-				return nil, fmt.Errorf("line %d: cannot locate table header", lineOf(src, int(keys[0].Offset)))
-			}
-			end := last + closeAt + 1
-			if n.Kind == unstable.ArrayTable {
-				end++
-			}
-			e = expr{kind: n.Kind, path: first, start: open, end: end}
-			section = len(d.exprs)
-			e.section = section
+			e, err = s.header(n)
 		case unstable.KeyValue:
-			keys, parts, last := keyParts(n.Key())
-			countQuotes(keys)
-			start := int(keys[0].Offset)
-			end := int(n.Raw.Offset + n.Raw.Length)
-			eq := bytes.IndexByte(src[last:end], '=')
-			if eq < 0 {
-				return nil, fmt.Errorf("line %d: cannot locate '='", lineOf(src, start))
-			}
-			vs := last + eq + 1
-			for vs < end && (src[vs] == ' ' || src[vs] == '\t') {
-				vs++
-			}
-			path := append(append([]string{}, table...), parts...)
-			e = expr{kind: n.Kind, path: path, section: section, keyLen: len(parts), start: start, end: end,
-				valStart: vs, valKind: n.Value().Kind}
+			e, err = s.keyValue(n)
 		default:
 			continue
 		}
-		e.lineStart = bytes.LastIndexByte(src[:e.start], '\n') + 1
-		e.indent = string(src[e.lineStart:e.start])
-		if strings.Trim(e.indent, " \t") != "" {
-			// Something other than blanks before the expression on its
-			// line would be a second expression on one line: TOML does
-			// not allow that, so the parser and we disagree.
-			return nil, fmt.Errorf("line %d: unexpected text before %q", lineOf(src, e.start), strings.Join(e.path, "."))
+		if err != nil {
+			return nil, err
 		}
-		if nl := bytes.IndexByte(src[e.end:], '\n'); nl >= 0 {
-			e.lineEnd = e.end + nl + 1
-		} else {
-			e.lineEnd = len(src)
+		if err := s.add(e); err != nil {
+			return nil, err
 		}
-		if e.kind != unstable.KeyValue && e.indent != "" {
-			d.indented = true
-		}
-		if n := len(d.exprs); !stepSeen && n > 0 && e.kind == unstable.KeyValue && d.exprs[n-1].kind == unstable.Table {
-			d.step, stepSeen = strings.TrimPrefix(e.indent, d.exprs[n-1].indent), true
-		}
-		d.exprs = append(d.exprs, e)
 	}
 	if err := p.Error(); err != nil {
 		return nil, describeParseError(&p, err)
 	}
-	d.singleQuotes = singles > doubles
-	return d, nil
+	s.d.singleQuotes = s.singles > s.doubles
+	return s.d, nil
+}
+
+// docScan is parseDocument's state between expressions.
+type docScan struct {
+	d       *document
+	table   []string // the current table's name
+	section int      // index of the current header, -1 for the root table
+	// The file's quoting style, judged by its quoted keys: strings we
+	// write follow it (see renderString).
+	singles, doubles int
+	stepSeen         bool
+}
+
+func (s *docScan) countQuotes(keys []unstable.Range) {
+	for _, k := range keys {
+		switch s.d.src[k.Offset] {
+		case '\'':
+			s.singles++
+		case '"':
+			s.doubles++
+		}
+	}
+}
+
+// header locates a table or array-table header and makes it the current
+// table.
+func (s *docScan) header(n *unstable.Node) (expr, error) {
+	src := s.d.src
+	keys, first, last := keyParts(n.Key())
+	s.countQuotes(keys)
+	s.table = first
+	// The '[' (or '[[') precedes the first key part, maybe after blanks.
+	open := bytes.LastIndexByte(src[:keys[0].Offset], '[')
+	if n.Kind == unstable.ArrayTable {
+		open--
+	}
+	closeAt := bytes.IndexByte(src[last:], ']')
+	if open < 0 || closeAt < 0 {
+		return expr{}, fmt.Errorf("line %d: cannot locate table header", lineOf(src, int(keys[0].Offset)))
+	}
+	end := last + closeAt + 1
+	if n.Kind == unstable.ArrayTable {
+		end++
+	}
+	s.section = len(s.d.exprs)
+	return expr{kind: n.Kind, path: first, section: s.section, start: open, end: end}, nil
+}
+
+// keyValue locates a key/value line and its value in the current table.
+func (s *docScan) keyValue(n *unstable.Node) (expr, error) {
+	src := s.d.src
+	keys, parts, last := keyParts(n.Key())
+	s.countQuotes(keys)
+	start := int(keys[0].Offset)
+	end := int(n.Raw.Offset + n.Raw.Length)
+	eq := bytes.IndexByte(src[last:end], '=')
+	if eq < 0 {
+		return expr{}, fmt.Errorf("line %d: cannot locate '='", lineOf(src, start))
+	}
+	vs := last + eq + 1
+	for vs < end && (src[vs] == ' ' || src[vs] == '\t') {
+		vs++
+	}
+	path := append(append([]string{}, s.table...), parts...)
+	return expr{kind: n.Kind, path: path, section: s.section, keyLen: len(parts), start: start, end: end,
+		valStart: vs, valKind: n.Value().Kind}, nil
+}
+
+// add fills in e's line bounds and indent, notes the file's indent style
+// and appends e.
+func (s *docScan) add(e expr) error {
+	d := s.d
+	e.lineStart = bytes.LastIndexByte(d.src[:e.start], '\n') + 1
+	e.indent = string(d.src[e.lineStart:e.start])
+	if strings.Trim(e.indent, " \t") != "" {
+		// Something other than blanks before the expression on its
+		// line would be a second expression on one line: TOML does
+		// not allow that, so the parser and we disagree.
+		return fmt.Errorf("line %d: unexpected text before %q", lineOf(d.src, e.start), strings.Join(e.path, "."))
+	}
+	if nl := bytes.IndexByte(d.src[e.end:], '\n'); nl >= 0 {
+		e.lineEnd = e.end + nl + 1
+	} else {
+		e.lineEnd = len(d.src)
+	}
+	if e.kind != unstable.KeyValue && e.indent != "" {
+		d.indented = true
+	}
+	if n := len(d.exprs); !s.stepSeen && n > 0 && e.kind == unstable.KeyValue && d.exprs[n-1].kind == unstable.Table {
+		d.step, s.stepSeen = strings.TrimPrefix(e.indent, d.exprs[n-1].indent), true
+	}
+	d.exprs = append(d.exprs, e)
+	return nil
 }
 
 // keyParts returns the ranges and decoded parts of a key, and the offset
@@ -154,6 +186,7 @@ func keyParts(it unstable.Iterator) (ranges []unstable.Range, parts []string, en
 	return ranges, parts, end
 }
 
+// lineOf is the 1-based line number of offset off in src.
 func lineOf(src []byte, off int) int { return bytes.Count(src[:off], []byte("\n")) + 1 }
 
 func describeParseError(p *unstable.Parser, err error) error {
@@ -171,18 +204,8 @@ func describeParseError(p *unstable.Parser, err error) error {
 
 // hasPrefix reports whether path starts with prefix.
 func hasPrefix(path, prefix []string) bool {
-	if len(prefix) > len(path) {
-		return false
-	}
-	for i := range prefix {
-		if path[i] != prefix[i] {
-			return false
-		}
-	}
-	return true
+	return len(prefix) <= len(path) && slices.Equal(path[:len(prefix)], prefix)
 }
-
-func equal(a, b []string) bool { return len(a) == len(b) && hasPrefix(a, b) }
 
 var bareKey = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
 

@@ -13,9 +13,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
 )
 
@@ -291,4 +293,101 @@ func (d DNSBootstrapper) Peers(ctx context.Context) ([]peer.AddrInfo, error) {
 		hostPorts[i] = netip.AddrPortFrom(ip, d.Port).String()
 	}
 	return fetchAll(ctx, d.Client, hostPorts)
+}
+
+// bootstrapLoop joins the agents the Bootstrapper names: with backoff until
+// one is joined, then every refresh interval so restarted or partitioned
+// agents rejoin.
+func (p *P2P) bootstrapLoop() {
+	backoff := p.cfg.bootstrapMinBackoff
+	for {
+		var wait time.Duration
+		if p.bootstrapOnce() {
+			backoff = p.cfg.bootstrapMinBackoff
+			wait = p.cfg.bootstrapRefresh
+		} else {
+			wait = backoff
+			backoff = min(backoff*2, p.cfg.bootstrapMaxBackoff)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-p.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (p *P2P) bootstrapOnce() bool {
+	ctx, cancel := context.WithTimeout(p.ctx, bootstrapTimeout)
+	defer cancel()
+	infos, err := p.cfg.bootstrapper.Peers(ctx)
+	if err != nil {
+		if p.ctx.Err() == nil {
+			p.log.Warn("bootstrap lookup failed; serving alone until a peer answers", "err", err)
+			p.settleAlone()
+		}
+		return false
+	}
+	self := p.host.ID()
+	infos = slices.DeleteFunc(infos, func(ai peer.AddrInfo) bool { return ai.ID == self || ai.ID == "" })
+	if len(infos) == 0 {
+		// Only ourselves (the first agent of a cluster): ready alone; others
+		// will join us.
+		if !p.settled.Swap(true) {
+			p.log.Info("no other agents found; running alone")
+		}
+		return false
+	}
+	var joined atomic.Int64
+	errs := make([]error, len(infos))
+	var wg sync.WaitGroup
+	for i, ai := range infos {
+		wg.Go(func() {
+			cctx, ccancel := context.WithTimeout(ctx, connectTimeout)
+			defer ccancel()
+			p.forgetFailedDials(ai.ID)
+			if err := p.host.Connect(cctx, ai); err != nil {
+				p.log.Debug("bootstrap connect failed", "peer", ai.ID.String(), "err", err)
+				errs[i] = fmt.Errorf("%s at %v: %w", ai.ID, ai.Addrs, err)
+				return
+			}
+			joined.Add(1)
+		})
+	}
+	wg.Wait()
+	if joined.Load() == 0 {
+		if p.ctx.Err() == nil {
+			// Each candidate's error says why (refused, wrong peer ID, timeout).
+			p.log.Warn("could not join any bootstrap peer; serving alone until one answers", "candidates", len(infos), "err", errors.Join(errs...))
+			p.settleAlone()
+		}
+		return false
+	}
+	if !p.settled.Swap(true) {
+		p.log.Info("joined cluster", "peers", joined.Load())
+	}
+	// Fill the routing table beyond the bootstrap peers.
+	_ = p.dht.Bootstrap(p.ctx)
+	return true
+}
+
+// forgetFailedDials drops libp2p's dial backoff for a bootstrap candidate.
+// After a failed dial the swarm refuses to dial that peer again for 5s or
+// more ("dial backoff"), so a peer that was briefly unreachable, say while
+// agents start together, stayed out of reach for several bootstrap rounds
+// although its registry had just answered with its addresses.
+func (p *P2P) forgetFailedDials(id peer.ID) {
+	if s, ok := p.host.Network().(*swarm.Swarm); ok {
+		s.Backoff().Clear(id)
+	}
+}
+
+// settleAlone makes a node whose bootstrap peers are all unreachable ready
+// on its own after the first round: its local content still serves, and
+// requiring peers would deadlock a cluster whose agents all restart at once
+// (the headless Service lists only ready agents). Bootstrap keeps retrying.
+func (p *P2P) settleAlone() {
+	p.settled.Store(true)
 }

@@ -7,19 +7,19 @@ import (
 	"strings"
 	"time"
 
-	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/pnet"
 )
 
-// Option configures a P2P router.
-type Option func(*p2pConfig) error
+// Option sets an optional setting of a P2P router; NewP2P takes the
+// required ones as arguments and checks them all.
+type Option func(*p2pConfig)
 
 type p2pConfig struct {
 	listenAddr   string
 	registryPort uint16
-	privKey      crypto.PrivKey
+	identity     Identity
 	psk          pnet.PSK
-	dataDir      string
+	pskSet       bool
 	bootstrapper Bootstrapper
 	logger       *slog.Logger
 
@@ -50,73 +50,27 @@ func defaultConfig() p2pConfig {
 	}
 }
 
-// WithListenAddr sets the host:port the libp2p host listens on over TCP
-// (IPv4 or IPv6, e.g. "10.0.0.5:5001" or "[fd00::5]:5001"). Required. The
-// host must be an IP; prefer the node's own IP over 0.0.0.0, which would also
-// advertise bridge and loopback addresses to peers.
-func WithListenAddr(hostPort string) Option {
-	return func(c *p2pConfig) error {
-		c.listenAddr = hostPort
-		return nil
-	}
-}
-
-// WithRegistryPort sets the port every agent serves its OCI registry on;
-// Lookup returns peer IPs with this port. Required.
-func WithRegistryPort(port uint16) Option {
-	return func(c *p2pConfig) error {
-		if port == 0 {
-			return errors.New("registry port must not be 0")
-		}
-		c.registryPort = port
-		return nil
-	}
-}
-
-// WithPrivateKey sets the peer identity key. It takes precedence over WithDataDir.
-func WithPrivateKey(k crypto.PrivKey) Option {
-	return func(c *p2pConfig) error {
-		c.privKey = k
-		return nil
-	}
-}
-
 // WithNetworkKey makes the host a member of a libp2p private network:
 // it connects only to hosts with the same 32-byte key. Without it the
 // host talks to anyone who reaches its port.
 func WithNetworkKey(psk []byte) Option {
-	return func(c *p2pConfig) error {
-		if len(psk) != 32 {
-			return fmt.Errorf("network key must be 32 bytes, got %d", len(psk))
-		}
-		c.psk = pnet.PSK(psk)
-		return nil
-	}
-}
-
-// WithDataDir sets a directory holding the peer identity key; the key is
-// created on first start and reused after, so the peer ID survives restarts.
-func WithDataDir(dir string) Option {
-	return func(c *p2pConfig) error {
-		c.dataDir = dir
-		return nil
+	return func(c *p2pConfig) {
+		c.psk, c.pskSet = pnet.PSK(psk), true
 	}
 }
 
 // WithBootstrapper sets how peers to join are found. Without one the node is
 // alone until other nodes join it.
 func WithBootstrapper(b Bootstrapper) Option {
-	return func(c *p2pConfig) error {
+	return func(c *p2pConfig) {
 		c.bootstrapper = b
-		return nil
 	}
 }
 
 // WithLogger sets the logger; the default discards.
 func WithLogger(l *slog.Logger) Option {
-	return func(c *p2pConfig) error {
+	return func(c *p2pConfig) {
 		c.logger = l
-		return nil
 	}
 }
 
@@ -125,28 +79,32 @@ func WithLogger(l *slog.Logger) Option {
 // use the same value, since each node expires the records it stores with its
 // own setting.
 func WithProvideValidity(d time.Duration) Option {
-	return func(c *p2pConfig) error {
-		if d < time.Second {
-			return errors.New("provide validity must be at least 1s")
-		}
+	return func(c *p2pConfig) {
 		c.provideValidity = d
-		return nil
 	}
 }
 
+// validate checks the arguments and options of NewP2P, naming every
+// missing required argument.
 func (c *p2pConfig) validate() error {
 	var missing []string
 	if c.listenAddr == "" {
-		missing = append(missing, "WithListenAddr")
+		missing = append(missing, "listen address")
 	}
 	if c.registryPort == 0 {
-		missing = append(missing, "WithRegistryPort")
+		missing = append(missing, "registry port")
 	}
-	if c.privKey == nil && c.dataDir == "" {
-		missing = append(missing, "WithPrivateKey or WithDataDir")
+	if c.identity.zero() {
+		missing = append(missing, "identity (KeyIn or Key)")
 	}
 	if len(missing) > 0 {
-		return errors.New("routing: missing required option(s): " + strings.Join(missing, ", "))
+		return errors.New("routing: missing required argument(s): " + strings.Join(missing, ", "))
+	}
+	if c.pskSet && len(c.psk) != 32 {
+		return fmt.Errorf("routing: network key must be 32 bytes, got %d", len(c.psk))
+	}
+	if c.provideValidity < time.Second {
+		return errors.New("routing: provide validity must be at least 1s")
 	}
 	return nil
 }

@@ -37,9 +37,8 @@ func TestMain(m *testing.M) {
 }
 
 func withBootstrapTiming(minBackoff, maxBackoff, refresh time.Duration) Option {
-	return func(c *p2pConfig) error {
+	return func(c *p2pConfig) {
 		c.bootstrapMinBackoff, c.bootstrapMaxBackoff, c.bootstrapRefresh = minBackoff, maxBackoff, refresh
-		return nil
 	}
 }
 
@@ -100,16 +99,13 @@ func startNode(tb testing.TB, ln net.Listener, port uint16, boot Bootstrapper, o
 	tb.Helper()
 	ip := netip.MustParseAddrPort(ln.Addr().String()).Addr()
 	all := []Option{
-		WithListenAddr(netip.AddrPortFrom(ip, 0).String()),
-		WithRegistryPort(port),
-		WithPrivateKey(genKey(tb)),
 		WithLogger(testLogger().With("node", ip.String())),
 		withBootstrapTiming(50*time.Millisecond, time.Second, 5*time.Second),
 	}
 	if boot != nil {
 		all = append(all, WithBootstrapper(boot))
 	}
-	p, err := NewP2P(context.Background(), append(all, opts...)...)
+	p, err := NewP2P(context.Background(), netip.AddrPortFrom(ip, 0).String(), port, Key(genKey(tb)), append(all, opts...)...)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -180,21 +176,21 @@ func waitFound(tb testing.TB, r Router, key string, want netip.AddrPort) {
 	tb.Logf("lookup %s -> %v in %s", key, got, took)
 }
 
-func TestMissingOptions(t *testing.T) {
-	_, err := NewP2P(context.Background())
+func TestMissingRequired(t *testing.T) {
+	_, err := NewP2P(context.Background(), "", 0, Identity{})
 	if err == nil {
 		t.Fatal("want error")
 	}
-	for _, name := range []string{"WithListenAddr", "WithRegistryPort", "WithPrivateKey or WithDataDir"} {
+	for _, name := range []string{"listen address", "registry port", "identity (KeyIn or Key)"} {
 		if !strings.Contains(err.Error(), name) {
 			t.Errorf("error %q does not name %s", err, name)
 		}
 	}
-	_, err = NewP2P(context.Background(), WithListenAddr("127.0.0.1:0"), WithPrivateKey(genKey(t)))
-	if err == nil || !strings.Contains(err.Error(), "WithRegistryPort") || strings.Contains(err.Error(), "WithListenAddr") {
+	_, err = NewP2P(context.Background(), "127.0.0.1:0", 0, Key(genKey(t)))
+	if err == nil || !strings.Contains(err.Error(), "registry port") || strings.Contains(err.Error(), "listen address") {
 		t.Fatalf("got %v, want only the registry port missing", err)
 	}
-	if _, err := NewP2P(context.Background(), WithListenAddr("localhost:0"), WithRegistryPort(1), WithPrivateKey(genKey(t))); err == nil {
+	if _, err := NewP2P(context.Background(), "localhost:0", 1, Key(genKey(t))); err == nil {
 		t.Fatal("want error for a hostname listen address")
 	}
 }
@@ -396,7 +392,7 @@ func TestWithdraw(t *testing.T) {
 func TestIdentityPersisted(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "state")
 	start := func() peer.ID {
-		p, err := NewP2P(context.Background(), WithListenAddr("127.0.0.1:0"), WithRegistryPort(5000), WithDataDir(dir))
+		p, err := NewP2P(context.Background(), "127.0.0.1:0", 5000, KeyIn(dir))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -418,14 +414,14 @@ func TestIdentityPersisted(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, KeyFile), []byte("garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := NewP2P(context.Background(), WithListenAddr("127.0.0.1:0"), WithRegistryPort(5000), WithDataDir(dir)); err == nil {
+	if _, err := NewP2P(context.Background(), "127.0.0.1:0", 5000, KeyIn(dir)); err == nil {
 		t.Fatal("want error for a corrupt key file")
 	}
 }
 
 func TestCloseOnContextCancel(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
-	p, err := NewP2P(ctx, WithListenAddr("127.0.0.1:0"), WithRegistryPort(5000), WithPrivateKey(genKey(t)),
+	p, err := NewP2P(ctx, "127.0.0.1:0", 5000, Key(genKey(t)),
 		WithBootstrapper(StaticBootstrapper{Entries: []string{"127.0.0.1:1"}}))
 	if err != nil {
 		t.Fatal(err)
@@ -449,7 +445,7 @@ func TestIPv6Listen(t *testing.T) {
 		t.Skip("no IPv6 loopback:", err)
 	}
 	_ = ln.Close()
-	p, err := NewP2P(context.Background(), WithListenAddr("[::1]:0"), WithRegistryPort(5000), WithPrivateKey(genKey(t)))
+	p, err := NewP2P(context.Background(), "[::1]:0", 5000, Key(genKey(t)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -601,9 +597,6 @@ func BenchmarkLookup(b *testing.B) {
 			nodes := make([]*P2P, n)
 			for i := range nodes {
 				opts := []Option{
-					WithListenAddr("127.0.0.1:0"),
-					WithRegistryPort(port),
-					WithPrivateKey(genKey(b)),
 					withBootstrapTiming(50*time.Millisecond, time.Second, 30*time.Second),
 				}
 				if i > 0 {
@@ -611,7 +604,7 @@ func BenchmarkLookup(b *testing.B) {
 					first := nodes[0].Addrs()[0].String() + "/p2p/" + nodes[0].ID().String()
 					opts = append(opts, WithBootstrapper(StaticBootstrapper{Entries: []string{first}}))
 				}
-				p, err := NewP2P(context.Background(), opts...)
+				p, err := NewP2P(context.Background(), "127.0.0.1:0", port, Key(genKey(b)), opts...)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -678,7 +671,7 @@ func TestBootstrapIgnoresDialBackoff(t *testing.T) {
 	// from the target.
 	waitFor(t, 5*time.Second, "a failed bootstrap round", func() bool { ok, _ := n.Ready(context.Background()); return ok })
 
-	late, err := NewP2P(context.Background(), WithListenAddr(addr.String()), WithRegistryPort(port), WithPrivateKey(key), WithLogger(testLogger()))
+	late, err := NewP2P(context.Background(), addr.String(), port, Key(key), WithLogger(testLogger()))
 	if err != nil {
 		t.Fatalf("starting the late peer on %s: %v", addr, err)
 	}

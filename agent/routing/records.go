@@ -41,6 +41,14 @@ func newBoundedStore(inner ds.Batching, self peer.ID, limit int) *boundedStore {
 
 func peerKey(p peer.ID) string { return base32.RawStdEncoding.EncodeToString([]byte(p)) }
 
+// providerKey is the datastore key of p's provider record for mh, as kad-dht's
+// records.ProviderManager writes it (its mkProvKeyFor, unexported):
+// /providers/<base32 multihash>/<base32 peer ID>. Withdraw deletes it and
+// providerOf parses it; TestProviderManagerLayout fails if kad-dht changes it.
+func providerKey(mh []byte, p peer.ID) ds.Key {
+	return ds.NewKey(records.ProvidersKeyPrefix + base32.RawStdEncoding.EncodeToString(mh) + "/" + peerKey(p))
+}
+
 // providerOf returns the base32 peer ID part of a provider record key.
 func providerOf(k ds.Key) (string, bool) {
 	s := k.String()

@@ -16,6 +16,7 @@ import (
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/events"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
@@ -80,11 +81,8 @@ type Containerd struct {
 
 var _ Store = (*Containerd)(nil)
 
-// Option configures NewContainerd.
+// Option sets an optional setting of NewContainerd.
 type Option func(*Containerd)
-
-// WithSocket sets containerd's gRPC socket, e.g. /run/containerd/containerd.sock. Required.
-func WithSocket(path string) Option { return func(s *Containerd) { s.socket = path } }
 
 // WithNamespace sets the containerd namespace whose images are served; "k8s.io" by default.
 func WithNamespace(ns string) Option { return func(s *Containerd) { s.namespace = ns } }
@@ -105,10 +103,12 @@ func WithShared(shared func(image string) bool) Option {
 // WithLogger sets the logger; slog.Default() by default.
 func WithLogger(l *slog.Logger) Option { return func(s *Containerd) { s.log = l } }
 
-// NewContainerd returns a store that is empty and not ready until Run has
-// synced with containerd. ctx is not retained.
-func NewContainerd(ctx context.Context, opts ...Option) (*Containerd, error) {
+// NewContainerd returns a store of the containerd serving gRPC on socket
+// (e.g. /run/containerd/containerd.sock). It is empty and not ready until
+// Run has synced with containerd. ctx is not retained.
+func NewContainerd(ctx context.Context, socket string, opts ...Option) (*Containerd, error) {
 	s := &Containerd{
+		socket:    socket,
 		namespace: "k8s.io",
 		changed:   make(chan struct{}, 1),
 		connected: make(chan struct{}, 1),
@@ -326,12 +326,7 @@ func (s *Containerd) session(ctx context.Context) (synced bool, err error) {
 	}
 
 	// Subscribe before the first sync so that no change falls in between.
-	var filters []string
-	for _, t := range Topics {
-		filters = append(filters, "namespace=="+strconv.Quote(s.namespace)+",topic=="+strconv.Quote(t))
-	}
-	evs, errs := c.EventService().Subscribe(ctx, filters...)
-
+	evs, errs := s.subscribe(ctx, c)
 	s.mu.Lock()
 	s.client = c
 	s.mu.Unlock()
@@ -343,7 +338,22 @@ func (s *Containerd) session(ctx context.Context) (synced bool, err error) {
 	case s.connected <- struct{}{}:
 	default:
 	}
+	return true, s.follow(ctx, c, evs, errs)
+}
 
+// subscribe asks containerd for the events of Topics in our namespace.
+func (s *Containerd) subscribe(ctx context.Context, c *client.Client) (<-chan *events.Envelope, <-chan error) {
+	var filters []string
+	for _, t := range Topics {
+		filters = append(filters, "namespace=="+strconv.Quote(s.namespace)+",topic=="+strconv.Quote(t))
+	}
+	return c.EventService().Subscribe(ctx, filters...)
+}
+
+// follow syncs again after events (at most every minSyncInterval, after a
+// burst has settled for catchUpDelay) and every resyncInterval, until ctx is
+// done or the event stream fails.
+func (s *Containerd) follow(ctx context.Context, c *client.Client, evs <-chan *events.Envelope, errs <-chan error) error {
 	timer := time.NewTimer(catchUpDelay)
 	defer timer.Stop()
 	pending := true // a sync is due when timer fires
@@ -353,12 +363,12 @@ func (s *Containerd) session(ctx context.Context) (synced bool, err error) {
 	for {
 		select {
 		case <-ctx.Done():
-			return true, ctx.Err()
+			return ctx.Err()
 		case err := <-errs:
 			if err == nil {
 				err = errors.New("event stream closed")
 			}
-			return true, fmt.Errorf("containerd events: %w", err)
+			return fmt.Errorf("containerd events: %w", err)
 		case ev := <-evs:
 			s.log.DebugContext(ctx, "containerd event", "topic", ev.Topic)
 			if !pending {
@@ -376,7 +386,7 @@ func (s *Containerd) session(ctx context.Context) (synced bool, err error) {
 			pending = false
 			lastSync = time.Now()
 			if err := s.sync(ctx, c); err != nil {
-				return true, err
+				return err
 			}
 		}
 	}

@@ -271,7 +271,7 @@ func TestContainerdTopics(t *testing.T) {
 }
 
 func TestNewContainerdNeedsSocket(t *testing.T) {
-	if _, err := NewContainerd(t.Context()); err == nil {
+	if _, err := NewContainerd(t.Context(), ""); err == nil {
 		t.Error("NewContainerd without a socket succeeded")
 	}
 }
@@ -280,8 +280,8 @@ func TestNewContainerdNeedsSocket(t *testing.T) {
 func runStore(t *testing.T, ctd *testContainerd, opts ...Option) *Containerd {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	opts = append([]Option{WithSocket(ctd.Socket), WithLogger(log)}, opts...)
-	s, err := NewContainerd(t.Context(), opts...)
+	opts = append([]Option{WithLogger(log)}, opts...)
+	s, err := NewContainerd(t.Context(), ctd.Socket, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

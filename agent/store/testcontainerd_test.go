@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
+
+	"github.com/fleetmirror/fleetmirror/test/cluster/containerdconfig"
 )
 
 // This file starts private containerds for tests. What it knows about
@@ -116,57 +118,22 @@ func containerdMajor(bin string) (int, error) {
 }
 
 // containerdConfig is a config for a containerd that serves only the
-// content, image, lease and event APIs: CRI (which would want CNI and a
-// runtime), NRI, tracing and the snapshotters needing special filesystems
-// are disabled. imports is emptied so the host's /etc/containerd/conf.d is
-// not read. 1.6 reads config version 2; 2.x reads version 3 (and migrates it).
+// content, image, lease and event APIs: containerdconfig's, with CRI
+// (which would want CNI and a runtime) disabled too. imports is emptied so
+// the host's /etc/containerd/conf.d is not read. 1.6 reads config version
+// 2; 2.x reads version 3 (and migrates it).
 func containerdConfig(major int, root, state, socket string) string {
-	disabled := []string{
-		"io.containerd.grpc.v1.cri",
-		"io.containerd.snapshotter.v1.btrfs",
-		"io.containerd.snapshotter.v1.devmapper",
-		"io.containerd.snapshotter.v1.zfs",
-		"io.containerd.snapshotter.v1.aufs",
-		"io.containerd.tracing.processor.v1.otlp",
-		"io.containerd.internal.v1.tracing",
-	}
-	version := 2
+	c := containerdconfig.Config{Version: 2, Major: major, Root: root, State: state, Socket: socket,
+		NoImports: true, DebugLevel: "info", Disable: []string{"io.containerd.grpc.v1.cri"}}
 	if major >= 2 {
-		version = 3
-		disabled = append(disabled,
+		c.Version = 3
+		c.Disable = append(c.Disable,
 			"io.containerd.cri.v1.images",
 			"io.containerd.cri.v1.runtime",
 			"io.containerd.podsandbox.controller.v1.podsandbox",
-			"io.containerd.snapshotter.v1.erofs",
-			"io.containerd.snapshotter.v1.blockfile",
-			"io.containerd.differ.v1.erofs",
-			"io.containerd.mount-handler.v1.erofs",
-			"io.containerd.nri.v1.nri",
 		)
 	}
-	q := make([]string, len(disabled))
-	for i, p := range disabled {
-		q[i] = strconv.Quote(p)
-	}
-	return fmt.Sprintf(`version = %d
-root = %q
-state = %q
-imports = []
-disabled_plugins = [%s]
-
-[grpc]
-  address = %q
-
-[ttrpc]
-  address = %q
-
-[debug]
-  address = ""
-  level = "info"
-
-[metrics]
-  address = ""
-`, version, root, state, strings.Join(q, ", "), socket, socket+".ttrpc")
+	return c.String()
 }
 
 // Start starts containerd (again, after Kill) and waits until it answers.

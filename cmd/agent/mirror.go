@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/fleetmirror/fleetmirror/agent/advertise"
 	"github.com/fleetmirror/fleetmirror/agent/canary"
 	"github.com/fleetmirror/fleetmirror/agent/claim"
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
@@ -31,7 +32,6 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/prep"
 	"github.com/fleetmirror/fleetmirror/agent/registry"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
-	"github.com/fleetmirror/fleetmirror/agent/state"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 	"github.com/fleetmirror/fleetmirror/agent/version"
 	"github.com/fleetmirror/fleetmirror/agent/web"
@@ -280,12 +280,12 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	log.Info("starting mirror", "version", version.Version, "registries", c.mirroredRegistries.String(), "resolveTimeout", c.resolveTimeout.String())
 
-	stOpts := []store.Option{store.WithSocket(c.containerdSocket), store.WithNamespace(c.containerdNamespace),
+	stOpts := []store.Option{store.WithNamespace(c.containerdNamespace),
 		store.WithContentDir(c.contentDir), store.WithLogger(log.With("component", "store"))}
 	if pol.HasPrivate() {
 		stOpts = append(stOpts, store.WithShared(pol.SharedImage))
 	}
-	st, err := store.NewContainerd(ctx, stOpts...)
+	st, err := store.NewContainerd(ctx, c.containerdSocket, stOpts...)
 	if err != nil {
 		return err
 	}
@@ -334,7 +334,10 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		}
 		return nil
 	}
-	tr := &state.Tracker{Store: st, Router: router, Metrics: m, Log: log.With("component", "state"), Registries: hostsOf(regs), Policy: pol}
+	tr, err := advertise.New(st, router, advertise.WithMetrics(m), advertise.WithLogger(log.With("component", "advertise")), advertise.WithRegistries(hostsOf(regs)), advertise.WithPolicy(pol))
+	if err != nil {
+		return err
+	}
 	regOpts := []registry.Option{registry.WithMirror(mir), registry.WithMetrics(m), registry.WithPolicy(pol),
 		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready), registry.WithMaxRequests(c.maxRequests),
 		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr)}
@@ -472,8 +475,7 @@ func (c *mirrorConfig) rewriteHosts(ctx context.Context, in <-chan struct{}, out
 // router starts the libp2p router, bootstrapping from the static peers or
 // the DNS name when one is given.
 func (c *mirrorConfig) router(ctx context.Context, port uint16, key *peerauth.Key, log *slog.Logger) (*routing.P2P, error) {
-	opts := []routing.Option{routing.WithListenAddr(c.routerAddr), routing.WithRegistryPort(port),
-		routing.WithDataDir(c.dataDir), routing.WithLogger(log.With("component", "routing"))}
+	opts := []routing.Option{routing.WithLogger(log.With("component", "routing"))}
 	if key != nil {
 		opts = append(opts, routing.WithNetworkKey(key.PSK()))
 	}
@@ -483,7 +485,7 @@ func (c *mirrorConfig) router(ctx context.Context, port uint16, key *peerauth.Ke
 	case c.bootstrapDNS != "":
 		opts = append(opts, routing.WithBootstrapper(routing.DNSBootstrapper{Name: c.bootstrapDNS, Port: port}))
 	}
-	return routing.NewP2P(ctx, opts...)
+	return routing.NewP2P(ctx, c.routerAddr, port, routing.KeyIn(c.dataDir), opts...)
 }
 
 // canary returns the node's canary, nil when --canary-interval is 0.

@@ -22,6 +22,17 @@ func requireRoot(t *testing.T) {
 	}
 }
 
+// requireContainerd fails the test when containerd version is missing: a
+// broken tools cache must turn the suite red, not into skips.
+// `bash hack/tools.sh` (`make tools`, which `make unit` and `make e2e` run
+// first) installs both versions.
+func requireContainerd(t *testing.T, version string) {
+	t.Helper()
+	if _, err := ContainerdBinary(version); err != nil {
+		t.Fatalf("%v; install the test tools with `bash hack/tools.sh` (make tools)", err)
+	}
+}
+
 // logger sends harness logs to the test log and keeps them for inspection.
 type logger struct {
 	t  *testing.T
@@ -142,9 +153,7 @@ func TestPullThroughCRI(t *testing.T) {
 	requireRoot(t)
 	for _, version := range []string{Containerd2, Containerd16} {
 		t.Run("containerd-"+version, func(t *testing.T) {
-			if _, err := ContainerdBinary(version); err != nil {
-				t.Skip(err)
-			}
+			requireContainerd(t, version)
 			t.Parallel()
 			testPull(t, version)
 		})
@@ -286,9 +295,7 @@ func testPull(t *testing.T, version string) {
 // and checks that Start removes all it had made.
 func TestStartFailureCleansUp(t *testing.T) {
 	requireRoot(t)
-	if _, err := ContainerdBinary(Containerd16); err != nil {
-		t.Skip(err)
-	}
+	requireContainerd(t, Containerd16)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	l := &logger{t: t}
@@ -309,9 +316,7 @@ func TestStartFailureCleansUp(t *testing.T) {
 // upstream down as configured, and that ShapeEgress limits a node's link.
 func TestShaping(t *testing.T) {
 	requireRoot(t)
-	if _, err := ContainerdBinary(Containerd2); err != nil {
-		t.Skip(err)
-	}
+	requireContainerd(t, Containerd2)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	const rate = 4 << 20
@@ -390,9 +395,7 @@ func TestLeftoversOfCrashedRun(t *testing.T) {
 		}
 		AnnounceRunAndWait(c.ID, c.Dir)
 	}
-	if _, err := ContainerdBinary(Containerd16); err != nil {
-		t.Skip(err)
-	}
+	requireContainerd(t, Containerd16)
 	id, dir := CrashChild(t, "TestLeftoversOfCrashedRun", []string{"FM_CRASH_HELPER=1"}, 30*time.Second)
 	if len(runObjects(t, id)) == 0 {
 		t.Fatalf("the crashed run left nothing to clean up; the test proves nothing")

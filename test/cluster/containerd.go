@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"text/template"
+
+	"github.com/fleetmirror/fleetmirror/test/cluster/containerdconfig"
 )
 
 // Supported Options.Containerd values.
@@ -53,12 +55,12 @@ type containerdPaths struct {
 	Unprepared bool
 }
 
-// Both configs: own root/state/sockets/opt so nodes share nothing; debug and
-// metrics listeners off; snapshotters that cannot work here (btrfs, zfs,
-// devmapper, aufs, erofs, blockfile), NRI and tracing disabled so startup is
-// quick and quiet; CRI keeps unpacked layers (discard_unpacked_layers =
-// false) because the agent serves layers from the content store; registry
-// hosts come from the node's certs.d. CNI points at empty per-node dirs: no
+// Both configs are containerdconfig's (own root/state/sockets/opt so nodes
+// share nothing; debug and metrics listeners off; snapshotters that cannot
+// work here, NRI and tracing disabled) with these plugin tables: CRI keeps
+// unpacked layers (discard_unpacked_layers = false) because the agent
+// serves layers from the content store; registry hosts come from the
+// node's certs.d. CNI points at empty per-node dirs: no
 // pods run, and CRI only logs that it has no network config. With
 // Options.Pods the sections marked {{if .Pods}} make containerd run pods
 // here: the sandbox image, runc via the v2 shim, the CNI plugins, and
@@ -71,41 +73,7 @@ type containerdPaths struct {
 // migrates it in memory): CRI image settings live in
 // "io.containerd.cri.v1.images", and the transfer service that `ctr` and
 // newer pull paths use reads certs.d from "io.containerd.transfer.v1.local".
-var containerd2Config = template.Must(template.New("c2").Parse(`version = 3
-root = "{{.Root}}"
-state = "{{.State}}"
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.erofs",
-  "io.containerd.snapshotter.v1.blockfile",
-  "io.containerd.differ.v1.erofs",
-  "io.containerd.mount-handler.v1.erofs",
-  "io.containerd.nri.v1.nri",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "{{.Socket}}"
-
-[ttrpc]
-  address = "{{.Socket}}.ttrpc"
-
-[debug]
-  address = ""
-  level = "info"
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "{{.Opt}}"
-
-  [plugins."io.containerd.cri.v1.images"]
+var containerd2Plugins = template.Must(template.New("c2").Parse(`  [plugins."io.containerd.cri.v1.images"]
     snapshotter = "overlayfs"
 {{- if .Unprepared}}
     discard_unpacked_layers = true
@@ -144,36 +112,7 @@ disabled_plugins = [
 
 // 1.6 understands config version 2 only; everything CRI sits under
 // "io.containerd.grpc.v1.cri". It has no NRI, erofs or blockfile plugins.
-var containerd16Config = template.Must(template.New("c16").Parse(`version = 2
-root = "{{.Root}}"
-state = "{{.State}}"
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "{{.Socket}}"
-
-[ttrpc]
-  address = "{{.Socket}}.ttrpc"
-
-[debug]
-  address = ""
-  level = "info"
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "{{.Opt}}"
-
-  [plugins."io.containerd.grpc.v1.cri"]
+var containerd16Plugins = template.Must(template.New("c16").Parse(`  [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
 {{- if .Pods}}
     sandbox_image = "{{.Pods.SandboxImage}}"
@@ -197,9 +136,9 @@ disabled_plugins = [
 `))
 
 func containerdConfig(version string, p containerdPaths) ([]byte, error) {
-	t := containerd2Config
+	t, cfg := containerd2Plugins, containerdconfig.Config{Version: 3, Major: 2}
 	if version == Containerd16 {
-		t = containerd16Config
+		t, cfg = containerd16Plugins, containerdconfig.Config{Version: 2, Major: 1}
 	}
 	check := []string{p.Root, p.State, p.Socket, p.Opt, p.Certs, p.CNIConf, p.CNIBin}
 	if p.Pods != nil {
@@ -214,5 +153,7 @@ func containerdConfig(version string, p containerdPaths) ([]byte, error) {
 	if err := t.Execute(&b, p); err != nil {
 		return nil, err
 	}
-	return b.Bytes(), nil
+	cfg.Root, cfg.State, cfg.Socket, cfg.Opt = p.Root, p.State, p.Socket, p.Opt
+	cfg.DebugLevel, cfg.Plugins = "info", b.String()
+	return []byte(cfg.String()), nil
 }

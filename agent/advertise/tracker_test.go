@@ -1,8 +1,9 @@
-package state
+package advertise
 
 import (
 	"context"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,10 +14,20 @@ import (
 // A key held in flight is advertised though the store does not list it,
 // and stays advertised when the store changes; the store's keys are
 // advertised and withdrawn as before.
+func TestNewMissingRequired(t *testing.T) {
+	_, err := New(nil, nil)
+	if err == nil || !strings.Contains(err.Error(), "store") || !strings.Contains(err.Error(), "router") {
+		t.Fatalf("err = %v, want one naming the store and the router", err)
+	}
+}
+
 func TestHoldAdvertisesInFlight(t *testing.T) {
 	rs := routing.NewMemory(netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1"))
 	st := storetest.NewMemory()
-	tr := &Tracker{Store: st, Router: rs[0], Retry: 20 * time.Millisecond}
+	tr, err := New(st, rs[0], WithRetry(20*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go tr.Run(ctx)

@@ -1,10 +1,13 @@
-// Package state keeps what the router advertises exactly in step with what
-// the node's store holds.
-package state
+// Package advertise keeps what the router advertises exactly in step with
+// what the node's store holds, plus the blobs held in flight.
+package advertise
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -17,22 +20,70 @@ import (
 
 // Tracker advertises the store's keys and withdraws the ones that go.
 type Tracker struct {
-	Store   store.Store
-	Router  routing.Router
-	Metrics *metrics.Metrics
-	Log     *slog.Logger
-	// Registries limits tag keys to these registry hosts; empty means all.
+	store   store.Store
+	router  routing.Router
+	metrics *metrics.Metrics
+	log     *slog.Logger
+	// registries limits tag keys to these registry hosts; empty means all.
 	// Digests are always advertised: they name the same bytes everywhere.
-	Registries []string
-	// Policy keeps tag keys of private registries and upstream-only tags
+	registries []string
+	// policy keeps tag keys of private registries and upstream-only tags
 	// unadvertised; nil advertises them all.
-	Policy *policy.Policy
-	// Retry is how soon keys that failed to advertise are tried again.
-	Retry time.Duration
+	policy *policy.Policy
+	// retry is how soon keys that failed to advertise are tried again.
+	retry time.Duration
 
 	mu   sync.Mutex
 	held map[string]time.Time // key -> until
 	wake chan struct{}
+}
+
+// Option sets an optional setting of a Tracker.
+type Option func(*Tracker)
+
+// WithMetrics reports the advertised keys to m.
+func WithMetrics(m *metrics.Metrics) Option { return func(t *Tracker) { t.metrics = m } }
+
+// WithLogger sets the logger; the default is slog.Default().
+func WithLogger(l *slog.Logger) Option { return func(t *Tracker) { t.log = l } }
+
+// WithRegistries limits tag keys to these registry hosts; without it (or
+// with none) tags of every registry are advertised. Digests are always
+// advertised: they name the same bytes everywhere.
+func WithRegistries(hosts []string) Option { return func(t *Tracker) { t.registries = hosts } }
+
+// WithPolicy keeps tag keys of private registries and upstream-only tags
+// unadvertised; without it they are all advertised.
+func WithPolicy(p *policy.Policy) Option { return func(t *Tracker) { t.policy = p } }
+
+// WithRetry sets how soon keys that failed to advertise are tried again;
+// the default is 10s.
+func WithRetry(d time.Duration) Option { return func(t *Tracker) { t.retry = d } }
+
+// New returns a Tracker that advertises st's keys on r; Run starts it.
+func New(st store.Store, r routing.Router, opts ...Option) (*Tracker, error) {
+	t := &Tracker{store: st, router: r, log: slog.Default(), retry: 10 * time.Second,
+		held: map[string]time.Time{}, wake: make(chan struct{}, 1)}
+	for _, o := range opts {
+		o(t)
+	}
+	var missing []string
+	if st == nil {
+		missing = append(missing, "store")
+	}
+	if r == nil {
+		missing = append(missing, "router")
+	}
+	if len(missing) > 0 {
+		return nil, errors.New("advertise: missing required argument(s): " + strings.Join(missing, ", "))
+	}
+	if t.retry <= 0 {
+		return nil, fmt.Errorf("advertise: retry must be positive, got %s", t.retry)
+	}
+	if t.log == nil {
+		t.log = slog.Default()
+	}
+	return t, nil
 }
 
 // HoldFor is how long a key held in flight stays advertised without the
@@ -50,9 +101,6 @@ const maxHeld = 4096
 func (t *Tracker) Hold(key string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.held == nil {
-		t.held = map[string]time.Time{}
-	}
 	_, had := t.held[key]
 	if !had && len(t.held) >= maxHeld {
 		return
@@ -60,7 +108,7 @@ func (t *Tracker) Hold(key string) {
 	t.held[key] = time.Now().Add(HoldFor)
 	if !had {
 		select {
-		case t.wakeup() <- struct{}{}:
+		case t.wake <- struct{}{}:
 		default:
 		}
 	}
@@ -72,13 +120,6 @@ func (t *Tracker) Holding(key string) bool {
 	defer t.mu.Unlock()
 	until, ok := t.held[key]
 	return ok && time.Now().Before(until)
-}
-
-func (t *Tracker) wakeup() chan struct{} {
-	if t.wake == nil {
-		t.wake = make(chan struct{}, 1)
-	}
-	return t.wake
 }
 
 // heldKeys returns the keys held in flight, forgetting expired ones.
@@ -99,27 +140,16 @@ func (t *Tracker) heldKeys() []string {
 
 // Run follows the store until ctx is done.
 func (t *Tracker) Run(ctx context.Context) {
-	log := t.Log
-	if log == nil {
-		log = slog.Default()
-	}
-	retry := t.Retry
-	if retry <= 0 {
-		retry = 10 * time.Second
-	}
 	advertised := map[string]bool{}
-	ticker := time.NewTicker(retry)
+	ticker := time.NewTicker(t.retry)
 	defer ticker.Stop()
-	t.mu.Lock()
-	wake := t.wakeup()
-	t.mu.Unlock()
 	for {
-		t.sync(ctx, log, advertised)
+		t.sync(ctx, t.log, advertised)
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.Store.Changed():
-		case <-wake:
+		case <-t.store.Changed():
+		case <-t.wake:
 		case <-ticker.C:
 		}
 	}
@@ -127,7 +157,7 @@ func (t *Tracker) Run(ctx context.Context) {
 
 func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[string]bool) {
 	want := map[string]bool{}
-	for _, k := range t.Store.Keys() {
+	for _, k := range t.store.Keys() {
 		if t.wanted(k) {
 			want[k] = true
 		}
@@ -147,7 +177,7 @@ func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[str
 		}
 	}
 	if len(remove) > 0 {
-		if err := t.Router.Withdraw(ctx, remove); err != nil {
+		if err := t.router.Withdraw(ctx, remove); err != nil {
 			log.WarnContext(ctx, "withdrawing keys", "count", len(remove), "err", err)
 		} else {
 			for _, k := range remove {
@@ -156,7 +186,7 @@ func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[str
 		}
 	}
 	if len(add) > 0 {
-		if err := t.Router.Advertise(ctx, add); err != nil {
+		if err := t.router.Advertise(ctx, add); err != nil {
 			log.WarnContext(ctx, "advertising keys; will retry", "count", len(add), "err", err)
 		} else {
 			for _, k := range add {
@@ -167,27 +197,27 @@ func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[str
 	if len(add)+len(remove) > 0 {
 		log.InfoContext(ctx, "advertised keys changed", "added", len(add), "withdrawn", len(remove), "total", len(advertised))
 	}
-	if t.Metrics != nil {
+	if t.metrics != nil {
 		tags := 0
 		for k := range advertised {
 			if !oci.IsDigestKey(k) {
 				tags++
 			}
 		}
-		t.Metrics.AdvertisedKeys.WithLabelValues("tag").Set(float64(tags))
-		t.Metrics.AdvertisedKeys.WithLabelValues("digest").Set(float64(len(advertised) - tags))
+		t.metrics.AdvertisedKeys.WithLabelValues("tag").Set(float64(tags))
+		t.metrics.AdvertisedKeys.WithLabelValues("digest").Set(float64(len(advertised) - tags))
 	}
 }
 
 func (t *Tracker) wanted(key string) bool {
-	if !t.Policy.SharedKey(key) {
+	if !t.policy.SharedKey(key) {
 		return false
 	}
-	if oci.IsDigestKey(key) || len(t.Registries) == 0 {
+	if oci.IsDigestKey(key) || len(t.registries) == 0 {
 		return true
 	}
 	reg := oci.RegistryOfKey(key)
-	for _, r := range t.Registries {
+	for _, r := range t.registries {
 		if r == reg {
 			return true
 		}
