@@ -138,6 +138,9 @@ type scenario struct {
 	version string // the release's version (VERSION), of the charts pushed to the mirror
 	// hostsBefore is each node's certs.d before the install.
 	hostsBefore map[string]map[string]string
+	// annotationsBefore is each node's fleetmirror.dev annotations before
+	// the last uninstall (recordNodes).
+	annotationsBefore map[string]map[string]string
 }
 
 // Run runs the whole scenario on a cluster of its own and removes it

@@ -4,13 +4,19 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/fleetmirror/fleetmirror/agent/nodetaint"
+	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
+	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
@@ -20,6 +26,9 @@ import (
 func (s *scenario) uninstall(ctx context.Context) error {
 	s.say("Uninstalling: deleting the Spegel resource, then `helm uninstall %s`.", Release)
 	t0 := time.Now()
+	if err := s.recordNodes(ctx); err != nil {
+		return err
+	}
 	if err := s.dyn.Resource(SpegelResource).Namespace(Namespace).Delete(ctx, Spegel, metav1.DeleteOptions{}); err != nil {
 		return err
 	}
@@ -53,7 +62,7 @@ func (s *scenario) uninstall(ctx context.Context) error {
 		return err
 	}
 	s.rep.time("uninstall", time.Since(t0))
-	s.say("  uninstalled in %v; nothing of the operator or the addon is left (the CRD stays, as Helm never deletes CRDs)", s.rep.Timings["uninstall"].Round(100*time.Millisecond))
+	s.say("  uninstalled in %v; nothing of the operator or the addon is left (the CRD stays, as Helm never deletes CRDs; on the nodes, the readiness annotations and the agent's identity key stay)", s.rep.Timings["uninstall"].Round(100*time.Millisecond))
 	return nil
 }
 
@@ -109,6 +118,9 @@ func (s *scenario) reinstall(ctx context.Context) error {
 		return err
 	}
 	t1 := time.Now()
+	if err := s.recordNodes(ctx); err != nil {
+		return err
+	}
 	if out, err := s.runHelm(ctx, "uninstall", Release, "--namespace", Namespace, "--wait", "--timeout", "5m"); err != nil {
 		return err
 	} else {
@@ -125,8 +137,108 @@ func (s *scenario) reinstall(ctx context.Context) error {
 	return nil
 }
 
-// checkNothingLeft lists what the operator and the addon could have made.
+// checkNothingLeft lists what the operator and the addon could have made,
+// in the cluster and on the nodes.
 func (s *scenario) checkNothingLeft(ctx context.Context) error {
+	if err := s.checkNothingLeftInCluster(ctx); err != nil {
+		return err
+	}
+	return s.checkNodesLeft(ctx)
+}
+
+// keptAnnotations are the node annotations an uninstall keeps on purpose
+// (helm-charts/operator/README.md, "The mirror path of each node"): a node
+// marked ready once is not held again by a later install, and the agent's
+// and the operator's release records stay where people look for them.
+var keptAnnotations = []string{readiness.ReadyAnnotation, readiness.ReleasedAnnotation, nodetaint.ReleasedAnnotation}
+
+// dataDir is the agent's data directory on the node (the chart's
+// dataDir, the agent's --data-dir).
+const dataDir = "/var/lib/fleetmirror"
+
+// recordNodes records each node's fleetmirror annotations before an
+// uninstall, for checkNodesLeft, and checks that each node's data
+// directory holds its agent's identity key, so checkNodesLeft looks where
+// the agents wrote.
+func (s *scenario) recordNodes(ctx context.Context) error {
+	nodes, err := s.c.Client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return err
+	}
+	s.annotationsBefore = map[string]map[string]string{}
+	ready := 0
+	for _, n := range nodes.Items {
+		s.annotationsBefore[n.Name] = ourAnnotations(n.Annotations)
+		if s.annotationsBefore[n.Name][readiness.ReadyAnnotation] != "" {
+			ready++
+		}
+	}
+	if ready == 0 {
+		return fmt.Errorf("no node is annotated %s before the uninstall: the annotation check would prove nothing", readiness.ReadyAnnotation)
+	}
+	for _, n := range s.c.Nodes {
+		if _, err := os.Stat(filepath.Join(n.HostPath(dataDir), routing.KeyFile)); err != nil {
+			return fmt.Errorf("%s: no agent identity key in %s before the uninstall: %w", n.Name, dataDir, err)
+		}
+	}
+	return nil
+}
+
+// checkNodesLeft checks what an uninstall leaves on the nodes: of the
+// fleetmirror annotations, the readiness ones recorded before the
+// uninstall, unchanged, and no other; in the agent's data directory,
+// nothing but its identity key (the agent's only state: kept, so a
+// reinstall keeps the node's peer ID).
+func (s *scenario) checkNodesLeft(ctx context.Context) error {
+	nodes, err := s.c.Client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return err
+	}
+	var left []string
+	for _, n := range nodes.Items {
+		got := ourAnnotations(n.Annotations)
+		for k, v := range got {
+			if !slices.Contains(keptAnnotations, k) {
+				left = append(left, fmt.Sprintf("annotation %s=%q on %s", k, v, n.Name))
+			}
+		}
+		for k, v := range s.annotationsBefore[n.Name] {
+			if got[k] != v {
+				left = append(left, fmt.Sprintf("annotation %s on %s is %q after the uninstall, %q before: readiness annotations stay", k, n.Name, got[k], v))
+			}
+		}
+	}
+	for _, n := range s.c.Nodes {
+		entries, err := os.ReadDir(n.HostPath(dataDir))
+		if err != nil {
+			return fmt.Errorf("%s: %s: %w", n.Name, dataDir, err)
+		}
+		for _, e := range entries {
+			if e.Name() != routing.KeyFile {
+				left = append(left, fmt.Sprintf("%s on %s", filepath.Join(dataDir, e.Name()), n.Name))
+			}
+		}
+	}
+	if len(left) > 0 {
+		return fmt.Errorf("left on the nodes: %s", strings.Join(left, ", "))
+	}
+	return nil
+}
+
+// ourAnnotations are a node's fleetmirror.dev annotations.
+func ourAnnotations(all map[string]string) map[string]string {
+	out := map[string]string{}
+	for k, v := range all {
+		if strings.HasPrefix(k, "fleetmirror.dev/") {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// checkNothingLeftInCluster lists the objects the operator and the addon
+// could have made.
+func (s *scenario) checkNothingLeftInCluster(ctx context.Context) error {
 	cs := s.c.Client
 	var left []string
 	return s.c.Poll(ctx, time.Minute, func(ctx context.Context) (bool, string, error) {
