@@ -66,6 +66,9 @@ type Options struct {
 	Say func(format string, args ...any)
 	// Logf gets the harness's own logs.
 	Logf func(format string, args ...any)
+	// Phase runs one named step of the scenario and returns its error
+	// (TestWholeSystem runs each as a subtest); default: the step itself.
+	Phase func(name string, step func() error) error
 }
 
 // Pull is one node's pull of a workload image, as the kubelet reported it.
@@ -169,6 +172,9 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	if opts.Say == nil {
 		opts.Say = func(string, ...any) {}
 	}
+	if opts.Phase == nil {
+		opts.Phase = func(_ string, step func() error) error { return step() }
+	}
 	if opts.Module == "" {
 		if opts.Module, err = moduleRoot(); err != nil {
 			return nil, err
@@ -218,7 +224,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		}
 	}()
 	for _, st := range steps {
-		if err := st.f(ctx); err != nil {
+		if err := opts.Phase(st.name, func() error { return st.f(ctx) }); err != nil {
 			return s.rep, fmt.Errorf("%s: %w", st.name, err)
 		}
 	}
