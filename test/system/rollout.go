@@ -16,6 +16,8 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/fleetmirror/fleetmirror/agent/nodetaint"
+	"github.com/fleetmirror/fleetmirror/operator/readiness"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
@@ -145,6 +147,9 @@ func (s *scenario) faultFreshNode(ctx context.Context) error {
 		return err
 	}
 	s.rep.time("fresh node agents ready", time.Since(t0))
+	if err := s.checkMarkedReady(ctx, k.Name); err != nil {
+		return err
+	}
 	if err := s.checkPrepped(ctx, n-1, k.Node); err != nil {
 		return err
 	}
@@ -496,5 +501,24 @@ func (s *scenario) waitRollout(ctx context.Context, ref string, want int, timeou
 			}
 		}
 		return running == want && len(pods) == want, fmt.Sprintf("%d/%d running: %s", running, want, strings.Join(st, "; ")), nil
+	})
+}
+
+// checkMarkedReady checks node readiness's end for a node its agent
+// released while the operator was down: once the operator is back and the
+// agent ready, the operator marks the node ready once (so it is never held
+// again), and the agent's release record stays.
+func (s *scenario) checkMarkedReady(ctx context.Context, name string) error {
+	return s.c.Poll(ctx, time.Minute, func(ctx context.Context) (bool, string, error) {
+		n, err := s.c.Client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false, "", err
+		}
+		ready, released := n.Annotations[readiness.ReadyAnnotation], n.Annotations[nodetaint.ReleasedAnnotation]
+		if ready == "" || released == "" || hasTaint(n, readiness.TaintKey) {
+			return false, fmt.Sprintf("%s: %s=%q, %s=%q, startup taint %v; want both annotations and no taint",
+				name, readiness.ReadyAnnotation, ready, nodetaint.ReleasedAnnotation, released, hasTaint(n, readiness.TaintKey)), nil
+		}
+		return true, "", nil
 	})
 }
