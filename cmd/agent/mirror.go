@@ -246,6 +246,8 @@ func (c *mirrorConfig) hostsConfig() hosts.Config {
 	return cfg
 }
 
+// runMirror runs the agent: it checks the flags, builds the parts, then
+// serves until ctx is done or a part fails.
 func runMirror(ctx context.Context, c *mirrorConfig) error {
 	log, err := cli.NewLogger(c.logLevel)
 	if err != nil {
@@ -258,15 +260,8 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	if c.releaseTaintAfter > 0 {
 		// First, before anything that may fail: an agent that never
 		// gets ready must still let its node go.
-		rel := &nodetaint.Releaser{Node: c.nodeName, After: c.releaseTaintAfter, API: c.kubeAPI, TokenFile: c.kubeTokenFile,
-			CAFile: c.kubeCAFile, Log: log.With("component", "nodetaint")}
-		rctx, stop := context.WithCancel(ctx)
+		stop := c.releaseTaint(ctx, log)
 		defer stop()
-		go func() {
-			if err := rel.Run(rctx); err != nil {
-				log.Error("startup taint fallback off", "err", err.Error())
-			}
-		}()
 	}
 	key, pol, err := c.trust(log)
 	if err != nil {
@@ -280,6 +275,57 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	log.Info("starting mirror", "version", version.Version, "registries", c.mirroredRegistries.String(), "resolveTimeout", c.resolveTimeout.String())
 
+	a, err := c.build(ctx, port, regs, key, pol, log)
+	if a != nil && a.router != nil {
+		defer a.router.Close()
+	}
+	if err != nil {
+		return err
+	}
+	if err := c.handlers(a, key, regs, log); err != nil {
+		return err
+	}
+	lns, err := c.listen(a.debugPage != nil)
+	if err != nil {
+		return err
+	}
+	return c.serveAll(ctx, a, lns, log)
+}
+
+// agentParts are what runMirror wires together: built by build, given
+// their HTTP handlers by handlers, run by serveAll.
+type agentParts struct {
+	st     *store.Containerd
+	router *routing.P2P
+	m      *metrics.Metrics
+	can    *canary.Canary // nil when the canary is off
+	tr     *advertise.Tracker
+	reg    *registry.Registry
+	ready  *readiness
+
+	regMux, metricsMux *http.ServeMux
+	debugPage          http.Handler // nil without --debug-web
+}
+
+// releaseTaint runs the startup taint's fallback release until the
+// returned stop is called.
+func (c *mirrorConfig) releaseTaint(ctx context.Context, log *slog.Logger) (stop func()) {
+	rel := &nodetaint.Releaser{Node: c.nodeName, After: c.releaseTaintAfter, API: c.kubeAPI, TokenFile: c.kubeTokenFile,
+		CAFile: c.kubeCAFile, Log: log.With("component", "nodetaint")}
+	rctx, stop := context.WithCancel(ctx)
+	go func() {
+		if err := rel.Run(rctx); err != nil {
+			log.Error("startup taint fallback off", "err", err.Error())
+		}
+	}()
+	return stop
+}
+
+// build makes the store, router, metrics, mirror, canary, tracker and
+// registry. The parts come back with the error once the router exists,
+// so the caller closes it.
+func (c *mirrorConfig) build(ctx context.Context, port uint16, regs []hosts.Registry, key *peerauth.Key, pol *policy.Policy, log *slog.Logger) (*agentParts, error) {
+	a := &agentParts{}
 	stOpts := []store.Option{store.WithNamespace(c.containerdNamespace),
 		store.WithContentDir(c.contentDir), store.WithLogger(log.With("component", "store"))}
 	if pol.HasPrivate() {
@@ -287,15 +333,17 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	st, err := store.NewContainerd(ctx, c.containerdSocket, stOpts...)
 	if err != nil {
-		return err
+		return nil, err
 	}
+	a.st = st
 	router, err := c.router(ctx, port, key, log)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer router.Close()
+	a.router = router
 
 	m := metrics.New(func() int { return len(router.Peers()) }, metrics.WithRegistries(hostsOf(regs)))
+	a.m = m
 	mirOpts := []mirror.Option{mirror.WithResolveTimeout(c.resolveTimeout), mirror.WithPeers(c.resolveRetries),
 		mirror.WithMetrics(m), mirror.WithLogger(log.With("component", "mirror"))}
 	if key != nil {
@@ -303,53 +351,88 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 	}
 	mir, err := mirror.New(router, mirOpts...)
 	if err != nil {
-		return err
+		return a, err
 	}
-	can, err := c.canary(m, log)
-	if err != nil {
-		return err
+	if a.can, err = c.canary(m, log); err != nil {
+		return a, err
 	}
-	// Read by /readyz handlers while the main goroutine writes hosts.toml.
-	var hostsWritten atomic.Bool
-	hostsWritten.Store(!c.mirrorAdd)
-	ready := func(ctx context.Context) error {
-		if err := st.Ready(); err != nil {
-			return err
-		}
-		if ok, err := router.Ready(ctx); !ok {
-			return fmt.Errorf("router has not joined its peers yet: %v", err)
-		}
-		if !hostsWritten.Load() {
-			return errors.New("hosts.toml not written yet")
-		}
-		if c.prepCheckConfig != "" {
-			// A node whose containerd ignores certs.d would silently pull
-			// from upstream: show it as not ready, with the reason.
-			if ok, detail := c.prepStatus(); !ok {
-				return errors.New("containerd not prepared: " + detail)
-			}
-		}
-		if can != nil && c.canaryGatesReady {
-			return can.Ready()
-		}
-		return nil
-	}
+	a.ready = c.readiness(st, router, a.can)
 	tr, err := advertise.New(st, router, advertise.WithMetrics(m), advertise.WithLogger(log.With("component", "advertise")), advertise.WithRegistries(hostsOf(regs)), advertise.WithPolicy(pol))
 	if err != nil {
-		return err
+		return a, err
 	}
+	a.tr = tr
 	regOpts := []registry.Option{registry.WithMirror(mir), registry.WithMetrics(m), registry.WithPolicy(pol),
-		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(ready), registry.WithMaxRequests(c.maxRequests),
+		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(a.ready.check), registry.WithMaxRequests(c.maxRequests),
 		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr)}
 	if c.burstSettle > 0 {
 		regOpts = append(regOpts, registry.WithClaims(claim.New(router, c.burstSettle, log.With("component", "claim"))))
 	}
 	reg, err := registry.New(st, regOpts...)
 	if err != nil {
+		return a, err
+	}
+	a.reg = reg
+	return a, nil
+}
+
+// readiness is the agent's /readyz policy: the store follows containerd,
+// the router has joined its peers, hosts.toml is written, containerd is
+// prepared (with --prep-check-config) and the canary has proved the path
+// (with --canary-gates-readiness).
+type readiness struct {
+	st     interface{ Ready() error }
+	router interface {
+		Ready(context.Context) (bool, error)
+	}
+	// Read by /readyz handlers while the main goroutine writes hosts.toml.
+	hostsWritten atomic.Bool
+	prepStatus   func() (bool, string) // nil: not checked
+	can          *canary.Canary        // nil: not gated on the canary
+}
+
+func (c *mirrorConfig) readiness(st *store.Containerd, router *routing.P2P, can *canary.Canary) *readiness {
+	r := &readiness{st: st, router: router}
+	r.hostsWritten.Store(!c.mirrorAdd)
+	if c.prepCheckConfig != "" {
+		r.prepStatus = c.prepStatus
+	}
+	if can != nil && c.canaryGatesReady {
+		r.can = can
+	}
+	return r
+}
+
+// check returns why the agent is not ready, nil when it is.
+func (r *readiness) check(ctx context.Context) error {
+	if err := r.st.Ready(); err != nil {
 		return err
 	}
+	if ok, err := r.router.Ready(ctx); !ok {
+		return fmt.Errorf("router has not joined its peers yet: %v", err)
+	}
+	if !r.hostsWritten.Load() {
+		return errors.New("hosts.toml not written yet")
+	}
+	if r.prepStatus != nil {
+		// A node whose containerd ignores certs.d would silently pull
+		// from upstream: show it as not ready, with the reason.
+		if ok, detail := r.prepStatus(); !ok {
+			return errors.New("containerd not prepared: " + detail)
+		}
+	}
+	if r.can != nil {
+		return r.can.Ready()
+	}
+	return nil
+}
+
+// handlers builds the registry's, the metrics' and the debug page's
+// handlers.
+func (c *mirrorConfig) handlers(a *agentParts, key *peerauth.Key, regs []hosts.Registry, log *slog.Logger) error {
+	reg, m, can := a.reg, a.m, a.can
 	regMux := http.NewServeMux()
-	regMux.Handle("/p2p/id", router.IDHandler())
+	regMux.Handle("/p2p/id", a.router.IDHandler())
 	local, err := c.nodeClients()
 	if err != nil {
 		return err
@@ -377,31 +460,46 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		metricsMux.HandleFunc("/debug/pprof/", pprof.Index)
 		metricsMux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	}
-	var debugPage http.Handler
+	a.regMux, a.metricsMux = regMux, metricsMux
 	if c.debugWeb {
-		if debugPage, err = c.debugPage(router, st, m, regs, can, log); err != nil {
+		if a.debugPage, err = c.debugPage(a.router, a.st, m, regs, can, log); err != nil {
 			return err
 		}
 	}
+	return nil
+}
 
+// listeners are the agent's open sockets; debug is nil without the debug
+// page.
+type listeners struct{ reg, metrics, debug net.Listener }
+
+// listen opens every listener before anything serves, so a taken port
+// fails the start.
+func (c *mirrorConfig) listen(debugPage bool) (*listeners, error) {
 	regLn, err := net.Listen("tcp", c.registryAddr)
 	if err != nil {
-		return fmt.Errorf("--registry-addr %s: %w", c.registryAddr, err)
+		return nil, fmt.Errorf("--registry-addr %s: %w", c.registryAddr, err)
 	}
 	metricsLn, err := net.Listen("tcp", c.metricsAddr)
 	if err != nil {
 		regLn.Close()
-		return fmt.Errorf("--metrics-addr %s: %w", c.metricsAddr, err)
+		return nil, fmt.Errorf("--metrics-addr %s: %w", c.metricsAddr, err)
 	}
 	var debugLn net.Listener
-	if debugPage != nil {
+	if debugPage {
 		if debugLn, err = net.Listen("tcp", c.debugWebAddr); err != nil {
 			regLn.Close()
 			metricsLn.Close()
-			return fmt.Errorf("--debug-web-addr %s: %w", c.debugWebAddr, err)
+			return nil, fmt.Errorf("--debug-web-addr %s: %w", c.debugWebAddr, err)
 		}
 	}
+	return &listeners{reg: regLn, metrics: metricsLn, debug: debugLn}, nil
+}
 
+// serveAll runs the parts and servers, writes hosts.toml once the
+// registry listens, and waits until ctx is done or one of them fails.
+func (c *mirrorConfig) serveAll(ctx context.Context, a *agentParts, lns *listeners, log *slog.Logger) error {
+	st, tr, can := a.st, a.tr, a.can
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		if err := st.Run(ctx); ctx.Err() == nil {
@@ -413,11 +511,11 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		tr.Run(ctx)
 		return nil
 	})
-	g.Go(func() error { return serve(ctx, log, regLn, regMux, maxHeaderBytes) })
-	g.Go(func() error { return serve(ctx, log, metricsLn, metricsMux, maxHeaderBytes) })
-	if debugLn != nil {
+	g.Go(func() error { return serve(ctx, log, lns.reg, a.regMux, maxHeaderBytes) })
+	g.Go(func() error { return serve(ctx, log, lns.metrics, a.metricsMux, maxHeaderBytes) })
+	if lns.debug != nil {
 		// A browser on localhost may send other local apps' cookies.
-		g.Go(func() error { return serve(ctx, log, debugLn, debugPage, http.DefaultMaxHeaderBytes) })
+		g.Go(func() error { return serve(ctx, log, lns.debug, a.debugPage, http.DefaultMaxHeaderBytes) })
 	}
 	if c.mirrorAdd {
 		// Written once the registry listens, so containerd never meets a
@@ -425,7 +523,7 @@ func runMirror(ctx context.Context, c *mirrorConfig) error {
 		if err := hosts.Write(c.hostsConfig()); err != nil {
 			return fmt.Errorf("writing hosts.toml under %s: %w", c.certsDir, err)
 		}
-		hostsWritten.Store(true)
+		a.ready.hostsWritten.Store(true)
 		log.Info("wrote containerd mirror configuration", "certsDir", c.certsDir, "targets", c.mirrorTargets.String())
 	}
 	connected := st.Connected()

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -187,6 +188,13 @@ func (e *env) waitAdvertised(t *testing.T, n *cluster.Node, img image) {
 	}
 }
 
+// missResolveTimeout is the agents' --mirror-resolve-timeout (the
+// default); missMargin is what a loaded machine may add to a miss.
+const (
+	missResolveTimeout = 20 * time.Millisecond
+	missMargin         = 230 * time.Millisecond
+)
+
 // e: an image no node has goes upstream; the agent answers the miss within
 // the resolve timeout and a little.
 func (e *env) miss(t *testing.T, img image) {
@@ -201,16 +209,24 @@ func (e *env) miss(t *testing.T, img image) {
 	if got := m.Sum("fleetmirror_mirror_requests_total", "outcome", "miss") - before; got < 1 {
 		t.Errorf("agent recorded %v misses; containerd did not ask it first", got)
 	}
-	// Miss latency straight from the agent, for the log; benchmarks hold the target.
-	var worst time.Duration
+	// Miss latency straight from the agent. Benchmarks hold the target;
+	// here the median only has to stay within the resolve timeout (the
+	// agent's default, 20ms) and a margin wide enough for a busy 2-core
+	// machine, so a miss that waited on something else fails.
+	var ds []time.Duration
 	for i := 0; i < 20; i++ {
 		d, status := cluster.TimeGetWith(e.ctx, n1.LocalClient(), n1.LocalRegistryURL()+"/v2/e2e/none/blobs/"+digest.FromString(fmt.Sprint(i)).String())
 		if status != 404 {
 			t.Fatalf("miss answered %d, want 404", status)
 		}
-		worst = max(worst, d)
+		ds = append(ds, d)
 	}
-	t.Logf("slowest of 20 misses: %s (resolve timeout 20ms)", worst)
+	slices.Sort(ds)
+	p50, worst := ds[len(ds)/2], ds[len(ds)-1]
+	t.Logf("misses: median %s, slowest of 20 %s (resolve timeout %s)", p50, worst, missResolveTimeout)
+	if p50 > missResolveTimeout+missMargin {
+		t.Errorf("median miss took %s, want at most the resolve timeout %s and %s", p50, missResolveTimeout, missMargin)
+	}
 }
 
 // f: a registry outside mirroredRegistries gets no hosts.toml and its
@@ -285,6 +301,11 @@ func (e *env) peerKilled(t *testing.T, img image) {
 	// Slow the peers' links so the kill lands mid-blob, not after it.
 	defer e.onlyPeersHold(t, img, []*cluster.Node{n1, n2}, 200<<20)()
 
+	// Step a already raised node 3's counters: only their increase
+	// belongs to this pull.
+	before := e.metrics(t, n3)
+	failuresBefore := before.Sum("fleetmirror_peer_failures_total")
+	peerBlobsBefore := before.Sum("fleetmirror_mirror_requests_total", "kind", "blob", "outcome", "peer")
 	killed := e.whilePulling(t, n3, img, []*cluster.Node{n1, n2}, 32<<20, func(n *cluster.Node) {
 		if err := n.KillAgent(); err != nil {
 			t.Errorf("kill %s: %v", n.Name, err)
@@ -295,11 +316,11 @@ func (e *env) peerKilled(t *testing.T, img image) {
 	}
 	t.Logf("killed the agent of %s mid-blob", killed.Name)
 	m := e.metrics(t, n3)
-	if got := m.Sum("fleetmirror_peer_failures_total"); got < 1 {
+	if got := m.Sum("fleetmirror_peer_failures_total") - failuresBefore; got < 1 {
 		t.Errorf("node 3 recorded no peer failure; the kill did not interrupt a transfer")
 	}
-	if got := m.Sum("fleetmirror_mirror_requests_total", "kind", "blob", "outcome", "peer"); got < 1 {
-		t.Errorf("the blob did not come from a peer")
+	if got := m.Sum("fleetmirror_mirror_requests_total", "kind", "blob", "outcome", "peer") - peerBlobsBefore; got < 1 {
+		t.Errorf("the blob did not come from a peer (node 3's peer blob requests rose by %v)", got)
 	}
 	if err := killed.StartAgent(e.ctx); err != nil {
 		t.Fatal(err)

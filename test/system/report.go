@@ -1,7 +1,11 @@
 package system
 
 import (
+	"context"
 	"fmt"
+	"maps"
+	"slices"
+	"sort"
 	"strings"
 	"time"
 )
@@ -63,4 +67,24 @@ func (r *Report) MeanLater(phase string) time.Duration {
 		sum += p.Took
 	}
 	return sum / time.Duration(len(ps)-1)
+}
+
+func (s *scenario) measureMemory(ctx context.Context, when string) {
+	byCmd, procs, err := s.c.MemoryByCommand(ctx)
+	if err != nil {
+		s.say("  (memory not measured: %v)", err)
+		return
+	}
+	cmds := slices.Collect(maps.Keys(byCmd))
+	sort.Slice(cmds, func(i, j int) bool { return byCmd[cmds[i]] > byCmd[cmds[j]] })
+	var rss int64
+	var parts []string
+	for _, cmd := range cmds {
+		rss += byCmd[cmd]
+		parts = append(parts, fmt.Sprintf("%s %d", cmd, byCmd[cmd]>>20))
+	}
+	s.rep.Memory[when] = rss
+	s.rep.MemoryByCommand = append(s.rep.MemoryByCommand, strings.Join(parts, ", "))
+	s.rep.MemorySeen = append(s.rep.MemorySeen, when)
+	s.say("  cluster memory (%s): %d MiB RSS in %d processes (MiB: %s)", when, rss>>20, procs, strings.Join(parts, ", "))
 }

@@ -17,7 +17,17 @@ func TestWholeSystem(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	rep, err := Run(ctx, Options{Nodes: 3, Say: t.Logf, Logf: t.Logf})
+	rep, err := Run(ctx, Options{Nodes: 3, Say: t.Logf, Logf: t.Logf, Phase: func(name string, step func() error) error {
+		var err error
+		t.Run(name, func(t *testing.T) {
+			// The scenario's error, with pod logs and log tails, ends
+			// TestWholeSystem below.
+			if err = step(); err != nil {
+				t.Error(err)
+			}
+		})
+		return err
+	}})
 	if rep != nil {
 		t.Logf("report:\n%s", rep)
 	}
