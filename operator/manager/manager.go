@@ -35,11 +35,11 @@ import (
 
 	helmrelease "helm.sh/helm/v3/pkg/release"
 
+	"github.com/fleetmirror/fleetmirror/operator/helmaction"
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/networkkey"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
-	"github.com/fleetmirror/fleetmirror/operator/release"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/status"
 	"github.com/fleetmirror/fleetmirror/operator/values"
@@ -61,7 +61,7 @@ type Options struct {
 	// Inputs are the images map and imageMirror given to every release.
 	Inputs values.Inputs
 	// Timeouts bound Helm's waits on hooks.
-	Timeouts release.Timeouts
+	Timeouts helmaction.Timeouts
 	// LeaderElection on (the default in cmd/operator) lets several
 	// replicas run with one active.
 	LeaderElection          bool
@@ -181,7 +181,7 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		opts := []reconciler.Option{
 			reconciler.WithChart(*w.Chart),
 			reconciler.WithGroupVersionKind(gvk),
-			reconciler.WithActionClientGetter(release.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator"), Namespaces: managed}),
+			reconciler.WithActionClientGetter(helmaction.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator"), Namespaces: managed}),
 			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, in, managed)),
 			reconciler.WithPauseReconcileHandler(reconciler.PauseReconcileIfAnnotationTrue(PauseAnnotation)),
 			reconciler.WithPostHook(hook.PostHookFunc(func(obj *unstructured.Unstructured, _ helmrelease.Release, _ logr.Logger) error {
@@ -254,7 +254,7 @@ func cacheOptions(ws []watches.Watch, managed spegels.Namespaces) cache.Options 
 	return o
 }
 
-func actionClientGetter(mgr ctrl.Manager, t release.Timeouts) (helmclient.ActionClientGetter, error) {
+func actionClientGetter(mgr ctrl.Manager, t helmaction.Timeouts) (helmclient.ActionClientGetter, error) {
 	cg, err := helmclient.NewActionConfigGetter(mgr.GetConfig(), mgr.GetRESTMapper())
 	if err != nil {
 		return nil, fmt.Errorf("helm action config: %w", err)

@@ -23,8 +23,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 
+	"github.com/fleetmirror/fleetmirror/operator/helmaction"
 	"github.com/fleetmirror/fleetmirror/operator/manager"
-	"github.com/fleetmirror/fleetmirror/operator/release"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
@@ -156,7 +156,7 @@ func TestOperator(t *testing.T) {
 	mgr, err := manager.New(cfg, manager.Options{
 		WatchesFile:             filepath.Join(repoRoot, "watches.yaml"),
 		Inputs:                  values.Inputs{Images: testImages},
-		Timeouts:                release.Timeouts{Install: time.Minute, Upgrade: time.Minute, Uninstall: time.Minute},
+		Timeouts:                helmaction.Timeouts{Install: time.Minute, Upgrade: time.Minute, Uninstall: time.Minute},
 		MetricsAddr:             "0",
 		ProbeAddr:               "127.0.0.1:0",
 		LeaderElection:          true,

@@ -40,10 +40,10 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 
+	"github.com/fleetmirror/fleetmirror/operator/crd"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/release/version"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
@@ -67,7 +67,7 @@ const (
 )
 
 // SpegelResource is the Spegel CRD's resource.
-var SpegelResource = schema.GroupVersionResource{Group: "charts.fleetmirror.dev", Version: "v1alpha1", Resource: "spegels"}
+var SpegelResource = crd.Resource
 
 // Options configures Run. Zero values take the defaults.
 type Options struct {

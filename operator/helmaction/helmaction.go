@@ -1,8 +1,8 @@
-// Package release wraps the Helm action client the reconciler uses: events
+// Package helmaction wraps the Helm action client the reconciler uses: events
 // for install, upgrade and uninstall, time limits on every action,
 // recovery of a release left pending by an operator that died mid-way, and
 // hands off releases the operator did not install.
-package release
+package helmaction
 
 import (
 	"context"
