@@ -40,6 +40,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
+	"github.com/fleetmirror/fleetmirror/operator/chartlabels"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/status"
@@ -58,12 +59,8 @@ const (
 	// a ready agent (fail open): the time, then the reason.
 	ReleasedAnnotation = "fleetmirror.dev/released-unready"
 	// ConditionType is the Spegel status condition naming held nodes.
-	ConditionType  = "NodesReady"
-	componentLabel = "app.kubernetes.io/component"
-	nameLabel      = "app.kubernetes.io/name"
-	partOfLabel    = "app.kubernetes.io/part-of"
-	instanceLabel  = "app.kubernetes.io/instance"
-	maxNamed       = 10
+	ConditionType = "NodesReady"
+	maxNamed      = 10
 )
 
 // Taint is the startup taint.
@@ -71,7 +68,7 @@ var Taint = corev1.Taint{Key: TaintKey, Effect: corev1.TaintEffectNoSchedule}
 
 // AgentPods selects the agent pods (and DaemonSets) of every
 // helm-charts/spegel release; the manager caches only these pods.
-var AgentPods = labels.SelectorFromSet(labels.Set{nameLabel: "spegel", componentLabel: status.ComponentAgent})
+var AgentPods = labels.SelectorFromSet(labels.Set{chartlabels.Name: "spegel", chartlabels.Component: status.ComponentAgent})
 
 // Controller taints and releases nodes. It acts on the one Spegel
 // resource that manages the nodes (the oldest); with none, or none
@@ -237,7 +234,7 @@ func (c *Controller) active(ctx context.Context) (*unstructured.Unstructured, *a
 	}
 	var dss appsv1.DaemonSetList
 	if err := c.Client.List(ctx, &dss, client.InNamespace(owner.GetNamespace()), client.MatchingLabels{
-		partOfLabel: "fleetmirror", instanceLabel: owner.GetName(), componentLabel: status.ComponentAgent,
+		chartlabels.PartOf: chartlabels.Fleetmirror, chartlabels.Instance: owner.GetName(), chartlabels.Component: status.ComponentAgent,
 	}); err != nil {
 		return nil, nil, fmt.Errorf("listing the agent DaemonSet: %w", err)
 	}

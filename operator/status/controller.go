@@ -25,6 +25,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
+	"github.com/fleetmirror/fleetmirror/operator/chartlabels"
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
@@ -125,10 +126,10 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 	cr.SetGroupVersionKind(c.GVK)
 	toOwner := handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
 		l := o.GetLabels()
-		if l["app.kubernetes.io/part-of"] != "fleetmirror" || l["app.kubernetes.io/instance"] == "" {
+		if l[chartlabels.PartOf] != chartlabels.Fleetmirror || l[chartlabels.Instance] == "" {
 			return nil
 		}
-		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: l["app.kubernetes.io/instance"]}}}
+		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: l[chartlabels.Instance]}}}
 	})
 	b := ctrl.NewControllerManagedBy(mgr).
 		Named("spegel-status").
@@ -163,7 +164,7 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	}
 	var list appsv1.DaemonSetList
 	if err := c.Client.List(ctx, &list, client.InNamespace(req.Namespace), client.MatchingLabels{
-		"app.kubernetes.io/part-of": "fleetmirror", "app.kubernetes.io/instance": req.Name,
+		chartlabels.PartOf: chartlabels.Fleetmirror, chartlabels.Instance: req.Name,
 	}); err != nil {
 		return reconcile.Result{}, fmt.Errorf("listing DaemonSets of %s: %w", req, err)
 	}
@@ -264,7 +265,7 @@ type agent struct {
 func (c *Controller) agents(ctx context.Context, req reconcile.Request, vals map[string]any) ([]agent, error) {
 	var pods corev1.PodList
 	if err := c.Client.List(ctx, &pods, client.InNamespace(req.Namespace), client.MatchingLabels{
-		"app.kubernetes.io/instance": req.Name, "app.kubernetes.io/component": ComponentAgent,
+		chartlabels.Instance: req.Name, chartlabels.Component: ComponentAgent,
 	}); err != nil {
 		return nil, fmt.Errorf("listing agent pods: %w", err)
 	}

@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	appsv1 "k8s.io/api/apps/v1"
+
+	"github.com/fleetmirror/fleetmirror/operator/chartlabels"
 )
 
 // Components whose DaemonSets count for readiness (the cleanup hook's
@@ -16,7 +18,6 @@ import (
 const (
 	ComponentAgent = "agent"
 	ComponentPrep  = "containerd-prep"
-	componentLabel = "app.kubernetes.io/component"
 )
 
 // Nodes is the agent DaemonSet's rollout, as shown in status.nodes.
@@ -41,7 +42,7 @@ type Readiness struct {
 func Evaluate(dss []appsv1.DaemonSet, want []string) Readiness {
 	byComp := map[string]appsv1.DaemonSet{}
 	for _, ds := range dss {
-		byComp[ds.Labels[componentLabel]] = ds
+		byComp[ds.Labels[chartlabels.Component]] = ds
 	}
 	var r Readiness
 	if ag, ok := byComp[ComponentAgent]; ok {
