@@ -205,29 +205,42 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		if err := r.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
 		}
-		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Overrides: w.OverrideValues,
-			Provider: o.Provider, AgentMetricsPort: o.AgentMetricsPort, Namespaces: managed, AgentPollPeriod: o.MirrorPathPeriod}
-		if o.HitRatioWindow > 0 {
-			sc.HitRatio = hitratio.New(o.HitRatioWindow, nil)
-		}
-		if o.MirrorPath || o.NodeConditions {
-			sc.MirrorPath = mirrorpath.NewProber(nil)
-		}
-		if o.NodeConditions {
-			sc.NodeConditions = &mirrorpath.NodeWriter{Client: mgr.GetClient()}
+		sc, err := status.New(mgr.GetClient(), gvk, released, statusOptions(mgr, o, w, managed)...)
+		if err != nil {
+			return nil, err
 		}
 		if err := sc.SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("setting up status controller for %s: %w", gvk, err)
 		}
 		if o.NodeReadiness {
-			rc := &readiness.Controller{Client: mgr.GetClient(), GVK: gvk, Recorder: mgr.GetEventRecorderFor("spegel-node-readiness"), ReportAfter: o.ReportAfter,
-				ReleaseAfter: o.ReleaseAfter, Namespaces: managed}
+			rc, err := readiness.New(mgr.GetClient(), gvk, mgr.GetEventRecorderFor("spegel-node-readiness"),
+				readiness.WithReportAfter(o.ReportAfter), readiness.WithReleaseAfter(o.ReleaseAfter), readiness.WithNamespaces(managed))
+			if err != nil {
+				return nil, err
+			}
 			if err := rc.SetupWithManager(mgr); err != nil {
 				return nil, fmt.Errorf("setting up node readiness for %s: %w", gvk, err)
 			}
 		}
 	}
 	return mgr, nil
+}
+
+// statusOptions are the status controller's options for watch w.
+func statusOptions(mgr ctrl.Manager, o Options, w watches.Watch, managed spegels.Namespaces) []status.Option {
+	opts := []status.Option{status.WithValues(o.Inputs.Defaults, w.OverrideValues), status.WithProvider(o.Provider),
+		status.WithAgentMetricsPort(o.AgentMetricsPort), status.WithNamespaces(managed), status.WithAgentPollPeriod(o.MirrorPathPeriod)}
+	if o.HitRatioWindow > 0 {
+		opts = append(opts, status.WithHitRatio(hitratio.New(o.HitRatioWindow, nil)))
+	}
+	if o.MirrorPath || o.NodeConditions {
+		var nodes *mirrorpath.NodeWriter
+		if o.NodeConditions {
+			nodes = mirrorpath.NewNodeWriter(mgr.GetClient())
+		}
+		opts = append(opts, status.WithMirrorPath(mirrorpath.NewProber(nil), nodes))
+	}
+	return opts
 }
 
 // cacheOptions restricts the cache to what the operator's RBAC allows:
