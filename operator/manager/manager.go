@@ -196,7 +196,11 @@ func withTaintFallback(defaults map[string]any, releaseAfter time.Duration) map[
 func addControllers(mgr ctrl.Manager, o Options, w watches.Watch, acg helmclient.ActionClientGetter, managed spegels.Namespaces, log logr.Logger) error {
 	released := status.NewReleased()
 	gvk := w.GroupVersionKind
-	r, err := reconciler.New(reconcilerOptions(mgr, o, w, acg, managed, released, log)...)
+	getter, err := helmaction.NewGetter(acg, mgr.GetEventRecorderFor("spegel-operator"), helmaction.WithNamespaces(managed))
+	if err != nil {
+		return err
+	}
+	r, err := reconciler.New(reconcilerOptions(mgr, o, w, getter, managed, released, log)...)
 	if err != nil {
 		return fmt.Errorf("reconciler for %s: %w", gvk, err)
 	}
@@ -226,14 +230,14 @@ func addControllers(mgr ctrl.Manager, o Options, w watches.Watch, acg helmclient
 
 // reconcilerOptions are the Helm reconciler's options for watch w; its
 // post hook marks each released generation for the status controller.
-func reconcilerOptions(mgr ctrl.Manager, o Options, w watches.Watch, acg helmclient.ActionClientGetter, managed spegels.Namespaces, released *status.Released, log logr.Logger) []reconciler.Option {
+func reconcilerOptions(mgr ctrl.Manager, o Options, w watches.Watch, getter helmaction.Getter, managed spegels.Namespaces, released *status.Released, log logr.Logger) []reconciler.Option {
 	gvk := w.GroupVersionKind
 	in := o.Inputs
 	in.Overrides = w.OverrideValues
 	opts := []reconciler.Option{
 		reconciler.WithChart(*w.Chart),
 		reconciler.WithGroupVersionKind(gvk),
-		reconciler.WithActionClientGetter(helmaction.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator"), Namespaces: managed}),
+		reconciler.WithActionClientGetter(getter),
 		reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, in, managed)),
 		reconciler.WithPauseReconcileHandler(reconciler.PauseReconcileIfAnnotationTrue(PauseAnnotation)),
 		reconciler.WithPostHook(hook.PostHookFunc(func(obj *unstructured.Unstructured, _ helmrelease.Release, _ logr.Logger) error {

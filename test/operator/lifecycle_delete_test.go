@@ -21,19 +21,6 @@ func (l *lifecycle) delete(t *testing.T) {
 	// Delete: the uninstall runs the node cleanup hook (its Role and
 	// DaemonSet appear; the test completes the waiting Job, as no kubelet
 	// runs), then removes the release and the finalizer.
-	hold := &corev1.Service{}
-	if err := cl.Get(ctx, client.ObjectKey{Namespace: "fm", Name: "spegel-bootstrap"}, hold); err != nil {
-		t.Fatal(err)
-	}
-	hold.Finalizers = append(hold.Finalizers, "example.com/hold")
-	if err := cl.Update(ctx, hold); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cl.Get(ctx, client.ObjectKey{Namespace: "fm", Name: "spegel-bootstrap"}, hold)
-		hold.Finalizers = nil
-		_ = cl.Update(ctx, hold)
-	})
 	if err := cl.Delete(ctx, spegel("fm", "spegel", nil)); err != nil {
 		t.Fatal(err)
 	}
