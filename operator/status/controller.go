@@ -246,12 +246,12 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 
 // rollout evaluates the release's DaemonSets against the components its
 // values want; eff are those values (defaults, spec, overrides).
-func (c *Controller) rollout(ctx context.Context, req reconcile.Request, obj *unstructured.Unstructured) (Readiness, map[string]any, error) {
+func (c *Controller) rollout(ctx context.Context, req reconcile.Request, obj *unstructured.Unstructured) (Rollout, map[string]any, error) {
 	var list appsv1.DaemonSetList
 	if err := c.client.List(ctx, &list, client.InNamespace(req.Namespace), client.MatchingLabels{
 		chartlabels.PartOf: chartlabels.Fleetmirror, chartlabels.Instance: req.Name,
 	}); err != nil {
-		return Readiness{}, nil, fmt.Errorf("listing DaemonSets of %s: %w", req, err)
+		return Rollout{}, nil, fmt.Errorf("listing DaemonSets of %s: %w", req, err)
 	}
 	want := []string{ComponentAgent}
 	spec, _, _ := unstructured.NestedMap(obj.Object, "spec")
@@ -273,7 +273,7 @@ func (c *Controller) rollout(ctx context.Context, req reconcile.Request, obj *un
 
 // setStatus writes obj's status (conditions, nodes, what the agents say,
 // the released generation) and returns how soon to look again.
-func (c *Controller) setStatus(ctx context.Context, req reconcile.Request, obj *unstructured.Unstructured, rd Readiness, eff map[string]any) (time.Duration, error) {
+func (c *Controller) setStatus(ctx context.Context, req reconcile.Request, obj *unstructured.Unstructured, rd Rollout, eff map[string]any) (time.Duration, error) {
 	st, _, _ := unstructured.NestedMap(obj.Object, "status")
 	if st == nil {
 		st = map[string]any{}

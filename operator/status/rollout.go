@@ -28,7 +28,7 @@ type Nodes struct {
 }
 
 // Readiness is the outcome of Evaluate.
-type Readiness struct {
+type Rollout struct {
 	Ready   bool
 	Reason  string // searchable: RolloutComplete, RolloutInProgress, DaemonSetMissing, NoNodes
 	Message string
@@ -39,12 +39,12 @@ type Readiness struct {
 // components that must be there (the agent, and the prep DaemonSet when it
 // is enabled). A DaemonSet is rolled out when its controller has seen its
 // latest spec and every scheduled node runs the updated, ready pod.
-func Evaluate(dss []appsv1.DaemonSet, want []string) Readiness {
+func Evaluate(dss []appsv1.DaemonSet, want []string) Rollout {
 	byComp := map[string]appsv1.DaemonSet{}
 	for _, ds := range dss {
 		byComp[ds.Labels[chartlabels.Component]] = ds
 	}
-	var r Readiness
+	var r Rollout
 	if ag, ok := byComp[ComponentAgent]; ok {
 		r.Nodes = Nodes{Desired: int64(ag.Status.DesiredNumberScheduled), Updated: int64(ag.Status.UpdatedNumberScheduled), Ready: int64(ag.Status.NumberReady)}
 	}
