@@ -27,7 +27,7 @@ type Nodes struct {
 	Ready   int64 `json:"ready"`
 }
 
-// Readiness is the outcome of Evaluate.
+// Rollout is the outcome of Evaluate: how far the DaemonSets rolled out.
 type Rollout struct {
 	Ready   bool
 	Reason  string // searchable: RolloutComplete, RolloutInProgress, DaemonSetMissing, NoNodes
