@@ -14,13 +14,12 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
-// delete: the uninstall runs the node cleanup hook, then removes the
-// release, its hooks and the finalizer.
+// delete: the uninstall runs the node cleanup hook (its Role and DaemonSet
+// appear; the test completes the waiting Job, as no kubelet runs), then
+// removes the release and the finalizer: every object of the release and
+// of its hook (releaseObjects) is gone.
 func (l *lifecycle) delete(t *testing.T) {
 	ctx, cl := l.ctx, l.cl
-	// Delete: the uninstall runs the node cleanup hook (its Role and
-	// DaemonSet appear; the test completes the waiting Job, as no kubelet
-	// runs), then removes the release and the finalizer.
 	if err := cl.Delete(ctx, spegel("fm", "spegel", nil)); err != nil {
 		t.Fatal(err)
 	}

@@ -12,11 +12,9 @@ import (
 )
 
 // create: DaemonSets, Services and the ServiceAccount appear with the
-// spec's values; the release is deployed.
+// spec's values.
 func (l *lifecycle) create(t *testing.T) {
 	ctx, cl := l.ctx, l.cl
-	// Create: DaemonSets, Services and the ServiceAccount appear with the
-	// spec's values.
 	created := time.Now()
 	cr := spegel("fm", "spegel", map[string]any{
 		"mirroredRegistries": []any{"https://docker.io", "https://ghcr.io"},
@@ -63,7 +61,6 @@ func (l *lifecycle) create(t *testing.T) {
 // unchangedSpec: a reconcile without a spec change makes no new revision.
 func (l *lifecycle) unchangedSpec(t *testing.T) {
 	ctx, cl := l.ctx, l.cl
-	// Unchanged: a reconcile without a spec change makes no new revision.
 	n0, s0 := reconcileStats(t)
 	updateSpegel(t, cl, "fm", "spegel", func(u *unstructured.Unstructured) {
 		u.SetAnnotations(map[string]string{"example.com/touch": "1"})
@@ -86,7 +83,6 @@ func (l *lifecycle) unchangedSpec(t *testing.T) {
 // restore: a DaemonSet deleted by hand comes back.
 func (l *lifecycle) restore(t *testing.T) {
 	ctx, cl := l.ctx, l.cl
-	// A DaemonSet deleted by hand comes back.
 	old, _ := l.agentDS()
 	if err := cl.Delete(ctx, old); err != nil {
 		t.Fatal(err)
@@ -103,10 +99,9 @@ func (l *lifecycle) restore(t *testing.T) {
 	})
 }
 
-// upgrade: a spec change upgrades, with an event.
+// upgrade: a spec change upgrades.
 func (l *lifecycle) upgrade(t *testing.T) {
 	ctx, cl := l.ctx, l.cl
-	// A spec change upgrades.
 	l.setSpec(t, []string{"mirrorResolveTimeout"}, "50ms")
 	eventually(t, "upgrade to 50ms", 30*time.Second, func() error {
 		ds, err := l.agentDS()

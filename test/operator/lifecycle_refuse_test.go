@@ -11,10 +11,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
-// refusedValues: values the chart refuses fail the release, then recover.
+// refusedValues: values the chart refuses (a combination the CRD's schema
+// does not check): a failed condition with the chart's message.
 func (l *lifecycle) refusedValues(t *testing.T) {
-	// Values the chart refuses (a combination the CRD's schema does not
-	// check): a failed condition with the chart's message.
 	l.setSpec(t, []string{"service"}, map[string]any{"registry": map[string]any{"type": "NodePort"}})
 	eventually(t, "failed condition naming the value", 30*time.Second, func() error {
 		s, r, m := condition(l.get(t, "fm", "spegel"), "Irreconcilable")
@@ -32,10 +31,10 @@ func (l *lifecycle) refusedValues(t *testing.T) {
 	})
 }
 
-// invalid: the API server refuses invalid resources, naming the field.
+// invalid: invalid resources are refused by the API server, naming the
+// field.
 func (l *lifecycle) invalid(t *testing.T) {
 	ctx, cl := l.ctx, l.cl
-	// Invalid resources are refused by the API server, naming the field.
 	for _, tc := range []struct {
 		spec  map[string]any
 		field string
@@ -60,10 +59,10 @@ func (l *lifecycle) invalid(t *testing.T) {
 	}
 }
 
-// secondResource: a second resource is refused by the operator.
+// secondResource: a second resource, in another namespace, is refused by
+// the operator.
 func (l *lifecycle) secondResource(t *testing.T) {
 	ctx, cl := l.ctx, l.cl
-	// A second resource, in another namespace, is refused by the operator.
 	if err := cl.Create(ctx, spegel("other", "spegel", map[string]any{})); err != nil {
 		t.Fatal(err)
 	}

@@ -14,10 +14,9 @@ import (
 	"github.com/fleetmirror/fleetmirror/operator/manager"
 )
 
-// ready: the Ready condition follows the DaemonSets' status.
+// ready: Ready follows the DaemonSets' status (set here: no kubelet runs).
 func (l *lifecycle) ready(t *testing.T) {
 	ctx, cl := l.ctx, l.cl
-	// Ready follows the DaemonSets' status (set here: no kubelet runs).
 	for _, n := range []string{"node-a", "node-b"} {
 		if err := cl.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n, Labels: map[string]string{"kubernetes.io/os": "linux"}}}); err != nil {
 			t.Fatal(err)
@@ -65,10 +64,9 @@ func (l *lifecycle) ready(t *testing.T) {
 	readyIs("True", "RolloutComplete", 2)
 }
 
-// pause: spec changes wait until the pause annotation is gone.
+// pause: spec changes wait until the annotation is gone.
 func (l *lifecycle) pause(t *testing.T) {
 	cl := l.cl
-	// Pause: spec changes wait until the annotation is gone.
 	updateSpegel(t, cl, "fm", "spegel", func(u *unstructured.Unstructured) {
 		u.SetAnnotations(map[string]string{manager.PauseAnnotation: "true"})
 	})
