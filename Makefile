@@ -118,7 +118,7 @@ agent-prev:
 ## operator's manager against a real kube-apiserver and etcd (envtest);
 ## golden files: go test ./test/operator -run TestChartGolden -update
 operator-test: tools
-	$(GO) test -count=1 -timeout 10m ./operator/values/ ./operator/crd/ ./operator/status/ ./operator/release/ ./operator/manager/ ./operator/config/ ./operator/imagecheck/ ./operator/readiness/ ./operator/hitratio/ ./operator/mirrorpath/ ./cmd/operator/ ./test/operator/
+	$(GO) test -count=1 -timeout 10m ./operator/values/ ./operator/crd/ ./operator/status/ ./operator/helmaction/ ./operator/manager/ ./operator/config/ ./operator/imagecheck/ ./operator/readiness/ ./operator/hitratio/ ./operator/mirrorpath/ ./cmd/operator/ ./test/operator/
 
 ## kube-e2e: a real 3-node Kubernetes cluster (control plane, kubelets,
 ## containerd 2.x, CNI) in network namespaces; DaemonSets on every node

@@ -11,6 +11,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	ctrl "sigs.k8s.io/controller-runtime"
 )
@@ -35,7 +36,7 @@ func cleanupWaitCommand(fs *flag.FlagSet) func(context.Context) error {
 			return err
 		}
 		onTimeout := fmt.Errorf("cleanup did not finish on every node in %s: see the pods of DaemonSet %s/%s", timeout, ns, name)
-		return pollUntil(ctx, timeout, every, onTimeout, func(ctx context.Context) (bool, error) {
+		err = wait.PollUntilContextTimeout(ctx, every, timeout, true, func(ctx context.Context) (bool, error) {
 			ds, err := cs.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
 			switch {
 			case apierrors.IsNotFound(err):
@@ -50,6 +51,10 @@ func cleanupWaitCommand(fs *flag.FlagSet) func(context.Context) error {
 			}
 			return false, nil
 		})
+		if wait.Interrupted(err) {
+			return onTimeout
+		}
+		return err
 	}
 }
 

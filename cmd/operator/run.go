@@ -55,25 +55,7 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 			if err != nil {
 				return fmt.Errorf("--config: %w", err)
 			}
-			set := map[string]bool{}
-			fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-			for k, v := range c.Images {
-				if !set[k+"-image"] {
-					o.Inputs.Images[k] = v
-				}
-			}
-			if !set["image-mirror"] {
-				o.Inputs.Mirror = c.ImageMirror
-			}
-			o.Provider, o.Inputs.Defaults = c.Provider.Name, c.Provider.Spegel
-			o.NodeReadiness, o.ReportAfter = c.NodeReadiness.Enabled, c.ReportAfter()
-			if !set["release-after"] {
-				o.ReleaseAfter = c.ReleaseAfter()
-			}
-			if !set["node-conditions"] {
-				o.NodeConditions = c.NodeConditions
-			}
-			o.ManagedNamespaces = c.ManagedNamespaces
+			applyConfig(fs, &o, &c)
 		}
 		cfg, err := ctrl.GetConfig()
 		if err != nil {
@@ -87,4 +69,28 @@ func runCommand(fs *flag.FlagSet) func(context.Context) error {
 			"imageMirror", o.Inputs.Mirror, "nodeReadiness", o.NodeReadiness, "managedNamespaces", o.ManagedNamespaces)
 		return mgr.Start(ctx)
 	}
+}
+
+// applyConfig lays the operator chart's configuration file under the
+// flags: a flag given explicitly wins over the file.
+func applyConfig(fs *flag.FlagSet, o *manager.Options, c *config.Config) {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for k, v := range c.Images {
+		if !set[k+"-image"] {
+			o.Inputs.Images[k] = v
+		}
+	}
+	if !set["image-mirror"] {
+		o.Inputs.Mirror = c.ImageMirror
+	}
+	o.Provider, o.Inputs.Defaults = c.Provider.Name, c.Provider.Spegel
+	o.NodeReadiness, o.ReportAfter = c.NodeReadiness.Enabled, c.ReportAfter()
+	if !set["release-after"] {
+		o.ReleaseAfter = c.ReleaseAfter()
+	}
+	if !set["node-conditions"] {
+		o.NodeConditions = c.NodeConditions
+	}
+	o.ManagedNamespaces = c.ManagedNamespaces
 }

@@ -11,16 +11,17 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	ctrl "sigs.k8s.io/controller-runtime"
 
+	"github.com/fleetmirror/fleetmirror/operator/crd"
 	"github.com/fleetmirror/fleetmirror/operator/manager"
 )
 
-var spegels = schema.GroupVersionResource{Group: "charts.fleetmirror.dev", Version: "v1alpha1", Resource: "spegels"}
+var spegels = crd.Resource
 
 // uninstallCommand is the operator chart's pre-delete hook: `helm
 // uninstall` would otherwise delete the operator together with the Spegel
@@ -73,7 +74,7 @@ func uninstallCommand(fs *flag.FlagSet) func(context.Context) error {
 // removeSpegels deletes every Spegel resource and waits until all are gone.
 func removeSpegels(ctx context.Context, dyn dynamic.Interface, timeout, every time.Duration) error {
 	onTimeout := fmt.Errorf("Spegel resources still there after %s: see their status conditions and the operator's log", timeout)
-	return pollUntil(ctx, timeout, every, onTimeout, func(ctx context.Context) (bool, error) {
+	err := wait.PollUntilContextTimeout(ctx, every, timeout, true, func(ctx context.Context) (bool, error) {
 		list, err := dyn.Resource(spegels).List(ctx, metav1.ListOptions{})
 		switch {
 		case apierrors.IsNotFound(err):
@@ -100,6 +101,10 @@ func removeSpegels(ctx context.Context, dyn dynamic.Interface, timeout, every ti
 		slog.Info("waiting for the operator to uninstall", "resources", strings.Join(left, ", "))
 		return false, nil
 	})
+	if wait.Interrupted(err) {
+		return onTimeout
+	}
+	return err
 }
 
 // stopOperator scales the operator to 0 while its account still exists,
@@ -121,7 +126,7 @@ func stopOperator(ctx context.Context, cs kubernetes.Interface, ns, name, lease 
 			return fmt.Errorf("scaling the operator %s/%s to 0: %w", ns, name, err)
 		}
 		onTimeout := fmt.Errorf("the operator's pods (%s in %s) still run after %s", sel, ns, timeout)
-		err = pollUntil(ctx, timeout, every, onTimeout, func(ctx context.Context) (bool, error) {
+		err = wait.PollUntilContextTimeout(ctx, every, timeout, true, func(ctx context.Context) (bool, error) {
 			pods, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: sel.String()})
 			if err != nil {
 				slog.Warn("listing the operator's pods", "err", err)
@@ -142,6 +147,9 @@ func stopOperator(ctx context.Context, cs kubernetes.Interface, ns, name, lease 
 			slog.Info("waiting for the operator to stop", "pods", strings.Join(left, ", "))
 			return false, nil
 		})
+		if wait.Interrupted(err) {
+			return onTimeout
+		}
 		if err != nil {
 			return err
 		}

@@ -36,16 +36,29 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"sigs.k8s.io/yaml"
 )
 
 //go:embed template.yaml
 var template []byte
 
+// The Spegel resource's API group, version and plural, as template.yaml
+// names them (TestTemplateNames checks they agree): the one place clients
+// such as the uninstall hook and the tests spell them.
+const (
+	Group   = "charts.fleetmirror.dev"
+	Version = "v1alpha1"
+	Plural  = "spegels"
+)
+
+// Resource is the Spegel resource, for dynamic clients.
+var Resource = schema.GroupVersionResource{Group: Group, Version: Version, Resource: Plural}
+
 // Files are where the generated CRD goes, relative to the repository: the
 // one envtest and kubectl use, and the operator chart's copy (Helm installs
 // what is in a chart's crds/).
-var Files = []string{"crds/charts.fleetmirror.dev_spegels.yaml", "helm-charts/operator/crds/charts.fleetmirror.dev_spegels.yaml"}
+var Files = []string{"crds/" + Group + "_" + Plural + ".yaml", "helm-charts/operator/crds/" + Group + "_" + Plural + ".yaml"}
 
 // ChartSchema is the addon chart's values schema, relative to the repository.
 const ChartSchema = "helm-charts/spegel/values.schema.json"

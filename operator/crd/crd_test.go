@@ -139,3 +139,22 @@ func TestConvert(t *testing.T) {
 		})
 	}
 }
+
+// TestTemplateNames: the constants clients use name what template.yaml
+// defines.
+func TestTemplateNames(t *testing.T) {
+	var crd apiextensionsv1.CustomResourceDefinition
+	if err := yaml.Unmarshal(template, &crd); err != nil {
+		t.Fatal(err)
+	}
+	if crd.Spec.Group != Group || crd.Spec.Names.Plural != Plural || crd.Name != Plural+"."+Group {
+		t.Errorf("template.yaml names %s (group %s, plural %s); the constants say %s.%s", crd.Name, crd.Spec.Group, crd.Spec.Names.Plural, Plural, Group)
+	}
+	var served bool
+	for _, v := range crd.Spec.Versions {
+		served = served || (v.Name == Version && v.Served)
+	}
+	if !served {
+		t.Errorf("template.yaml serves no version %s", Version)
+	}
+}

@@ -65,6 +65,47 @@ func (c converter) convert(s map[string]any, path string, inList bool) (map[stri
 	if err != nil {
 		return nil, err
 	}
+	out, err := keywords(s, path, inList)
+	if err != nil {
+		return nil, err
+	}
+	typ, err := c.typeOf(s, path)
+	if err != nil {
+		return nil, err
+	}
+	switch typ {
+	case "":
+		// Any JSON value (a quantity: string, integer or number); the chart
+		// checks it. Value checks (pattern, maxLength) still apply to strings.
+		out["x-kubernetes-preserve-unknown-fields"] = true
+	case "int-or-string":
+		out["x-kubernetes-int-or-string"] = true
+		out["anyOf"] = []any{map[string]any{"type": "integer"}, map[string]any{"type": "string"}}
+	default:
+		out["type"] = typ
+	}
+	if err := c.object(s, out, typ, path, inList); err != nil {
+		return nil, err
+	}
+	if err := c.items(s, out, path); err != nil {
+		return nil, err
+	}
+	for _, j := range []string{"anyOf", "oneOf"} {
+		if bs, ok := s[j]; ok {
+			if out[j], err = c.branches(bs, typ, path+"."+j, inList); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := bounded(out, typ, path); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// keywords converts s's keywords but the ones that hold schemas (type,
+// properties, additionalProperties, items, anyOf, oneOf: see convert).
+func keywords(s map[string]any, path string, inList bool) (map[string]any, error) {
 	out := map[string]any{}
 	for _, k := range sortedKeys(s) {
 		v := s[k]
@@ -73,7 +114,7 @@ func (c converter) convert(s map[string]any, path string, inList bool) (map[stri
 			out[k] = v
 		case dropped[k]:
 		case k == "type", k == "properties", k == "additionalProperties", k == "items", k == "anyOf", k == "oneOf":
-			// below
+			// convert's
 		case k == "const":
 			out["enum"] = []any{v}
 		case k == "required":
@@ -107,29 +148,18 @@ func (c converter) convert(s map[string]any, path string, inList bool) (map[stri
 			return nil, fmt.Errorf("%s: %q cannot be expressed in a CRD's structural schema; use the keywords crdgen converts (see operator/crd)", path, k)
 		}
 	}
+	return out, nil
+}
 
-	typ, err := c.typeOf(s, path)
-	if err != nil {
-		return nil, err
-	}
-	switch typ {
-	case "":
-		// Any JSON value (a quantity: string, integer or number); the chart
-		// checks it. Value checks (pattern, maxLength) still apply to strings.
-		out["x-kubernetes-preserve-unknown-fields"] = true
-	case "int-or-string":
-		out["x-kubernetes-int-or-string"] = true
-		out["anyOf"] = []any{map[string]any{"type": "integer"}, map[string]any{"type": "string"}}
-	default:
-		out["type"] = typ
-	}
-
+// object converts s's properties and additionalProperties into out.
+func (c converter) object(s, out map[string]any, typ, path string, inList bool) error {
+	var err error
 	if props, ok := s["properties"].(map[string]any); ok {
 		cp := map[string]any{}
 		for _, k := range sortedKeys(props) {
 			p, _ := props[k].(map[string]any)
 			if cp[k], err = c.convert(p, path+"."+k, inList); err != nil {
-				return nil, err
+				return err
 			}
 		}
 		out["properties"] = cp
@@ -150,39 +180,37 @@ func (c converter) convert(s map[string]any, path string, inList bool) (map[stri
 		}
 	case map[string]any:
 		if _, ok := s["properties"]; ok {
-			return nil, fmt.Errorf("%s: properties and an additionalProperties schema together: a CRD allows one of them", path)
+			return fmt.Errorf("%s: properties and an additionalProperties schema together: a CRD allows one of them", path)
 		}
 		if out["additionalProperties"], err = c.convert(ap, path+".*", inList); err != nil {
-			return nil, err
+			return err
 		}
 	default:
-		return nil, fmt.Errorf("%s: additionalProperties is %T", path, ap)
+		return fmt.Errorf("%s: additionalProperties is %T", path, ap)
 	}
-	if it, ok := s["items"]; ok {
-		m, ok := it.(map[string]any)
-		if !ok {
-			return nil, fmt.Errorf("%s: items must be one schema (tuples are not structural)", path)
-		}
-		if out["items"], err = c.convert(m, path+"[]", true); err != nil {
-			return nil, err
-		}
-		if out["x-kubernetes-list-type"] == "set" {
-			if it := out["items"].(map[string]any)["type"]; it == "object" || it == "array" || it == nil {
-				return nil, fmt.Errorf("%s: uniqueItems on a list of %v: a CRD list set holds scalars only", path, it)
-			}
+	return nil
+}
+
+// items converts s's items into out; below them `required` holds.
+func (c converter) items(s, out map[string]any, path string) error {
+	it, ok := s["items"]
+	if !ok {
+		return nil
+	}
+	m, ok := it.(map[string]any)
+	if !ok {
+		return fmt.Errorf("%s: items must be one schema (tuples are not structural)", path)
+	}
+	var err error
+	if out["items"], err = c.convert(m, path+"[]", true); err != nil {
+		return err
+	}
+	if out["x-kubernetes-list-type"] == "set" {
+		if it := out["items"].(map[string]any)["type"]; it == "object" || it == "array" || it == nil {
+			return fmt.Errorf("%s: uniqueItems on a list of %v: a CRD list set holds scalars only", path, it)
 		}
 	}
-	for _, j := range []string{"anyOf", "oneOf"} {
-		if bs, ok := s[j]; ok {
-			if out[j], err = c.branches(bs, typ, path+"."+j, inList); err != nil {
-				return nil, err
-			}
-		}
-	}
-	if err := bounded(out, typ, path); err != nil {
-		return nil, err
-	}
-	return out, nil
+	return nil
 }
 
 // resolve inlines a $ref to the root's definitions (a CRD has no $ref);

@@ -35,11 +35,11 @@ import (
 
 	helmrelease "helm.sh/helm/v3/pkg/release"
 
+	"github.com/fleetmirror/fleetmirror/operator/helmaction"
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/networkkey"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
-	"github.com/fleetmirror/fleetmirror/operator/release"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/status"
 	"github.com/fleetmirror/fleetmirror/operator/values"
@@ -61,7 +61,7 @@ type Options struct {
 	// Inputs are the images map and imageMirror given to every release.
 	Inputs values.Inputs
 	// Timeouts bound Helm's waits on hooks.
-	Timeouts release.Timeouts
+	Timeouts helmaction.Timeouts
 	// LeaderElection on (the default in cmd/operator) lets several
 	// replicas run with one active.
 	LeaderElection          bool
@@ -107,40 +107,16 @@ type Options struct {
 
 // New returns a manager, not yet started, with every controller added.
 func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
-	if o.WatchesFile == "" {
-		return nil, errors.New("manager: no watches file; set --watches-file")
-	}
-	if err := o.Inputs.Validate(); err != nil {
+	if err := o.validate(); err != nil {
 		return nil, err
-	}
-	if o.Timeouts.Uninstall <= 0 || o.Timeouts.Install <= 0 || o.Timeouts.Upgrade <= 0 {
-		return nil, errors.New("manager: install, upgrade and uninstall timeouts must be more than 0")
-	}
-	if o.NodeReadiness && o.ReportAfter <= 0 {
-		return nil, errors.New("manager: node readiness needs a report-after duration more than 0")
-	}
-	if o.NodeReadiness && o.ReleaseAfter <= 0 {
-		return nil, errors.New("manager: node readiness needs a release-after duration more than 0 (a node is never held for good)")
 	}
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
 	log := logr.FromSlogHandler(o.Log.Handler())
 	ctrl.SetLogger(log)
-
 	if o.NodeReadiness {
-		// The agents' fallback for when the operator is down: each
-		// removes the taint from its own node a minute past the bound,
-		// after the operator would have (with its event and status).
-		// Laid under every spec like the provider override's values.
-		d := make(map[string]any, len(o.Inputs.Defaults)+1)
-		for k, v := range o.Inputs.Defaults {
-			d[k] = v
-		}
-		if _, set := d["releaseTaintAfter"]; !set {
-			d["releaseTaintAfter"] = (o.ReleaseAfter + time.Minute).String()
-		}
-		o.Inputs.Defaults = d
+		o.Inputs.Defaults = withTaintFallback(o.Inputs.Defaults, o.ReleaseAfter)
 	}
 	ws, err := loadWatches(o.WatchesFile)
 	if err != nil {
@@ -168,66 +144,134 @@ func New(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	if err := mgr.AddReadyzCheck("ping", healthz.Ping); err != nil {
 		return nil, err
 	}
-
 	acg, err := actionClientGetter(mgr, o.Timeouts)
 	if err != nil {
 		return nil, err
 	}
 	for _, w := range ws {
-		released := status.NewReleased()
-		gvk := w.GroupVersionKind
-		in := o.Inputs
-		in.Overrides = w.OverrideValues
-		opts := []reconciler.Option{
-			reconciler.WithChart(*w.Chart),
-			reconciler.WithGroupVersionKind(gvk),
-			reconciler.WithActionClientGetter(release.Getter{Next: acg, Recorder: mgr.GetEventRecorderFor("spegel-operator"), Namespaces: managed}),
-			reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, in, managed)),
-			reconciler.WithPauseReconcileHandler(reconciler.PauseReconcileIfAnnotationTrue(PauseAnnotation)),
-			reconciler.WithPostHook(hook.PostHookFunc(func(obj *unstructured.Unstructured, _ helmrelease.Release, _ logr.Logger) error {
-				released.Mark(obj)
-				return nil
-			})),
-			reconciler.WithReconcilePeriod(reconcilePeriod(w, o.ReconcilePeriod)),
-			reconciler.WithMaxReleaseHistory(10),
-			reconciler.WithLog(log.WithName("helm").WithValues("kind", gvk.Kind)),
-		}
-		if w.WatchDependentResources != nil && !*w.WatchDependentResources {
-			opts = append(opts, reconciler.SkipDependentWatches(true))
-		}
-		if w.MaxConcurrentReconciles != nil {
-			opts = append(opts, reconciler.WithMaxConcurrentReconciles(*w.MaxConcurrentReconciles))
-		}
-		r, err := reconciler.New(opts...)
-		if err != nil {
-			return nil, fmt.Errorf("reconciler for %s: %w", gvk, err)
-		}
-		if err := r.SetupWithManager(mgr); err != nil {
-			return nil, fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
-		}
-		sc := &status.Controller{Client: mgr.GetClient(), GVK: gvk, Released: released, Defaults: o.Inputs.Defaults, Overrides: w.OverrideValues,
-			Provider: o.Provider, AgentMetricsPort: o.AgentMetricsPort, Namespaces: managed, AgentPollPeriod: o.MirrorPathPeriod}
-		if o.HitRatioWindow > 0 {
-			sc.HitRatio = hitratio.New(o.HitRatioWindow, nil)
-		}
-		if o.MirrorPath || o.NodeConditions {
-			sc.MirrorPath = mirrorpath.NewProber(nil)
-		}
-		if o.NodeConditions {
-			sc.NodeConditions = &mirrorpath.NodeWriter{Client: mgr.GetClient()}
-		}
-		if err := sc.SetupWithManager(mgr); err != nil {
-			return nil, fmt.Errorf("setting up status controller for %s: %w", gvk, err)
-		}
-		if o.NodeReadiness {
-			rc := &readiness.Controller{Client: mgr.GetClient(), GVK: gvk, Recorder: mgr.GetEventRecorderFor("spegel-node-readiness"), ReportAfter: o.ReportAfter,
-				ReleaseAfter: o.ReleaseAfter, Namespaces: managed}
-			if err := rc.SetupWithManager(mgr); err != nil {
-				return nil, fmt.Errorf("setting up node readiness for %s: %w", gvk, err)
-			}
+		if err := addControllers(mgr, o, w, acg, managed, log); err != nil {
+			return nil, err
 		}
 	}
 	return mgr, nil
+}
+
+// validate checks the required options and the bounds New relies on.
+func (o Options) validate() error {
+	if o.WatchesFile == "" {
+		return errors.New("manager: no watches file; set --watches-file")
+	}
+	if err := o.Inputs.Validate(); err != nil {
+		return err
+	}
+	if o.Timeouts.Uninstall <= 0 || o.Timeouts.Install <= 0 || o.Timeouts.Upgrade <= 0 {
+		return errors.New("manager: install, upgrade and uninstall timeouts must be more than 0")
+	}
+	if o.NodeReadiness && o.ReportAfter <= 0 {
+		return errors.New("manager: node readiness needs a report-after duration more than 0")
+	}
+	if o.NodeReadiness && o.ReleaseAfter <= 0 {
+		return errors.New("manager: node readiness needs a release-after duration more than 0 (a node is never held for good)")
+	}
+	return nil
+}
+
+// withTaintFallback returns defaults with the agents' fallback for when
+// the operator is down: each removes the taint from its own node a minute
+// past the bound, after the operator would have (with its event and
+// status). Laid under every spec like the provider override's values.
+func withTaintFallback(defaults map[string]any, releaseAfter time.Duration) map[string]any {
+	d := make(map[string]any, len(defaults)+1)
+	for k, v := range defaults {
+		d[k] = v
+	}
+	if _, set := d["releaseTaintAfter"]; !set {
+		d["releaseTaintAfter"] = (releaseAfter + time.Minute).String()
+	}
+	return d
+}
+
+// addControllers adds, for watch w, the Helm reconciler, the status
+// controller and (when on) node readiness.
+func addControllers(mgr ctrl.Manager, o Options, w watches.Watch, acg helmclient.ActionClientGetter, managed spegels.Namespaces, log logr.Logger) error {
+	released := status.NewReleased()
+	gvk := w.GroupVersionKind
+	getter, err := helmaction.NewGetter(acg, mgr.GetEventRecorderFor("spegel-operator"), helmaction.WithNamespaces(managed))
+	if err != nil {
+		return err
+	}
+	r, err := reconciler.New(reconcilerOptions(mgr, o, w, getter, managed, released, log)...)
+	if err != nil {
+		return fmt.Errorf("reconciler for %s: %w", gvk, err)
+	}
+	if err := r.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("setting up reconciler for %s: %w", gvk, err)
+	}
+	sc, err := status.New(mgr.GetClient(), gvk, released, statusOptions(mgr, o, w, managed)...)
+	if err != nil {
+		return err
+	}
+	if err := sc.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("setting up status controller for %s: %w", gvk, err)
+	}
+	if !o.NodeReadiness {
+		return nil
+	}
+	rc, err := readiness.New(mgr.GetClient(), gvk, mgr.GetEventRecorderFor("spegel-node-readiness"),
+		readiness.WithReportAfter(o.ReportAfter), readiness.WithReleaseAfter(o.ReleaseAfter), readiness.WithNamespaces(managed))
+	if err != nil {
+		return err
+	}
+	if err := rc.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("setting up node readiness for %s: %w", gvk, err)
+	}
+	return nil
+}
+
+// reconcilerOptions are the Helm reconciler's options for watch w; its
+// post hook marks each released generation for the status controller.
+func reconcilerOptions(mgr ctrl.Manager, o Options, w watches.Watch, getter helmaction.Getter, managed spegels.Namespaces, released *status.Released, log logr.Logger) []reconciler.Option {
+	gvk := w.GroupVersionKind
+	in := o.Inputs
+	in.Overrides = w.OverrideValues
+	opts := []reconciler.Option{
+		reconciler.WithChart(*w.Chart),
+		reconciler.WithGroupVersionKind(gvk),
+		reconciler.WithActionClientGetter(getter),
+		reconciler.WithValueTranslator(translator(mgr.GetClient(), gvk, in, managed)),
+		reconciler.WithPauseReconcileHandler(reconciler.PauseReconcileIfAnnotationTrue(PauseAnnotation)),
+		reconciler.WithPostHook(hook.PostHookFunc(func(obj *unstructured.Unstructured, _ helmrelease.Release, _ logr.Logger) error {
+			released.Mark(obj)
+			return nil
+		})),
+		reconciler.WithReconcilePeriod(reconcilePeriod(w, o.ReconcilePeriod)),
+		reconciler.WithMaxReleaseHistory(10),
+		reconciler.WithLog(log.WithName("helm").WithValues("kind", gvk.Kind)),
+	}
+	if w.WatchDependentResources != nil && !*w.WatchDependentResources {
+		opts = append(opts, reconciler.SkipDependentWatches(true))
+	}
+	if w.MaxConcurrentReconciles != nil {
+		opts = append(opts, reconciler.WithMaxConcurrentReconciles(*w.MaxConcurrentReconciles))
+	}
+	return opts
+}
+
+// statusOptions are the status controller's options for watch w.
+func statusOptions(mgr ctrl.Manager, o Options, w watches.Watch, managed spegels.Namespaces) []status.Option {
+	opts := []status.Option{status.WithValues(o.Inputs.Defaults, w.OverrideValues), status.WithProvider(o.Provider),
+		status.WithAgentMetricsPort(o.AgentMetricsPort), status.WithNamespaces(managed), status.WithAgentPollPeriod(o.MirrorPathPeriod)}
+	if o.HitRatioWindow > 0 {
+		opts = append(opts, status.WithHitRatio(hitratio.New(o.HitRatioWindow, nil)))
+	}
+	if o.MirrorPath || o.NodeConditions {
+		var nodes *mirrorpath.NodeWriter
+		if o.NodeConditions {
+			nodes = mirrorpath.NewNodeWriter(mgr.GetClient())
+		}
+		opts = append(opts, status.WithMirrorPath(mirrorpath.NewProber(nil), nodes))
+	}
+	return opts
 }
 
 // cacheOptions restricts the cache to what the operator's RBAC allows:
@@ -254,7 +298,7 @@ func cacheOptions(ws []watches.Watch, managed spegels.Namespaces) cache.Options 
 	return o
 }
 
-func actionClientGetter(mgr ctrl.Manager, t release.Timeouts) (helmclient.ActionClientGetter, error) {
+func actionClientGetter(mgr ctrl.Manager, t helmaction.Timeouts) (helmclient.ActionClientGetter, error) {
 	cg, err := helmclient.NewActionConfigGetter(mgr.GetConfig(), mgr.GetRESTMapper())
 	if err != nil {
 		return nil, fmt.Errorf("helm action config: %w", err)

@@ -28,8 +28,9 @@ const (
 	maxConcurrent = 16
 )
 
-// Verdict is the part of the agent's /canary answer the operator uses
-// (agent/canary.Status).
+// Verdict is the part of the agent's /canary answer the operator uses:
+// fields of agent/canary.Status, which defines the wire format, by the
+// same names and types (TestVerdictIsCanaryStatus holds them together).
 type Verdict struct {
 	Verdict string     `json:"verdict"`
 	OK      bool       `json:"ok"`

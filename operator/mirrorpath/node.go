@@ -21,10 +21,16 @@ import (
 // read. It writes a node again only when the condition changed (or after
 // the operator restarts, which moves lastTransitionTime to then).
 type NodeWriter struct {
-	Client client.Client
+	// Only Status().Patch: what the RBAC grants.
+	client client.StatusClient
 
 	mu   sync.Mutex
 	last map[string]written
+}
+
+// NewNodeWriter returns a writer that patches node status through c.
+func NewNodeWriter(c client.StatusClient) *NodeWriter {
+	return &NodeWriter{client: c, last: map[string]written{}}
 }
 
 type written struct {
@@ -35,9 +41,6 @@ type written struct {
 // Set writes c on node unless it is already there.
 func (w *NodeWriter) Set(ctx context.Context, node string, c Condition) error {
 	w.mu.Lock()
-	if w.last == nil {
-		w.last = map[string]written{}
-	}
 	prev, seen := w.last[node]
 	w.mu.Unlock()
 	if seen && prev.c == c {
@@ -57,7 +60,7 @@ func (w *NodeWriter) Set(ctx context.Context, node string, c Condition) error {
 	}
 	n := &corev1.Node{}
 	n.Name = node
-	err = w.Client.Status().Patch(ctx, n, client.RawPatch(types.StrategicMergePatchType, body))
+	err = w.client.Status().Patch(ctx, n, client.RawPatch(types.StrategicMergePatchType, body))
 	if apierrors.IsNotFound(err) {
 		w.Forget(node)
 		return nil
@@ -99,7 +102,7 @@ func (w *NodeWriter) RemoveAll(ctx context.Context) error {
 	for _, node := range nodes {
 		n := &corev1.Node{}
 		n.Name = node
-		err := w.Client.Status().Patch(ctx, n, client.RawPatch(types.StrategicMergePatchType, body))
+		err := w.client.Status().Patch(ctx, n, client.RawPatch(types.StrategicMergePatchType, body))
 		if err != nil && !apierrors.IsNotFound(err) {
 			errs = append(errs, fmt.Errorf("node %s: removing condition %s: %w", node, ConditionType, err))
 			continue

@@ -25,6 +25,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/fleetmirror/fleetmirror/agent/peerauth"
+	"github.com/fleetmirror/fleetmirror/operator/chartlabels"
 )
 
 const (
@@ -67,7 +68,7 @@ func Ensure(ctx context.Context, c client.Client, owner *unstructured.Unstructur
 		ObjectMeta: metav1.ObjectMeta{
 			Name:      name,
 			Namespace: owner.GetNamespace(),
-			Labels:    map[string]string{"app.kubernetes.io/part-of": "fleetmirror", "app.kubernetes.io/managed-by": "fleetmirror-operator"},
+			Labels:    map[string]string{chartlabels.PartOf: chartlabels.Fleetmirror, chartlabels.ManagedBy: "fleetmirror-operator"},
 			// Controller owner: the Helm reconciler watches Secrets its
 			// resources control, so deleting this one by hand makes the
 			// operator create a new one at once.

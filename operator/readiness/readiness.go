@@ -6,10 +6,10 @@
 // only with the mirror configuration written and, with containerd-prep,
 // the prep check passing. A node that stays held is named, with the
 // reason, in the Spegel resource's NodesReady condition and, after
-// ReportAfter, in a warning event.
+// report-after (WithReportAfter), in a warning event.
 //
 // Readiness fails open: the mirror is there for speed, never for
-// availability. A node is held at most ReleaseAfter from its creation;
+// availability. A node is held at most release-after (WithReleaseAfter) from its creation;
 // then the taint comes off whatever its agent says, with a NodeReleased
 // warning event, the ReleasedAnnotation and the node named in
 // NodesReady, and it is never held again. When the operator is gone, the
@@ -19,6 +19,7 @@ package readiness
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -40,6 +41,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
+	"github.com/fleetmirror/fleetmirror/operator/chartlabels"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
 	"github.com/fleetmirror/fleetmirror/operator/status"
@@ -58,12 +60,8 @@ const (
 	// a ready agent (fail open): the time, then the reason.
 	ReleasedAnnotation = "fleetmirror.dev/released-unready"
 	// ConditionType is the Spegel status condition naming held nodes.
-	ConditionType  = "NodesReady"
-	componentLabel = "app.kubernetes.io/component"
-	nameLabel      = "app.kubernetes.io/name"
-	partOfLabel    = "app.kubernetes.io/part-of"
-	instanceLabel  = "app.kubernetes.io/instance"
-	maxNamed       = 10
+	ConditionType = "NodesReady"
+	maxNamed      = 10
 )
 
 // Taint is the startup taint.
@@ -71,28 +69,67 @@ var Taint = corev1.Taint{Key: TaintKey, Effect: corev1.TaintEffectNoSchedule}
 
 // AgentPods selects the agent pods (and DaemonSets) of every
 // helm-charts/spegel release; the manager caches only these pods.
-var AgentPods = labels.SelectorFromSet(labels.Set{nameLabel: "spegel", componentLabel: status.ComponentAgent})
+var AgentPods = labels.SelectorFromSet(labels.Set{chartlabels.Name: "spegel", chartlabels.Component: status.ComponentAgent})
 
 // Controller taints and releases nodes. It acts on the one Spegel
 // resource that manages the nodes (the oldest); with none, or none
 // deployed, it takes its taint off every node so nothing waits forever.
 type Controller struct {
-	Client   client.Client
-	GVK      schema.GroupVersionKind
-	Recorder record.EventRecorder
-	// ReportAfter: a node held this long gets a warning event.
-	ReportAfter time.Duration
-	// ReleaseAfter: a node is held at most this long from its creation
-	// (default 5m), then released with a warning (fail open).
-	ReleaseAfter time.Duration
-	// Namespaces the operator manages: a resource elsewhere has no
+	client   client.Client
+	gvk      schema.GroupVersionKind
+	recorder record.EventRecorder
+	// reportAfter: a node held this long gets a warning event.
+	reportAfter time.Duration
+	// releaseAfter: a node is held at most this long from its creation,
+	// then released with a warning (fail open).
+	releaseAfter time.Duration
+	// namespaces the operator manages: a resource elsewhere has no
 	// release, so it holds no node.
-	Namespaces spegels.Namespaces
-	// Resync re-checks this often while nodes are held (default 30s).
-	Resync time.Duration
+	namespaces spegels.Namespaces
+	// resync re-checks this often while nodes are held.
+	resync time.Duration
 
 	mu       sync.Mutex
 	reported map[string]string // node → the reason its warning gave
+}
+
+// Option configures a Controller.
+type Option func(*Controller)
+
+// WithReportAfter gives a node held this long a warning event (default 0:
+// at once).
+func WithReportAfter(d time.Duration) Option { return func(c *Controller) { c.reportAfter = d } }
+
+// WithReleaseAfter holds a node at most d from its creation (default 5m).
+func WithReleaseAfter(d time.Duration) Option { return func(c *Controller) { c.releaseAfter = d } }
+
+// WithNamespaces limits the controller to the resources of the namespaces
+// the operator manages (default: every namespace).
+func WithNamespaces(ns spegels.Namespaces) Option { return func(c *Controller) { c.namespaces = ns } }
+
+// WithResync re-checks this often while nodes are held (default 30s).
+func WithResync(d time.Duration) Option { return func(c *Controller) { c.resync = d } }
+
+// New returns a controller for the Spegel resources of kind gvk; events go
+// to recorder.
+func New(c client.Client, gvk schema.GroupVersionKind, recorder record.EventRecorder, opts ...Option) (*Controller, error) {
+	rc := &Controller{client: c, gvk: gvk, recorder: recorder, releaseAfter: 5 * time.Minute, resync: 30 * time.Second, reported: map[string]string{}}
+	for _, o := range opts {
+		o(rc)
+	}
+	switch {
+	case c == nil:
+		return nil, errors.New("readiness: no client")
+	case gvk.Kind == "":
+		return nil, errors.New("readiness: no kind of resource to act on")
+	case recorder == nil:
+		return nil, errors.New("readiness: no event recorder")
+	case rc.releaseAfter <= 0:
+		return nil, errors.New("readiness: release-after must be more than 0 (a node is never held for good)")
+	case rc.reportAfter < 0 || rc.resync <= 0:
+		return nil, errors.New("readiness: report-after must not be negative, resync must be more than 0")
+	}
+	return rc, nil
 }
 
 var everything = types.NamespacedName{Name: "nodes"}
@@ -101,18 +138,11 @@ var everything = types.NamespacedName{Name: "nodes"}
 // agent pod, a DaemonSet or a Spegel resource runs one pass over all
 // nodes.
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
-	if c.Resync == 0 {
-		c.Resync = 30 * time.Second
-	}
-	if c.ReleaseAfter == 0 {
-		c.ReleaseAfter = 5 * time.Minute
-	}
-	c.reported = map[string]string{}
 	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
 		return []reconcile.Request{{NamespacedName: everything}}
 	})
 	cr := &unstructured.Unstructured{}
-	cr.SetGroupVersionKind(c.GVK)
+	cr.SetGroupVersionKind(c.gvk)
 	agents := predicate.NewPredicateFuncs(func(o client.Object) bool { return AgentPods.Matches(labels.Set(o.GetLabels())) })
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("node-readiness").
@@ -137,7 +167,7 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 		return reconcile.Result{}, err
 	}
 	var nodes corev1.NodeList
-	if err := c.Client.List(ctx, &nodes); err != nil {
+	if err := c.client.List(ctx, &nodes); err != nil {
 		return reconcile.Result{}, fmt.Errorf("listing nodes: %w", err)
 	}
 	if ds == nil {
@@ -153,91 +183,107 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 	if err != nil {
 		return reconcile.Result{}, err
 	}
-	sel := labels.SelectorFromSet(ds.Spec.Template.Spec.NodeSelector)
-	var holding, unready []held
-	var released []string
-	now := time.Now()
+	p := &pass{owner: owner, sel: labels.SelectorFromSet(ds.Spec.Template.Spec.NodeSelector), pods: pods, now: time.Now()}
 	for i := range nodes.Items {
-		n := &nodes.Items[i]
-		if !sel.Matches(labels.Set(n.Labels)) {
-			// The agent never runs there: not ours to hold.
-			if err := c.setNode(ctx, n, false, false); err != nil {
-				return reconcile.Result{}, err
-			}
-			continue
-		}
-		pod := pods[n.Name]
-		if ready, _ := podReady(pod); ready {
-			if hasTaint(n) {
-				released = append(released, n.Name)
-			}
-			if err := c.setNode(ctx, n, false, true); err != nil {
-				return reconcile.Result{}, err
-			}
-			continue
-		}
-		if n.Annotations[ReadyAnnotation] != "" {
-			continue // was ready once: never held again
-		}
-		why := heldReason(pod, n)
-		h := held{node: n.Name, reason: why, since: n.CreationTimestamp.Time}
-		if waited := now.Sub(h.since); waited >= c.ReleaseAfter {
-			if !hasTaint(n) && n.Annotations[ReleasedAnnotation] == "" && n.CreationTimestamp.Before(ptr(owner.GetCreationTimestamp())) {
-				// Joined before the resource existed: never held, so
-				// nothing to release or report (installing on a running
-				// cluster must not mark every node).
-				continue
-			}
-			// Fail open: never held past the bound.
-			first, err := c.release(ctx, n, why)
-			if err != nil {
-				return reconcile.Result{}, err
-			}
-			if first {
-				c.Recorder.Eventf(owner, corev1.EventTypeWarning, "NodeReleasedUnready",
-					"node %s released after %s without a ready agent (startup taint %s removed; the mirror may not serve it until its agent is ready): %s",
-					n.Name, c.ReleaseAfter, TaintKey, why)
-			}
-			unready = append(unready, h)
-			continue
-		}
-		holding = append(holding, h)
-		if err := c.setNode(ctx, n, true, false); err != nil {
+		if err := c.visit(ctx, p, &nodes.Items[i]); err != nil {
 			return reconcile.Result{}, err
 		}
 	}
-	for _, n := range released {
-		c.Recorder.Eventf(owner, corev1.EventTypeNormal, "NodeReleased", "node %s: agent ready, startup taint %s removed", n, TaintKey)
+	return c.finish(ctx, p)
+}
+
+// pass is one Reconcile's view of the nodes and what it found.
+type pass struct {
+	owner *unstructured.Unstructured
+	sel   labels.Selector // the nodes the agent runs on
+	pods  map[string]*corev1.Pod
+	now   time.Time
+
+	holding, unready []held
+	released         []string // taken off as their agent turned ready
+}
+
+// visit decides one node: not the agent's, ready, ready once, held past
+// the bound, or held.
+func (c *Controller) visit(ctx context.Context, p *pass, n *corev1.Node) error {
+	if !p.sel.Matches(labels.Set(n.Labels)) {
+		// The agent never runs there: not ours to hold.
+		return c.setNode(ctx, n, false, false)
 	}
-	next := c.report(owner, holding)
-	if err := c.writeCondition(ctx, owner, holding, unready); err != nil {
+	pod := p.pods[n.Name]
+	if ready, _ := podReady(pod); ready {
+		if hasTaint(n) {
+			p.released = append(p.released, n.Name)
+		}
+		return c.setNode(ctx, n, false, true)
+	}
+	if n.Annotations[ReadyAnnotation] != "" {
+		return nil // was ready once: never held again
+	}
+	h := held{node: n.Name, reason: heldReason(pod, n), since: n.CreationTimestamp.Time}
+	if p.now.Sub(h.since) >= c.releaseAfter {
+		return c.failOpen(ctx, p, n, h)
+	}
+	p.holding = append(p.holding, h)
+	return c.setNode(ctx, n, true, false)
+}
+
+// failOpen releases node n held past the bound, whatever its agent says.
+func (c *Controller) failOpen(ctx context.Context, p *pass, n *corev1.Node, h held) error {
+	if !hasTaint(n) && n.Annotations[ReleasedAnnotation] == "" && n.CreationTimestamp.Before(ptr(p.owner.GetCreationTimestamp())) {
+		// Joined before the resource existed: never held, so nothing
+		// to release or report (installing on a running cluster must
+		// not mark every node).
+		return nil
+	}
+	first, err := c.release(ctx, n, h.reason)
+	if err != nil {
+		return err
+	}
+	if first {
+		c.recorder.Eventf(p.owner, corev1.EventTypeWarning, "NodeReleasedUnready",
+			"node %s released after %s without a ready agent (startup taint %s removed; the mirror may not serve it until its agent is ready): %s",
+			n.Name, c.releaseAfter, TaintKey, h.reason)
+	}
+	p.unready = append(p.unready, h)
+	return nil
+}
+
+// finish tells what the pass did (events, the NodesReady condition) and
+// when to look again: when the next warning or release is due.
+func (c *Controller) finish(ctx context.Context, p *pass) (reconcile.Result, error) {
+	for _, n := range p.released {
+		c.recorder.Eventf(p.owner, corev1.EventTypeNormal, "NodeReleased", "node %s: agent ready, startup taint %s removed", n, TaintKey)
+	}
+	next := c.report(p.owner, p.holding)
+	if err := c.writeCondition(ctx, p.owner, p.holding, p.unready); err != nil {
 		return reconcile.Result{}, err
 	}
-	if len(holding) == 0 {
+	if len(p.holding) == 0 {
 		return reconcile.Result{}, nil
 	}
-	for _, h := range holding {
-		next = min(next, max(c.ReleaseAfter-now.Sub(h.since), time.Second))
+	for _, h := range p.holding {
+		next = min(next, max(c.releaseAfter-p.now.Sub(h.since), time.Second))
 	}
-	return reconcile.Result{RequeueAfter: min(next, c.Resync)}, nil
+	return reconcile.Result{RequeueAfter: min(next, c.resync)}, nil
 }
 
 // active returns the Spegel resource that manages the nodes and its agent
 // DaemonSet, or nil when there is none yet (not deployed).
 func (c *Controller) active(ctx context.Context) (*unstructured.Unstructured, *appsv1.DaemonSet, error) {
-	owner, err := spegels.Oldest(ctx, c.Client, c.GVK)
+	owner, err := spegels.Oldest(ctx, c.client, c.gvk)
 	if err != nil {
 		return nil, nil, err
 	}
 	if owner == nil || owner.GetDeletionTimestamp() != nil {
 		return nil, nil, nil
 	}
-	if !c.Namespaces.Manages(owner.GetNamespace()) {
+	if !c.namespaces.Manages(owner.GetNamespace()) {
 		return owner, nil, nil
 	}
 	var dss appsv1.DaemonSetList
-	if err := c.Client.List(ctx, &dss, client.InNamespace(owner.GetNamespace()), client.MatchingLabels{
-		partOfLabel: "fleetmirror", instanceLabel: owner.GetName(), componentLabel: status.ComponentAgent,
+	if err := c.client.List(ctx, &dss, client.InNamespace(owner.GetNamespace()), client.MatchingLabels{
+		chartlabels.PartOf: chartlabels.Fleetmirror, chartlabels.Instance: owner.GetName(), chartlabels.Component: status.ComponentAgent,
 	}); err != nil {
 		return nil, nil, fmt.Errorf("listing the agent DaemonSet: %w", err)
 	}
@@ -250,7 +296,7 @@ func (c *Controller) active(ctx context.Context) (*unstructured.Unstructured, *a
 // agentPods maps node name to the agent pod there.
 func (c *Controller) agentPods(ctx context.Context, ds *appsv1.DaemonSet) (map[string]*corev1.Pod, error) {
 	var pods corev1.PodList
-	if err := c.Client.List(ctx, &pods, client.InNamespace(ds.Namespace), client.MatchingLabels(ds.Spec.Selector.MatchLabels)); err != nil {
+	if err := c.client.List(ctx, &pods, client.InNamespace(ds.Namespace), client.MatchingLabels(ds.Spec.Selector.MatchLabels)); err != nil {
 		return nil, fmt.Errorf("listing agent pods: %w", err)
 	}
 	out := map[string]*corev1.Pod{}
@@ -345,7 +391,7 @@ func (c *Controller) setNode(ctx context.Context, n *corev1.Node, taint, ready b
 	if hasTaint(orig) == taint && (!ready || orig.Annotations[ReadyAnnotation] != "") {
 		return nil
 	}
-	err := c.Client.Patch(ctx, n, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
+	err := c.client.Patch(ctx, n, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
 	if apierrors.IsNotFound(err) {
 		return nil
 	}
@@ -355,7 +401,7 @@ func (c *Controller) setNode(ctx context.Context, n *corev1.Node, taint, ready b
 	return nil
 }
 
-// release takes the taint off a node held past ReleaseAfter and marks it
+// release takes the taint off a node held past release-after and marks it
 // released; first says whether it was not marked before (so the warning
 // is told once, also when the agent's own fallback removed the taint).
 func (c *Controller) release(ctx context.Context, n *corev1.Node, why string) (first bool, err error) {
@@ -377,35 +423,35 @@ func (c *Controller) release(ctx context.Context, n *corev1.Node, why string) (f
 		}
 		n.Annotations[ReleasedAnnotation] = time.Now().UTC().Format(time.RFC3339) + " " + why
 	}
-	err = c.Client.Patch(ctx, n, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
+	err = c.client.Patch(ctx, n, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
 	if apierrors.IsNotFound(err) {
 		return false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("releasing node %s held past %s: %w", n.Name, c.ReleaseAfter, err)
+		return false, fmt.Errorf("releasing node %s held past %s: %w", n.Name, c.releaseAfter, err)
 	}
 	return first, nil
 }
 
-// report emits a warning for each node held longer than ReportAfter, once
+// report emits a warning for each node held longer than report-after, once
 // per reason (a node first without an agent pod, then with an unready one,
 // is told both ways), and returns when the next one is due.
 func (c *Controller) report(owner *unstructured.Unstructured, holding []held) time.Duration {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := time.Now()
-	next := c.Resync
+	next := c.resync
 	still := map[string]bool{}
 	for _, h := range holding {
 		still[h.node] = true
 		waited := now.Sub(h.since)
-		if waited < c.ReportAfter {
-			next = min(next, c.ReportAfter-waited)
+		if waited < c.reportAfter {
+			next = min(next, c.reportAfter-waited)
 			continue
 		}
 		if c.reported[h.node] != h.reason {
 			c.reported[h.node] = h.reason
-			c.Recorder.Eventf(owner, corev1.EventTypeWarning, "NodeHeld", "node %s kept its startup taint %s for %s: %s",
+			c.recorder.Eventf(owner, corev1.EventTypeWarning, "NodeHeld", "node %s kept its startup taint %s for %s: %s",
 				h.node, TaintKey, waited.Round(time.Second), h.reason)
 		}
 	}
@@ -436,13 +482,13 @@ func (c *Controller) writeCondition(ctx context.Context, owner *unstructured.Uns
 	var parts []string
 	if len(holding) > 0 {
 		reason = "NodesHeld"
-		parts = append(parts, fmt.Sprintf("%d node(s) keep the startup taint %s until their agent is ready (at most %s): %s", len(holding), TaintKey, c.ReleaseAfter, name(holding)))
+		parts = append(parts, fmt.Sprintf("%d node(s) keep the startup taint %s until their agent is ready (at most %s): %s", len(holding), TaintKey, c.releaseAfter, name(holding)))
 	}
 	if len(unready) > 0 {
 		if reason != "NodesHeld" {
 			reason = "NodesReleasedUnready"
 		}
-		parts = append(parts, fmt.Sprintf("%d node(s) released after %s without a ready agent (fail open: they run workloads, the mirror may not serve them): %s", len(unready), c.ReleaseAfter, name(unready)))
+		parts = append(parts, fmt.Sprintf("%d node(s) released after %s without a ready agent (fail open: they run workloads, the mirror may not serve them): %s", len(unready), c.releaseAfter, name(unready)))
 	}
 	if len(parts) > 0 {
 		ok, msg = false, strings.Join(parts, ". ")
@@ -456,7 +502,7 @@ func (c *Controller) writeCondition(ctx context.Context, owner *unstructured.Uns
 	if data, err := patch.Data(owner); err == nil && string(data) == "{}" {
 		return nil
 	}
-	err := c.Client.Status().Patch(ctx, owner, patch)
+	err := c.client.Status().Patch(ctx, owner, patch)
 	if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
 		return fmt.Errorf("status of %s/%s changed meanwhile; retrying", owner.GetNamespace(), owner.GetName())
 	}

@@ -2,6 +2,7 @@ package status
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -25,6 +26,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
+	"github.com/fleetmirror/fleetmirror/operator/chartlabels"
 	"github.com/fleetmirror/fleetmirror/operator/hitratio"
 	"github.com/fleetmirror/fleetmirror/operator/mirrorpath"
 	"github.com/fleetmirror/fleetmirror/operator/spegels"
@@ -76,36 +78,35 @@ func (r *Released) Forget(key types.NamespacedName) {
 // conditions; the Helm reconciler rewrites status with its own fields
 // only, and the resulting update event brings this controller back.
 type Controller struct {
-	Client   client.Client
-	GVK      schema.GroupVersionKind
-	Released *Released
-	// Resync re-reads every resource this often (default 5m).
-	Resync time.Duration
-	// Defaults are the provider override's values under every spec: they
+	client   client.Client
+	gvk      schema.GroupVersionKind
+	released *Released
+	// resync re-reads every resource this often.
+	resync time.Duration
+	// defaults are the provider override's values under every spec: they
 	// decide, with the spec, whether the prep DaemonSet is wanted.
-	Defaults map[string]any
-	// Overrides are watches.yaml's overrideValues, set over every spec.
-	Overrides map[string]string
-	// Provider names the override in force, shown in the ProviderOverride
+	defaults map[string]any
+	// overrides are watches.yaml's overrideValues, set over every spec.
+	overrides map[string]string
+	// provider names the override in force, shown in the ProviderOverride
 	// condition; empty: none.
-	Provider string
-	// HitRatio, when set, puts the cluster's peer hit ratio over its window
+	provider string
+	// hitRatio, when set, puts the cluster's peer hit ratio over its window
 	// in status.peerHits, scraped from the agent pods' metrics on
-	// AgentMetricsPort (default 30122) unless the values name another port.
-	HitRatio         *hitratio.Sampler
-	AgentMetricsPort int
-	// MirrorPath, when set, reads every agent's canary verdict (GET
-	// /canary on the same port) into status.mirrorPath and, with
-	// NodeConditions set, into each node's FleetmirrorMirrorPath condition.
-	MirrorPath     *mirrorpath.Prober
-	NodeConditions *mirrorpath.NodeWriter
-	// AgentPollPeriod is how often the agents are read for the hit ratio
-	// and the canary verdicts, besides agent pod changes (default
-	// DefaultAgentPollPeriod).
-	AgentPollPeriod time.Duration
-	// Namespaces the operator manages; a resource elsewhere is Ready
+	// agentMetricsPort unless the values name another port.
+	hitRatio         *hitratio.Sampler
+	agentMetricsPort int
+	// prober, when set, reads every agent's canary verdict (GET /canary
+	// on the same port) into status.mirrorPath and, with nodeConditions
+	// set, into each node's FleetmirrorMirrorPath condition.
+	prober         *mirrorpath.Prober
+	nodeConditions *mirrorpath.NodeWriter
+	// agentPollPeriod is how often the agents are read for the hit ratio
+	// and the canary verdicts, besides agent pod changes.
+	agentPollPeriod time.Duration
+	// namespaces the operator manages; a resource elsewhere is Ready
 	// false, saying how to fix it.
-	Namespaces spegels.Namespaces
+	namespaces spegels.Namespaces
 }
 
 // DefaultAgentPollPeriod is how often the hit ratio is sampled and the
@@ -113,29 +114,89 @@ type Controller struct {
 // IPs): a node condition lags its agent's verdict by at most this.
 const DefaultAgentPollPeriod = time.Minute
 
+// Option configures a Controller.
+type Option func(*Controller)
+
+// WithResync re-reads every resource this often (default 5m).
+func WithResync(d time.Duration) Option { return func(c *Controller) { c.resync = d } }
+
+// WithValues are the provider override's values under every spec
+// (defaults) and watches.yaml's overrideValues over it.
+func WithValues(defaults map[string]any, overrides map[string]string) Option {
+	return func(c *Controller) { c.defaults, c.overrides = defaults, overrides }
+}
+
+// WithProvider names the provider override in force.
+func WithProvider(name string) Option { return func(c *Controller) { c.provider = name } }
+
+// WithHitRatio puts the cluster's peer hit ratio in status.peerHits.
+func WithHitRatio(s *hitratio.Sampler) Option { return func(c *Controller) { c.hitRatio = s } }
+
+// WithAgentMetricsPort is where agents serve metrics and /canary when a
+// resource's values do not say (default 30122, the chart's).
+func WithAgentMetricsPort(port int) Option { return func(c *Controller) { c.agentMetricsPort = port } }
+
+// WithMirrorPath reads the agents' canary verdicts into
+// status.mirrorPath and, when nodes is not nil, into node conditions.
+func WithMirrorPath(p *mirrorpath.Prober, nodes *mirrorpath.NodeWriter) Option {
+	return func(c *Controller) { c.prober, c.nodeConditions = p, nodes }
+}
+
+// WithAgentPollPeriod reads the agents this often besides agent pod
+// changes (default DefaultAgentPollPeriod).
+func WithAgentPollPeriod(d time.Duration) Option {
+	return func(c *Controller) { c.agentPollPeriod = d }
+}
+
+// WithNamespaces limits the controller to the namespaces the operator
+// manages (default: every namespace).
+func WithNamespaces(ns spegels.Namespaces) Option { return func(c *Controller) { c.namespaces = ns } }
+
+// New returns a controller for the Spegel resources of kind gvk; released
+// is what the Helm reconciler's post hook marks.
+func New(c client.Client, gvk schema.GroupVersionKind, released *Released, opts ...Option) (*Controller, error) {
+	sc := &Controller{client: c, gvk: gvk, released: released}
+	for _, o := range opts {
+		o(sc)
+	}
+	if sc.resync == 0 {
+		sc.resync = 5 * time.Minute
+	}
+	if sc.agentPollPeriod <= 0 {
+		sc.agentPollPeriod = DefaultAgentPollPeriod
+	}
+	switch {
+	case c == nil:
+		return nil, errors.New("status: no client")
+	case gvk.Kind == "":
+		return nil, errors.New("status: no kind of resource to report on")
+	case released == nil:
+		return nil, errors.New("status: no record of released generations")
+	case sc.resync < 0 || sc.agentMetricsPort < 0 || sc.agentMetricsPort > 65535:
+		return nil, fmt.Errorf("status: resync %s must not be negative, agent metrics port %d must be 0 to 65535", sc.resync, sc.agentMetricsPort)
+	case sc.nodeConditions != nil && sc.prober == nil:
+		return nil, errors.New("status: node conditions need a canary prober")
+	}
+	return sc, nil
+}
+
 // SetupWithManager registers the controller.
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
-	if c.Resync == 0 {
-		c.Resync = 5 * time.Minute
-	}
-	if c.AgentPollPeriod <= 0 {
-		c.AgentPollPeriod = DefaultAgentPollPeriod
-	}
 	cr := &unstructured.Unstructured{}
-	cr.SetGroupVersionKind(c.GVK)
+	cr.SetGroupVersionKind(c.gvk)
 	toOwner := handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
 		l := o.GetLabels()
-		if l["app.kubernetes.io/part-of"] != "fleetmirror" || l["app.kubernetes.io/instance"] == "" {
+		if l[chartlabels.PartOf] != chartlabels.Fleetmirror || l[chartlabels.Instance] == "" {
 			return nil
 		}
-		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: l["app.kubernetes.io/instance"]}}}
+		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: l[chartlabels.Instance]}}}
 	})
 	b := ctrl.NewControllerManagedBy(mgr).
 		Named("spegel-status").
 		For(cr, builder.WithPredicates(predicate.Funcs{})).
 		Watches(&appsv1.DaemonSet{}, toOwner).
-		WatchesRawSource(source.Channel(c.Released.ch, &handler.EnqueueRequestForObject{}))
-	if c.HitRatio != nil || c.MirrorPath != nil {
+		WatchesRawSource(source.Channel(c.released.ch, &handler.EnqueueRequestForObject{}))
+	if c.hitRatio != nil || c.prober != nil {
 		// Agent pods coming and going (or turning ready) change who is
 		// scraped and what their canary says.
 		b = b.Watches(&corev1.Pod{}, toOwner)
@@ -146,10 +207,10 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 // Reconcile implements reconcile.Reconciler.
 func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	obj := &unstructured.Unstructured{}
-	obj.SetGroupVersionKind(c.GVK)
-	if err := c.Client.Get(ctx, req.NamespacedName, obj); err != nil {
+	obj.SetGroupVersionKind(c.gvk)
+	if err := c.client.Get(ctx, req.NamespacedName, obj); err != nil {
 		if apierrors.IsNotFound(err) {
-			c.Released.Forget(req.NamespacedName)
+			c.released.Forget(req.NamespacedName)
 			return reconcile.Result{}, c.removeNodeConditions(ctx)
 		}
 		return reconcile.Result{}, err
@@ -157,22 +218,47 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	if obj.GetDeletionTimestamp() != nil {
 		return reconcile.Result{}, c.removeNodeConditions(ctx)
 	}
-	if err := c.Namespaces.Refusal(obj); err != nil {
+	if err := c.namespaces.Refusal(obj); err != nil {
 		// Nothing of it is cached or readable there; only say why.
 		return reconcile.Result{}, c.writeCondition(ctx, obj, "Ready", false, ReasonNamespaceNotManaged, err.Error())
 	}
+	rd, eff, err := c.rollout(ctx, req, obj)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	orig := obj.DeepCopy()
+	resync, err := c.setStatus(ctx, req, obj, rd, eff)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	patch := client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
+	if data, err := patch.Data(obj); err == nil && string(data) == "{}" {
+		return reconcile.Result{RequeueAfter: resync}, nil
+	}
+	if err := c.client.Status().Patch(ctx, obj, patch); err != nil {
+		if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+			return reconcile.Result{Requeue: true}, nil
+		}
+		return reconcile.Result{}, fmt.Errorf("updating status of %s: %w", req, err)
+	}
+	return reconcile.Result{RequeueAfter: resync}, nil
+}
+
+// rollout evaluates the release's DaemonSets against the components its
+// values want; eff are those values (defaults, spec, overrides).
+func (c *Controller) rollout(ctx context.Context, req reconcile.Request, obj *unstructured.Unstructured) (Rollout, map[string]any, error) {
 	var list appsv1.DaemonSetList
-	if err := c.Client.List(ctx, &list, client.InNamespace(req.Namespace), client.MatchingLabels{
-		"app.kubernetes.io/part-of": "fleetmirror", "app.kubernetes.io/instance": req.Name,
+	if err := c.client.List(ctx, &list, client.InNamespace(req.Namespace), client.MatchingLabels{
+		chartlabels.PartOf: chartlabels.Fleetmirror, chartlabels.Instance: req.Name,
 	}); err != nil {
-		return reconcile.Result{}, fmt.Errorf("listing DaemonSets of %s: %w", req, err)
+		return Rollout{}, nil, fmt.Errorf("listing DaemonSets of %s: %w", req, err)
 	}
 	want := []string{ComponentAgent}
 	spec, _, _ := unstructured.NestedMap(obj.Object, "spec")
-	eff, err := values.Effective(c.Defaults, spec, c.Overrides)
+	eff, err := values.Effective(c.defaults, spec, c.overrides)
 	if err != nil {
 		// The release cannot render either; its conditions say why.
-		eff = values.Merge(c.Defaults, spec)
+		eff = values.Merge(c.defaults, spec)
 	}
 	if on, _, _ := unstructured.NestedBool(eff, "containerdPrep", "enabled"); on {
 		want = append(want, ComponentPrep)
@@ -182,54 +268,58 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	if !conditionTrue(conds, "Deployed") {
 		rd.Ready, rd.Reason, rd.Message = false, "NotDeployed", "the release is not deployed; see the Deployed and ReleaseFailed conditions"
 	}
+	return rd, eff, nil
+}
 
-	orig := obj.DeepCopy()
+// setStatus writes obj's status (conditions, nodes, what the agents say,
+// the released generation) and returns how soon to look again.
+func (c *Controller) setStatus(ctx context.Context, req reconcile.Request, obj *unstructured.Unstructured, rd Rollout, eff map[string]any) (time.Duration, error) {
 	st, _, _ := unstructured.NestedMap(obj.Object, "status")
 	if st == nil {
 		st = map[string]any{}
 	}
+	conds, _, _ := unstructured.NestedSlice(obj.Object, "status", "conditions")
 	conds = setCondition(conds, "Ready", rd.Ready, rd.Reason, rd.Message)
-	if c.Provider != "" {
+	if c.provider != "" {
 		conds = setCondition(conds, "ProviderOverride", true, "Applied", fmt.Sprintf(
-			"provider override %q is in force: its values lie under this spec (chart defaults < provider override < spec < images map)", c.Provider))
+			"provider override %q is in force: its values lie under this spec (chart defaults < provider override < spec < images map)", c.provider))
 	} else {
 		conds = setCondition(conds, "ProviderOverride", false, "None", "no provider override: the chart's defaults lie under this spec")
 	}
 	st["conditions"] = conds
 	st["nodes"] = map[string]any{"desired": rd.Nodes.Desired, "updated": rd.Nodes.Updated, "ready": rd.Nodes.Ready}
-	resync := c.Resync
-	if c.HitRatio != nil || c.MirrorPath != nil {
-		resync = min(resync, c.AgentPollPeriod)
-		agents, err := c.agents(ctx, req, eff)
-		if err != nil {
-			return reconcile.Result{}, err
-		}
-		if c.HitRatio != nil {
-			if hits, err := c.peerHits(ctx, agents); err == nil {
-				st["peerHits"] = hits
-			} else {
-				log.FromContext(ctx).V(1).Info("peer hit ratio unavailable", "err", err.Error())
-			}
-		}
-		if c.MirrorPath != nil {
-			st["mirrorPath"] = c.mirrorPath(ctx, agents, int(rd.Nodes.Desired))
+	resync := c.resync
+	if c.hitRatio != nil || c.prober != nil {
+		resync = min(resync, c.agentPollPeriod)
+		if err := c.agentStatus(ctx, req, eff, st, int(rd.Nodes.Desired)); err != nil {
+			return 0, err
 		}
 	}
-	if g := c.Released.Generation(req.NamespacedName); g > 0 {
+	if g := c.released.Generation(req.NamespacedName); g > 0 {
 		st["observedGeneration"] = g
 	}
 	obj.Object["status"] = st
-	patch := client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})
-	if data, err := patch.Data(obj); err == nil && string(data) == "{}" {
-		return reconcile.Result{RequeueAfter: resync}, nil
+	return resync, nil
+}
+
+// agentStatus puts what the agents say into st: the peer hit ratio and
+// the canary verdicts.
+func (c *Controller) agentStatus(ctx context.Context, req reconcile.Request, eff, st map[string]any, desired int) error {
+	agents, err := c.agents(ctx, req, eff)
+	if err != nil {
+		return err
 	}
-	if err := c.Client.Status().Patch(ctx, obj, patch); err != nil {
-		if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
-			return reconcile.Result{Requeue: true}, nil
+	if c.hitRatio != nil {
+		if hits, err := c.peerHits(ctx, agents); err == nil {
+			st["peerHits"] = hits
+		} else {
+			log.FromContext(ctx).V(1).Info("peer hit ratio unavailable", "err", err.Error())
 		}
-		return reconcile.Result{}, fmt.Errorf("updating status of %s: %w", req, err)
 	}
-	return reconcile.Result{RequeueAfter: resync}, nil
+	if c.prober != nil {
+		st["mirrorPath"] = c.mirrorPath(ctx, agents, desired)
+	}
+	return nil
 }
 
 // ReasonNamespaceNotManaged: the resource is in a namespace the operator
@@ -248,7 +338,7 @@ func (c *Controller) writeCondition(ctx context.Context, obj *unstructured.Unstr
 	if data, err := patch.Data(obj); err == nil && string(data) == "{}" {
 		return nil
 	}
-	if err := c.Client.Status().Patch(ctx, obj, patch); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
+	if err := c.client.Status().Patch(ctx, obj, patch); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("updating status of %s/%s: %w", obj.GetNamespace(), obj.GetName(), err)
 	}
 	return nil
@@ -263,12 +353,12 @@ type agent struct {
 // port the values name (else AgentMetricsPort, else 30122).
 func (c *Controller) agents(ctx context.Context, req reconcile.Request, vals map[string]any) ([]agent, error) {
 	var pods corev1.PodList
-	if err := c.Client.List(ctx, &pods, client.InNamespace(req.Namespace), client.MatchingLabels{
-		"app.kubernetes.io/instance": req.Name, "app.kubernetes.io/component": ComponentAgent,
+	if err := c.client.List(ctx, &pods, client.InNamespace(req.Namespace), client.MatchingLabels{
+		chartlabels.Instance: req.Name, chartlabels.Component: ComponentAgent,
 	}); err != nil {
 		return nil, fmt.Errorf("listing agent pods: %w", err)
 	}
-	port := c.AgentMetricsPort
+	port := c.agentMetricsPort
 	if p, ok, _ := unstructured.NestedFieldNoCopy(vals, "ports", "metrics"); ok {
 		switch n := p.(type) {
 		case int64:
@@ -301,7 +391,7 @@ func (c *Controller) peerHits(ctx context.Context, agents []agent) (map[string]a
 	}
 	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	r, err := c.HitRatio.Observe(sctx, urls)
+	r, err := c.hitRatio.Observe(sctx, urls)
 	if err != nil {
 		return nil, err
 	}
@@ -320,10 +410,10 @@ func (c *Controller) peerHits(ctx context.Context, agents []agent) (map[string]a
 // the resource is going (one resource serves every node); an error
 // requeues, so a node missed now is tried again.
 func (c *Controller) removeNodeConditions(ctx context.Context) error {
-	if c.NodeConditions == nil {
+	if c.nodeConditions == nil {
 		return nil
 	}
-	return c.NodeConditions.RemoveAll(ctx)
+	return c.nodeConditions.RemoveAll(ctx)
 }
 
 // mirrorPath reads every agent's canary verdict, writes each node's
@@ -339,10 +429,10 @@ func (c *Controller) mirrorPath(ctx context.Context, agents []agent, desired int
 	}
 	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	rs := c.MirrorPath.Probe(sctx, as)
-	if c.NodeConditions != nil {
+	rs := c.prober.Probe(sctx, as)
+	if c.nodeConditions != nil {
 		for _, r := range rs {
-			if err := c.NodeConditions.Set(ctx, r.Node, mirrorpath.NodeCondition(r)); err != nil {
+			if err := c.nodeConditions.Set(ctx, r.Node, mirrorpath.NodeCondition(r)); err != nil {
 				log.FromContext(ctx).Info("node condition not written", "node", r.Node, "err", err.Error())
 			}
 		}

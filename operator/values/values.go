@@ -100,33 +100,9 @@ func Translate(spec map[string]any, keySecret string, in Inputs) (map[string]any
 	}
 	vals["networkKey"] = nk
 
-	img, _ := vals["image"].(map[string]any)
-	if img == nil {
-		img = map[string]any{}
-	}
-	repo, _ := img["repository"].(string)
-	tag, _ := img["tag"].(string)
-	ref := in.Images[AgentImage]
-	field := "images." + AgentImage
-	if repo != "" {
-		field = "spec.image"
-		if tag == "" {
-			// The agent of the operator's own release.
-			def, _ := imageref.Parse(in.Images[AgentImage])
-			tag = def.Tag
-		}
-		ref = joinRef(repo, tag)
-	} else if tag != "" {
-		return nil, errors.New("spec.image.tag is set without spec.image.repository: set both, or neither to use the operator's agent image")
-	}
-	r, err := place(ref, in.Mirror, field)
-	if err != nil {
+	if err := agentImage(vals, in); err != nil {
 		return nil, err
 	}
-	img["repository"] = r.Name()
-	img["tag"] = tagOf(r)
-	vals["image"] = img
-
 	if prep, ok := vals["containerdPrep"].(map[string]any); ok {
 		if s, _ := prep["image"].(string); s != "" {
 			r, err := place(s, in.Mirror, "spec.containerdPrep.image")
@@ -137,23 +113,9 @@ func Translate(spec map[string]any, keySecret string, in Inputs) (map[string]any
 		}
 	}
 
-	// The wait hook's image: the spec's, else the operator's own from the
-	// images map (the chart's default, empty, would be the operator of the
-	// chart's appVersion, which an air-gapped cluster may not have).
-	cleanup, _ := vals["cleanup"].(map[string]any)
-	if cleanup == nil {
-		cleanup = map[string]any{}
-	}
-	wait, field := in.Images[OperatorImage], "images."+OperatorImage
-	if s, _ := cleanup["waitImage"].(string); s != "" {
-		wait, field = s, "spec.cleanup.waitImage"
-	}
-	w, err := place(wait, in.Mirror, field)
-	if err != nil {
+	if err := waitImage(vals, in); err != nil {
 		return nil, err
 	}
-	cleanup["waitImage"] = w.String()
-	vals["cleanup"] = cleanup
 	return vals, nil
 }
 
@@ -235,4 +197,58 @@ func Merge(base, over map[string]any) map[string]any {
 		out[k] = runtime.DeepCopyJSONValue(v)
 	}
 	return out
+}
+
+// agentImage sets vals' agent image: the spec's (its tag defaulting to
+// the operator's agent), else the images map's; placed under the mirror.
+func agentImage(vals map[string]any, in Inputs) error {
+	img, _ := vals["image"].(map[string]any)
+	if img == nil {
+		img = map[string]any{}
+	}
+	repo, _ := img["repository"].(string)
+	tag, _ := img["tag"].(string)
+	ref := in.Images[AgentImage]
+	field := "images." + AgentImage
+	if repo != "" {
+		field = "spec.image"
+		if tag == "" {
+			// The agent of the operator's own release.
+			def, _ := imageref.Parse(in.Images[AgentImage])
+			tag = def.Tag
+		}
+		ref = joinRef(repo, tag)
+	} else if tag != "" {
+		return errors.New("spec.image.tag is set without spec.image.repository: set both, or neither to use the operator's agent image")
+	}
+	r, err := place(ref, in.Mirror, field)
+	if err != nil {
+		return err
+	}
+	img["repository"] = r.Name()
+	img["tag"] = tagOf(r)
+	vals["image"] = img
+	return nil
+}
+
+// waitImage sets the wait hook's image: the spec's, else the operator's
+// own from the images map (the chart's default, empty, would be the
+// operator of the chart's appVersion, which an air-gapped cluster may not
+// have).
+func waitImage(vals map[string]any, in Inputs) error {
+	cleanup, _ := vals["cleanup"].(map[string]any)
+	if cleanup == nil {
+		cleanup = map[string]any{}
+	}
+	wait, field := in.Images[OperatorImage], "images."+OperatorImage
+	if s, _ := cleanup["waitImage"].(string); s != "" {
+		wait, field = s, "spec.cleanup.waitImage"
+	}
+	w, err := place(wait, in.Mirror, field)
+	if err != nil {
+		return err
+	}
+	cleanup["waitImage"] = w.String()
+	vals["cleanup"] = cleanup
+	return nil
 }

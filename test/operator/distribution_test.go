@@ -33,11 +33,11 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/fleetmirror/fleetmirror/operator/config"
+	"github.com/fleetmirror/fleetmirror/operator/helmaction"
 	"github.com/fleetmirror/fleetmirror/operator/imagecheck"
 	"github.com/fleetmirror/fleetmirror/operator/imageref"
 	"github.com/fleetmirror/fleetmirror/operator/manager"
 	"github.com/fleetmirror/fleetmirror/operator/readiness"
-	"github.com/fleetmirror/fleetmirror/operator/release"
 	"github.com/fleetmirror/fleetmirror/operator/values"
 )
 
@@ -376,7 +376,7 @@ func startOperator(t *testing.T, manifests string, c config.Config, reportAfter 
 		ReleaseAfter:            c.ReleaseAfter(),
 		NodeConditions:          c.NodeConditions,
 		ManagedNamespaces:       c.ManagedNamespaces,
-		Timeouts:                release.Timeouts{Install: time.Minute, Upgrade: time.Minute, Uninstall: time.Minute},
+		Timeouts:                helmaction.Timeouts{Install: time.Minute, Upgrade: time.Minute, Uninstall: time.Minute},
 		MetricsAddr:             "0",
 		ProbeAddr:               "0",
 		LeaderElection:          true,

@@ -11,7 +11,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
-	oprelease "github.com/fleetmirror/fleetmirror/operator/release"
+	"github.com/fleetmirror/fleetmirror/operator/helmaction"
 )
 
 // TestOperatorLeavesForeignRelease: a release the operator did not install
@@ -35,7 +35,7 @@ func TestOperatorLeavesForeignRelease(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: the foreign release: %v", when, err)
 		}
-		if last.Version != 1 || last.Info.Status != release.StatusDeployed || last.Labels[oprelease.OwnerLabel] != "" {
+		if last.Version != 1 || last.Info.Status != release.StatusDeployed || last.Labels[helmaction.OwnerLabel] != "" {
 			t.Errorf("%s: the foreign release is revision %d, %s, labels %v; want revision 1, deployed, no owner", when, last.Version, last.Info.Status, last.Labels)
 		}
 	}
@@ -52,7 +52,7 @@ func TestOperatorLeavesForeignRelease(t *testing.T) {
 			return err
 		}
 		conds := fmt.Sprint(u.Object["status"])
-		if !strings.Contains(conds, oprelease.ErrForeign.Error()) || !strings.Contains(conds, "helm uninstall "+defaultSpegel+" -n "+ns) {
+		if !strings.Contains(conds, helmaction.ErrForeign.Error()) || !strings.Contains(conds, "helm uninstall "+defaultSpegel+" -n "+ns) {
 			return fmt.Errorf("status %s", conds)
 		}
 		return nil

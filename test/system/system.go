@@ -26,9 +26,9 @@ import (
 	"sort"
 	"time"
 
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 
+	"github.com/fleetmirror/fleetmirror/operator/crd"
 	"github.com/fleetmirror/fleetmirror/test/kube"
 )
 
@@ -49,7 +49,7 @@ const (
 )
 
 // SpegelResource is the Spegel CRD's resource.
-var SpegelResource = schema.GroupVersionResource{Group: "charts.fleetmirror.dev", Version: "v1alpha1", Resource: "spegels"}
+var SpegelResource = crd.Resource
 
 // Options configures Run. Zero values take the defaults.
 type Options struct {

@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	appsv1 "k8s.io/api/apps/v1"
+
+	"github.com/fleetmirror/fleetmirror/operator/chartlabels"
 )
 
 // Components whose DaemonSets count for readiness (the cleanup hook's
@@ -16,7 +18,6 @@ import (
 const (
 	ComponentAgent = "agent"
 	ComponentPrep  = "containerd-prep"
-	componentLabel = "app.kubernetes.io/component"
 )
 
 // Nodes is the agent DaemonSet's rollout, as shown in status.nodes.
@@ -26,8 +27,8 @@ type Nodes struct {
 	Ready   int64 `json:"ready"`
 }
 
-// Readiness is the outcome of Evaluate.
-type Readiness struct {
+// Rollout is the outcome of Evaluate: how far the DaemonSets rolled out.
+type Rollout struct {
 	Ready   bool
 	Reason  string // searchable: RolloutComplete, RolloutInProgress, DaemonSetMissing, NoNodes
 	Message string
@@ -38,12 +39,12 @@ type Readiness struct {
 // components that must be there (the agent, and the prep DaemonSet when it
 // is enabled). A DaemonSet is rolled out when its controller has seen its
 // latest spec and every scheduled node runs the updated, ready pod.
-func Evaluate(dss []appsv1.DaemonSet, want []string) Readiness {
+func Evaluate(dss []appsv1.DaemonSet, want []string) Rollout {
 	byComp := map[string]appsv1.DaemonSet{}
 	for _, ds := range dss {
-		byComp[ds.Labels[componentLabel]] = ds
+		byComp[ds.Labels[chartlabels.Component]] = ds
 	}
-	var r Readiness
+	var r Rollout
 	if ag, ok := byComp[ComponentAgent]; ok {
 		r.Nodes = Nodes{Desired: int64(ag.Status.DesiredNumberScheduled), Updated: int64(ag.Status.UpdatedNumberScheduled), Ready: int64(ag.Status.NumberReady)}
 	}

@@ -6,11 +6,13 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/fleetmirror/fleetmirror/operator/chartlabels"
 )
 
 func ds(comp string, gen, obs int64, desired, updated, ready int32) appsv1.DaemonSet {
 	return appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: "spegel-" + comp, Generation: gen, Labels: map[string]string{componentLabel: comp}},
+		ObjectMeta: metav1.ObjectMeta{Name: "spegel-" + comp, Generation: gen, Labels: map[string]string{chartlabels.Component: comp}},
 		Status:     appsv1.DaemonSetStatus{ObservedGeneration: obs, DesiredNumberScheduled: desired, UpdatedNumberScheduled: updated, NumberReady: ready},
 	}
 }

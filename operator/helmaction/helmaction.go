@@ -1,8 +1,8 @@
-// Package release wraps the Helm action client the reconciler uses: events
+// Package helmaction wraps the Helm action client the reconciler uses: events
 // for install, upgrade and uninstall, time limits on every action,
 // recovery of a release left pending by an operator that died mid-way, and
 // hands off releases the operator did not install.
-package release
+package helmaction
 
 import (
 	"context"
@@ -42,11 +42,31 @@ func (t Timeouts) Options() []helmclient.ActionClientGetterOption {
 
 // Getter wraps an ActionClientGetter.
 type Getter struct {
-	Next     helmclient.ActionClientGetter
-	Recorder record.EventRecorder
-	// Namespaces the operator may act in; a resource elsewhere gets a
+	next     helmclient.ActionClientGetter
+	recorder record.EventRecorder
+	// namespaces the operator may act in; a resource elsewhere gets a
 	// client that touches nothing (see unmanaged).
-	Namespaces spegels.Namespaces
+	namespaces spegels.Namespaces
+}
+
+// Option configures a Getter.
+type Option func(*Getter)
+
+// WithNamespaces limits the Getter to the namespaces the operator manages
+// (default: every namespace).
+func WithNamespaces(ns spegels.Namespaces) Option { return func(g *Getter) { g.namespaces = ns } }
+
+// NewGetter wraps next; install, upgrade and uninstall events go to
+// recorder.
+func NewGetter(next helmclient.ActionClientGetter, recorder record.EventRecorder, opts ...Option) (Getter, error) {
+	g := Getter{next: next, recorder: recorder}
+	for _, o := range opts {
+		o(&g)
+	}
+	if next == nil || recorder == nil {
+		return Getter{}, errors.New("helmaction: an action client getter and an event recorder are required")
+	}
+	return g, nil
 }
 
 // ActionClientFor implements helmclient.ActionClientGetter. Before handing
@@ -55,10 +75,10 @@ type Getter struct {
 // keeps other operators out, so a pending release at this point belongs to
 // an operator that is gone, and Helm would refuse every later action.
 func (g Getter) ActionClientFor(ctx context.Context, obj client.Object) (helmclient.ActionInterface, error) {
-	if err := g.Namespaces.Refusal(obj); err != nil {
+	if err := g.namespaces.Refusal(obj); err != nil {
 		return unmanaged{err}, nil
 	}
-	ac, err := g.Next.ActionClientFor(ctx, obj)
+	ac, err := g.next.ActionClientFor(ctx, obj)
 	if err != nil {
 		return nil, err
 	}
@@ -71,7 +91,7 @@ func (g Getter) ActionClientFor(ctx context.Context, obj client.Object) (helmcli
 	if err := RecoverPending(ac.Config(), obj.GetName()); err != nil {
 		return nil, err
 	}
-	return actionClient{ActionInterface: ac, obj: obj, rec: g.Recorder}, nil
+	return actionClient{ActionInterface: ac, obj: obj, rec: g.recorder}, nil
 }
 
 // OwnerLabel marks a release (on its Helm storage records) as the one the
