@@ -28,6 +28,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/fleetmirror/fleetmirror/agent/canary/canarystatus"
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 )
@@ -46,9 +47,10 @@ const (
 
 // Verdicts of Status.Verdict.
 const (
-	VerdictPending = "pending" // no run has ended yet
-	VerdictOK      = "ok"
-	VerdictFailed  = "failed"
+	VerdictPending  = canarystatus.Pending // no run has ended yet
+	VerdictOK       = canarystatus.OK
+	VerdictFailed   = canarystatus.Failed
+	VerdictDisabled = canarystatus.Disabled // what DisabledHandler serves
 )
 
 const (
@@ -65,30 +67,9 @@ const (
 	criWait = 15 * time.Second
 )
 
-// Status is the outcome of the last run, as GET /canary serves it.
-type Status struct {
-	// Verdict is pending, ok or failed; OK is Verdict == ok.
-	Verdict string `json:"verdict"`
-	OK      bool   `json:"ok"`
-	// Step is the step that failed; empty unless failed.
-	Step string `json:"step,omitempty"`
-	// Reason says what is broken and how to fix it; empty unless failed.
-	Reason string `json:"reason,omitempty"`
-	// LastRun is when the last run ended; LastOK when one last proved the path.
-	LastRun *time.Time `json:"lastRun,omitempty"`
-	LastOK  *time.Time `json:"lastOK,omitempty"`
-	// What the last run cost: its wall time, and the requests and bytes
-	// containerd sent the agent for it (nothing goes anywhere else).
-	DurationSeconds float64 `json:"durationSeconds"`
-	Requests        int     `json:"requests"`
-	Bytes           int64   `json:"bytes"`
-	Image           string  `json:"image,omitempty"`
-	// Containerd is the version the last run talked to.
-	Containerd string `json:"containerd,omitempty"`
-	// Interval is the period between runs.
-	Interval string `json:"interval"`
-	Runs     int64  `json:"runs"`
-}
+// Status is the outcome of the last run, as GET /canary serves it; its
+// JSON is defined in canarystatus, which the operator reads too.
+type Status = canarystatus.Status
 
 // Canary runs the canary pulls of one node, one at a time.
 type Canary struct {
@@ -257,21 +238,6 @@ func (c *Canary) Ready() error {
 	}
 	return fmt.Errorf("the mirror path is broken (canary step %s): %s", st.Step, st.Reason)
 }
-
-// Summary is the status in one line, for the debug page.
-func (s Status) Summary() string {
-	switch s.Verdict {
-	case VerdictPending:
-		return "not proven yet: the canary pull has not run"
-	case VerdictOK:
-		return fmt.Sprintf("containerd pulled the canary through this agent at %s (%d requests, %d bytes, %.0fms); every %s",
-			s.LastRun.UTC().Format(time.RFC3339), s.Requests, s.Bytes, s.DurationSeconds*1000, s.Interval)
-	}
-	return fmt.Sprintf("canary step %s failed at %s: %s", s.Step, s.LastRun.UTC().Format(time.RFC3339), s.Reason)
-}
-
-// VerdictDisabled is what DisabledHandler serves.
-const VerdictDisabled = "disabled"
 
 // DisabledHandler serves /canary for an agent whose canary is off, so
 // readers need not tell "off" from "unreachable".

@@ -14,6 +14,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/canary/canarystatus"
 )
 
 const (
@@ -28,17 +30,9 @@ const (
 	maxConcurrent = 16
 )
 
-// Verdict is the part of the agent's /canary answer the operator uses:
-// fields of agent/canary.Status, which defines the wire format, by the
-// same names and types (TestVerdictIsCanaryStatus holds them together).
-type Verdict struct {
-	Verdict string     `json:"verdict"`
-	OK      bool       `json:"ok"`
-	Step    string     `json:"step,omitempty"`
-	Reason  string     `json:"reason,omitempty"`
-	LastRun *time.Time `json:"lastRun,omitempty"`
-	LastOK  *time.Time `json:"lastOK,omitempty"`
-}
+// Verdict is an agent's answer to GET /canary, defined once for agent and
+// operator in canarystatus.
+type Verdict = canarystatus.Status
 
 // Agent is one agent to ask: its node and its /canary URL.
 type Agent struct {
@@ -109,9 +103,7 @@ func (p *Prober) get(ctx context.Context, url string) (Verdict, error) {
 	if err := json.Unmarshal(b, &v); err != nil {
 		return Verdict{}, fmt.Errorf("%s: not a canary verdict: %w", url, err)
 	}
-	switch v.Verdict {
-	case "pending", "ok", "failed", "disabled":
-	default:
+	if !canarystatus.Known(v.Verdict) {
 		return Verdict{}, fmt.Errorf("%s: unknown verdict %q", url, v.Verdict)
 	}
 	return v, nil
@@ -129,11 +121,11 @@ func NodeCondition(r Result) Condition {
 	switch {
 	case r.Err != nil:
 		return Condition{"Unknown", "AgentUnreachable", "the operator could not read the agent's /canary: " + r.Err.Error()}
-	case r.Verdict.Verdict == "ok":
+	case r.Verdict.Verdict == canarystatus.OK:
 		return Condition{"True", "CanaryPulled", "containerd pulled the agent's canary image through the agent: the mirror path (config_path, hosts.toml, mirror target, content store) is proven"}
-	case r.Verdict.Verdict == "failed":
+	case r.Verdict.Verdict == canarystatus.Failed:
 		return Condition{"False", "CanaryFailed" + reasonWord(r.Verdict.Step), fmt.Sprintf("the canary failed at step %s: %s", r.Verdict.Step, r.Verdict.Reason)}
-	case r.Verdict.Verdict == "disabled":
+	case r.Verdict.Verdict == canarystatus.Disabled:
 		return Condition{"Unknown", "CanaryDisabled", "the agent runs with --canary-interval=0: the mirror path is not checked"}
 	default:
 		return Condition{"Unknown", "CanaryPending", "the agent's first canary pull has not ended yet"}
@@ -180,9 +172,9 @@ func Summarize(rs []Result) Summary {
 			continue
 		}
 		switch r.Verdict.Verdict {
-		case "ok":
+		case canarystatus.OK:
 			s.Proven++
-		case "failed":
+		case canarystatus.Failed:
 			if len(s.Failing) < MaxFailing {
 				s.Failing = append(s.Failing, Failing{Node: r.Node, Step: r.Verdict.Step, Reason: r.Verdict.Reason})
 			}
