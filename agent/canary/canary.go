@@ -327,6 +327,13 @@ func (c *Canary) run(ctx context.Context) (r result) {
 		}
 	}()
 
+	return c.verify(ctx, n, im, s, r)
+}
+
+// verify checks what the canary's pull proves, step by step: containerd
+// asked this agent for all of it, kept its layer, and the mirrored
+// registries' hosts.toml are as written.
+func (c *Canary) verify(ctx context.Context, n Node, im *image, s *served, r result) result {
 	pullErr := n.Pull(ctx, im.ref())
 	manifests, configs, layers, requests, bytes := s.counts()
 	r.requests, r.bytes = requests, bytes

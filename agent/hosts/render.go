@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
 	"path"
 	"strings"
@@ -196,46 +197,14 @@ func checkHostConfig(what, server string, c hostFileConfig) error {
 			return fmt.Errorf("%s: unknown capability %q (containerd knows pull, resolve, push, referrers)", name, c)
 		}
 	}
-	if c.CACert != nil {
-		switch v := c.CACert.(type) {
-		case string:
-		case []any:
-			if !allStrings(v) {
-				return fmt.Errorf("%s: \"ca\" must be a string or a list of strings", name)
-			}
-		default:
-			return fmt.Errorf("%s: \"ca\" must be a string or a list of strings", name)
-		}
+	if c.CACert != nil && !stringOrStrings(c.CACert) {
+		return fmt.Errorf("%s: \"ca\" must be a string or a list of strings", name)
 	}
-	if c.Client != nil {
-		ok := true
-		switch v := c.Client.(type) {
-		case string:
-		case []any:
-			for _, pair := range v {
-				switch p := pair.(type) {
-				case string:
-				case []any:
-					ok = ok && len(p) == 2 && allStrings(p)
-				default:
-					ok = false
-				}
-			}
-		default:
-			ok = false
-		}
-		if !ok {
-			return fmt.Errorf("%s: \"client\" must be a path, a list of paths or a list of [cert, key] pairs", name)
-		}
+	if c.Client != nil && !clientPaths(c.Client) {
+		return fmt.Errorf("%s: \"client\" must be a path, a list of paths or a list of [cert, key] pairs", name)
 	}
 	for k, v := range c.Header {
-		switch v := v.(type) {
-		case string:
-		case []any:
-			if !allStrings(v) {
-				return fmt.Errorf("%s: header %q must be a string or a list of strings", name, k)
-			}
-		default:
+		if !stringOrStrings(v) {
 			return fmt.Errorf("%s: header %q must be a string or a list of strings", name, k)
 		}
 	}
@@ -245,6 +214,39 @@ func checkHostConfig(what, server string, c hostFileConfig) error {
 		}
 	}
 	return nil
+}
+
+// stringOrStrings reports whether v, as decoded from TOML, is a string or
+// a list of strings.
+func stringOrStrings(v any) bool {
+	switch v := v.(type) {
+	case string:
+		return true
+	case []any:
+		return allStrings(v)
+	}
+	return false
+}
+
+// clientPaths reports whether v is what containerd takes for "client": a
+// path, or a list of paths and [cert, key] pairs.
+func clientPaths(v any) bool {
+	switch v := v.(type) {
+	case string:
+		return true
+	case []any:
+		for _, pair := range v {
+			if p, ok := pair.([]any); ok {
+				if len(p) != 2 || !allStrings(p) {
+					return false
+				}
+			} else if _, ok := pair.(string); !ok {
+				return false
+			}
+		}
+		return true
+	}
+	return false
 }
 
 func allStrings(v []any) bool {
@@ -279,14 +281,22 @@ func renderFile(mirrors []string, dial time.Duration, r Registry, ex *existing, 
 		b.WriteString(markerLine + "\n")
 	}
 	b.WriteString(headerNote)
+	if err := renderServer(&b, r, ex); err != nil {
+		return nil, err
+	}
+	if err := renderHosts(&b, mirrors, dial, ex); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
 
+// renderServer writes the file's root: the upstream server and the
+// settings kept from the user's file.
+func renderServer(b *bytes.Buffer, r Registry, ex *existing) error {
 	server := r.Server
 	var root map[string]any
 	if ex != nil {
-		root = make(map[string]any, len(ex.root))
-		for k, v := range ex.root {
-			root[k] = v
-		}
+		root = maps.Clone(ex.root)
 		if s, _ := root["server"].(string); s != "" {
 			// The user's upstream wins: they may route through a proxy.
 			server = s
@@ -298,42 +308,47 @@ func renderFile(mirrors []string, dial time.Duration, r Registry, ex *existing, 
 		delete(root, "server")
 	}
 	if server != "" {
-		fmt.Fprintf(&b, "server = %s\n", tomlstr.Basic(server))
+		fmt.Fprintf(b, "server = %s\n", tomlstr.Basic(server))
 	}
 	if len(root) > 0 {
 		enc, err := toml.Marshal(root)
 		if err != nil {
-			return nil, fmt.Errorf("re-encoding server settings: %w", err)
+			return fmt.Errorf("re-encoding server settings: %w", err)
 		}
 		b.Write(enc)
 	}
+	return nil
+}
 
+// renderHosts writes our mirrors first, then the user's hosts.
+func renderHosts(b *bytes.Buffer, mirrors []string, dial time.Duration, ex *existing) error {
 	ours := map[string]bool{}
 	for _, m := range mirrors {
 		ours[m] = true
-		fmt.Fprintf(&b, "\n[host.%s]\n  capabilities = [\"pull\", \"resolve\"]\n", tomlstr.Basic(m))
+		fmt.Fprintf(b, "\n[host.%s]\n  capabilities = [\"pull\", \"resolve\"]\n", tomlstr.Basic(m))
 		if dial > 0 {
-			fmt.Fprintf(&b, "  dial_timeout = %s\n", tomlstr.Basic(dial.String()))
+			fmt.Fprintf(b, "  dial_timeout = %s\n", tomlstr.Basic(dial.String()))
 		}
 	}
-	if ex != nil {
-		for _, h := range ex.hosts {
-			if ours[h.key] {
-				// Already listed first with our settings; TOML forbids
-				// defining the same table twice.
-				continue
-			}
-			enc, err := toml.Marshal(map[string]any{"host": map[string]any{h.key: h.cfg}})
-			if err != nil {
-				return nil, fmt.Errorf("re-encoding host %q: %w", h.key, err)
-			}
-			// Marshal opens with a bare "[host]" header; repeating it per
-			// entry would redefine the table, and the full
-			// [host."..."] headers that follow already imply it.
-			enc = bytes.TrimPrefix(enc, []byte("[host]\n"))
-			b.WriteString("\n")
-			b.Write(enc)
-		}
+	if ex == nil {
+		return nil
 	}
-	return b.Bytes(), nil
+	for _, h := range ex.hosts {
+		if ours[h.key] {
+			// Already listed first with our settings; TOML forbids
+			// defining the same table twice.
+			continue
+		}
+		enc, err := toml.Marshal(map[string]any{"host": map[string]any{h.key: h.cfg}})
+		if err != nil {
+			return fmt.Errorf("re-encoding host %q: %w", h.key, err)
+		}
+		// Marshal opens with a bare "[host]" header; repeating it per
+		// entry would redefine the table, and the full
+		// [host."..."] headers that follow already imply it.
+		enc = bytes.TrimPrefix(enc, []byte("[host]\n"))
+		b.WriteString("\n")
+		b.Write(enc)
+	}
+	return nil
 }

@@ -171,72 +171,83 @@ func writeRegistry(cfg Config, mirrors []string, r Registry) error {
 	dir := filepath.Join(cfg.CertsDir, r.Dir)
 	file := filepath.Join(dir, FileName)
 	backup := file + BackupSuffix
-
-	cur, curOK, err := readOptional(file)
+	c, err := readFolder(dir, file, backup)
 	if err != nil {
 		return err
-	}
-	bak, bakOK, err := readOptional(backup)
-	if err != nil {
-		return err
-	}
-
-	// base is the user's configuration that Prepend keeps; baseName says
-	// where it came from for error messages.
-	var (
-		base       []byte
-		baseName   string
-		needBackup bool
-		createdDir bool
-	)
-	switch {
-	case curOK && !isOurs(cur):
-		// A user's file, or one that replaced ours since: it is the
-		// configuration to keep and to restore later.
-		base, baseName = cur, file
-		needBackup = !bakOK || !bytes.Equal(bak, cur)
-	case curOK:
-		createdDir = createdDirFlag(cur)
-		if bakOK {
-			base, baseName = bak, backup
-		}
-	case bakOK:
-		// Our file was deleted but the user's original is still saved.
-		base, baseName = bak, backup
-	default:
-		if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
-			createdDir = true
-		} else if err != nil {
-			return err
-		}
 	}
 	var ex *existing
-	if cfg.Prepend && len(bytes.TrimSpace(base)) > 0 {
-		if ex, err = parseExisting(base); err != nil {
-			return fmt.Errorf("%s: cannot keep existing configuration (fix or remove the file, or disable prepend): %w", baseName, err)
+	if cfg.Prepend && len(bytes.TrimSpace(c.base)) > 0 {
+		if ex, err = parseExisting(c.base); err != nil {
+			return fmt.Errorf("%s: cannot keep existing configuration (fix or remove the file, or disable prepend): %w", c.baseName, err)
 		}
 	}
-	content, err := renderFile(mirrors, cfg.DialTimeout, r, ex, createdDir)
+	content, err := renderFile(mirrors, cfg.DialTimeout, r, ex, c.createdDir)
 	if err != nil {
 		return fmt.Errorf("%s: %w", file, err)
 	}
 	sweepTemps(dir, staleTemp)
-	if curOK && bytes.Equal(cur, content) {
+	if c.curOK && bytes.Equal(c.cur, content) {
 		return nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	if needBackup {
+	if c.needBackup {
 		mode := fs.FileMode(0o644)
 		if st, err := os.Stat(file); err == nil {
 			mode = st.Mode().Perm()
 		}
-		if err := atomicfile.Write(backup, cur, mode); err != nil {
+		if err := atomicfile.Write(backup, c.cur, mode); err != nil {
 			return fmt.Errorf("backing up %s: %w", file, err)
 		}
 	}
 	return atomicfile.Write(file, content, 0o644)
+}
+
+// folder is what a registry folder holds before a write.
+type folder struct {
+	cur   []byte // the hosts.toml there, if curOK
+	curOK bool
+	// base is the user's configuration that Prepend keeps; baseName says
+	// where it came from for error messages.
+	base       []byte
+	baseName   string
+	needBackup bool // the user's file is not saved yet (or changed since)
+	createdDir bool // the folder is ours to remove on cleanup
+}
+
+func readFolder(dir, file, backup string) (folder, error) {
+	var c folder
+	var err error
+	if c.cur, c.curOK, err = readOptional(file); err != nil {
+		return c, err
+	}
+	bak, bakOK, err := readOptional(backup)
+	if err != nil {
+		return c, err
+	}
+	switch {
+	case c.curOK && !isOurs(c.cur):
+		// A user's file, or one that replaced ours since: it is the
+		// configuration to keep and to restore later.
+		c.base, c.baseName = c.cur, file
+		c.needBackup = !bakOK || !bytes.Equal(bak, c.cur)
+	case c.curOK:
+		c.createdDir = createdDirFlag(c.cur)
+		if bakOK {
+			c.base, c.baseName = bak, backup
+		}
+	case bakOK:
+		// Our file was deleted but the user's original is still saved.
+		c.base, c.baseName = bak, backup
+	default:
+		if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+			c.createdDir = true
+		} else if err != nil {
+			return c, err
+		}
+	}
+	return c, nil
 }
 
 // cleanupDir restores or removes what we did in one registry directory.

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
 	"github.com/fleetmirror/fleetmirror/cmd/internal/cli"
 	"github.com/fleetmirror/fleetmirror/release/imagebuild"
 )
@@ -57,13 +59,9 @@ func run(ctx context.Context, names, version, revision, platforms, out, push str
 	if err != nil {
 		return fmt.Errorf("--platforms: %w", err)
 	}
-	created := time.Unix(0, 0)
-	if s := os.Getenv("SOURCE_DATE_EPOCH"); s != "" {
-		sec, err := strconv.ParseInt(s, 10, 64)
-		if err != nil {
-			return fmt.Errorf("SOURCE_DATE_EPOCH=%q: want seconds since 1970", s)
-		}
-		created = time.Unix(sec, 0)
+	created, err := sourceDate()
+	if err != nil {
+		return err
 	}
 	if module, err = filepath.Abs(module); err != nil {
 		return err
@@ -71,49 +69,31 @@ func run(ctx context.Context, names, version, revision, platforms, out, push str
 	if out, err = filepath.Abs(out); err != nil {
 		return err
 	}
-	specs := imagebuild.Specs(module)
-	var chosen []imagebuild.Spec
-	for _, n := range strings.FieldsFunc(names, func(r rune) bool { return r == ',' || r == ' ' }) {
-		s, ok := specs[n]
-		if !ok {
-			return fmt.Errorf("--images: unknown image %q; known: agent, operator", n)
-		}
-		if err := s.Check(module); err != nil {
-			return err
-		}
-		chosen = append(chosen, s)
+	chosen, err := choose(names, module)
+	if err != nil {
+		return err
 	}
 	opts := imagebuild.Options{
 		Version: version, Revision: revision, Source: imagebuild.DefaultSourceURL, Created: created,
 		Platforms: ps, Module: module, WorkDir: filepath.Join(out, "bin"), LDFlags: "-s -w",
 	}
+	// --push names a registry; --publish pushes to the image's own.
+	var targets []string
+	if push != "" {
+		targets = append(targets, push)
+	}
+	if publish {
+		targets = append(targets, "")
+	}
 	var lines []string
 	for _, s := range chosen {
-		start := time.Now()
-		idx, err := imagebuild.Build(ctx, s, opts)
+		idx, ref, err := buildOne(ctx, s, opts, out, platforms)
 		if err != nil {
 			return err
 		}
-		d, err := idx.Digest()
-		if err != nil {
-			return err
-		}
-		if err := imagebuild.WriteLayout(filepath.Join(out, s.Name), idx); err != nil {
-			return err
-		}
-		ref := s.Ref(version) + "@" + d.String()
-		slog.Info("built", "image", s.Name, "ref", ref, "platforms", platforms, "took", time.Since(start).Round(time.Millisecond))
-		fmt.Printf("%s %s\n", s.Name, ref)
 		lines = append(lines, s.Name+"="+ref)
-		if push != "" {
-			where, err := imagebuild.Push(ctx, idx, s.Ref(version), push)
-			if err != nil {
-				return err
-			}
-			fmt.Printf("%s pushed %s\n", s.Name, where)
-		}
-		if publish {
-			where, err := imagebuild.Push(ctx, idx, s.Ref(version), "")
+		for _, to := range targets {
+			where, err := imagebuild.Push(ctx, idx, s.Ref(version), to)
 			if err != nil {
 				return err
 			}
@@ -124,4 +104,56 @@ func run(ctx context.Context, names, version, revision, platforms, out, push str
 		return os.WriteFile(refsFile, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
 	}
 	return nil
+}
+
+// sourceDate is the images' creation time: SOURCE_DATE_EPOCH when set, for
+// reproducible builds, else the Unix epoch.
+func sourceDate() (time.Time, error) {
+	s := os.Getenv("SOURCE_DATE_EPOCH")
+	if s == "" {
+		return time.Unix(0, 0), nil
+	}
+	sec, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("SOURCE_DATE_EPOCH=%q: want seconds since 1970", s)
+	}
+	return time.Unix(sec, 0), nil
+}
+
+// choose returns the specs --images names, each checked against the module.
+func choose(names, module string) ([]imagebuild.Spec, error) {
+	specs := imagebuild.Specs(module)
+	var chosen []imagebuild.Spec
+	for _, n := range strings.FieldsFunc(names, func(r rune) bool { return r == ',' || r == ' ' }) {
+		s, ok := specs[n]
+		if !ok {
+			return nil, fmt.Errorf("--images: unknown image %q; known: agent, operator", n)
+		}
+		if err := s.Check(module); err != nil {
+			return nil, err
+		}
+		chosen = append(chosen, s)
+	}
+	return chosen, nil
+}
+
+// buildOne builds s, writes its OCI layout under out and returns the index
+// and its reference by digest.
+func buildOne(ctx context.Context, s imagebuild.Spec, opts imagebuild.Options, out, platforms string) (v1.ImageIndex, string, error) {
+	start := time.Now()
+	idx, err := imagebuild.Build(ctx, s, opts)
+	if err != nil {
+		return nil, "", err
+	}
+	d, err := idx.Digest()
+	if err != nil {
+		return nil, "", err
+	}
+	if err := imagebuild.WriteLayout(filepath.Join(out, s.Name), idx); err != nil {
+		return nil, "", err
+	}
+	ref := s.Ref(opts.Version) + "@" + d.String()
+	slog.Info("built", "image", s.Name, "ref", ref, "platforms", platforms, "took", time.Since(start).Round(time.Millisecond))
+	fmt.Printf("%s %s\n", s.Name, ref)
+	return idx, ref, nil
 }

@@ -221,27 +221,7 @@ func (o Options) copy(ctx context.Context, st *Step) (Action, error) {
 	if desc.Digest != pinned {
 		return Failed, fmt.Errorf("source answered digest %s, the Dockerfile pins %s", desc.Digest, pinned)
 	}
-	progress := make(chan v1.Update, 16)
-	done := o.logProgress(st.Image.Name, progress)
-	if desc.MediaType.IsIndex() {
-		idx, ierr := desc.ImageIndex()
-		if ierr == nil {
-			err = remote.WriteIndex(dst, idx, o.remote(ctx, remote.WithProgress(progress))...)
-		} else {
-			err = ierr
-			close(progress)
-		}
-	} else {
-		img, ierr := desc.Image()
-		if ierr == nil {
-			err = remote.Write(dst, img, o.remote(ctx, remote.WithProgress(progress))...)
-		} else {
-			err = ierr
-			close(progress)
-		}
-	}
-	<-done
-	if err != nil {
+	if err := o.write(ctx, st.Image.Name, desc, dst); err != nil {
 		return Failed, fmt.Errorf("write %s: %w", st.Target, err)
 	}
 	got, err := remote.Head(dst, o.remote(ctx)...)
@@ -252,6 +232,27 @@ func (o Options) copy(ctx context.Context, st *Step) (Action, error) {
 		return Failed, fmt.Errorf("%s has digest %s after the copy, want %s", st.Target, got.Digest, pinned)
 	}
 	return Copied, nil
+}
+
+// write copies desc (an image or an index) to dst, logging its progress.
+func (o Options) write(ctx context.Context, image string, desc *remote.Descriptor, dst name.Reference) error {
+	progress := make(chan v1.Update, 16)
+	done := o.logProgress(image, progress)
+	defer func() { <-done }()
+	if desc.MediaType.IsIndex() {
+		idx, err := desc.ImageIndex()
+		if err != nil {
+			close(progress)
+			return err
+		}
+		return remote.WriteIndex(dst, idx, o.remote(ctx, remote.WithProgress(progress))...)
+	}
+	img, err := desc.Image()
+	if err != nil {
+		close(progress)
+		return err
+	}
+	return remote.Write(dst, img, o.remote(ctx, remote.WithProgress(progress))...)
 }
 
 // logProgress logs an image's upload progress at most every 2 seconds,
