@@ -24,9 +24,9 @@
 //   - Claims that do not reach each other even in the second look make two
 //     nodes fetch: two upstream fetches, no failed pull.
 //   - The chosen node dies, stalls or is slow: its followers wait for its
-//     first bytes up to mirror.FollowWait and go upstream; once bytes flow,
+//     first bytes up to fetch.FollowWait and go upstream; once bytes flow,
 //     a stream that stalls falls back to another source or upstream
-//     (agent/mirror).
+//     (agent/fetch).
 package claim
 
 import (

@@ -17,8 +17,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/fleetmirror/fleetmirror/agent/fetch"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
-	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
@@ -89,11 +89,11 @@ func TestRandomNSKeepsSeriesFlat(t *testing.T) {
 			st := storetest.NewMemory()
 			held := st.Add(ocispec.MediaTypeImageLayer, []byte("layer"))
 			missing := digest.FromString("held by nobody")
-			mir, err := mirror.New(routing.NewMemory(addr)[0], mirror.WithResolveTimeout(50*time.Millisecond))
+			mir, err := fetch.New(routing.NewMemory(addr)[0], fetch.WithResolveTimeout(50*time.Millisecond))
 			if err != nil {
 				t.Fatal(err)
 			}
-			reg, err := New(st, WithMirror(mir), WithMetrics(m))
+			reg, err := New(st, WithFetcher(mir), WithMetrics(m))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -211,11 +211,11 @@ func TestLimits(t *testing.T) {
 	}))
 	t.Cleanup(open) // before the servers close, should the test fail early
 
-	mir, err := mirror.New(routers[0], mirror.WithResolveTimeout(200*time.Millisecond))
+	mir, err := fetch.New(routers[0], fetch.WithResolveTimeout(200*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
-	regA, err := New(storetest.NewMemory(), WithMirror(mir), WithMaxRequests(2))
+	regA, err := New(storetest.NewMemory(), WithFetcher(mir), WithMaxRequests(2))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,8 +22,8 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/fleetmirror/fleetmirror/agent/claim"
+	"github.com/fleetmirror/fleetmirror/agent/fetch"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
-	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/oci"
 	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/policy"
@@ -45,7 +45,7 @@ type Store interface {
 // Registry serves the distribution API.
 type Registry struct {
 	store   Store
-	mirror  *mirror.Mirror
+	fetcher *fetch.Fetcher
 	metrics *metrics.Metrics
 	log     *slog.Logger
 	ready   func(context.Context) error
@@ -90,7 +90,7 @@ func (f *following) has(d digest.Digest) bool {
 // followWait is how long a node that agreed to follow another asks it to
 // wait for the blob to appear in flight: nodes decide at different moments
 // on a busy machine (up to a second apart in a 20-node burst), and the
-// fallback is upstream. The wait for its first bytes is mirror.FollowWait.
+// fallback is upstream. The wait for its first bytes is fetch.FollowWait.
 const followWait = peerproto.MaxWait
 
 // WithClaims makes nodes that miss a blob at the same moment agree on one
@@ -126,9 +126,9 @@ func WithMaxRequests(n int) Option {
 // Option configures a Registry.
 type Option func(*Registry)
 
-// WithMirror fetches what the node lacks from peers; without it the
+// WithFetcher fetches what the node lacks from peers; without it the
 // registry serves only local content.
-func WithMirror(m *mirror.Mirror) Option { return func(r *Registry) { r.mirror = m } }
+func WithFetcher(f *fetch.Fetcher) Option { return func(r *Registry) { r.fetcher = f } }
 
 // WithMetrics records requests in m.
 func WithMetrics(m *metrics.Metrics) Option { return func(r *Registry) { r.metrics = m } }
@@ -253,7 +253,7 @@ func (r *Registry) serveContent(w http.ResponseWriter, req *http.Request, oreq o
 	if fromPeer && r.serveInFlight(w, req, oreq) {
 		return
 	}
-	if fromPeer || r.mirror == nil {
+	if fromPeer || r.fetcher == nil {
 		// Never forward a peer's request: it would bounce between agents.
 		notFound(w, oreq)
 		return
@@ -336,11 +336,11 @@ func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.
 		err     error
 	)
 	if oreq.Kind == oci.KindManifest {
-		var man mirror.Manifest
-		man, err = r.mirror.Manifest(ctx, oreq)
+		var man fetch.Manifest
+		man, err = r.fetcher.Manifest(ctx, oreq)
 		desc, content = man.Descriptor, bytes.NewReader(man.Body)
 	} else {
-		desc, err = r.mirror.BlobHead(ctx, oreq)
+		desc, err = r.fetcher.BlobHead(ctx, oreq)
 	}
 	if err != nil {
 		r.miss(w, oreq, err)
@@ -372,13 +372,13 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 		r.miss(w, oreq, errors.New("a range of a blob this node does not hold cannot be verified"))
 		return
 	}
-	bs, err := r.mirror.OpenBlob(ctx, oreq)
-	if errors.Is(err, mirror.ErrNoSource) && r.claims != nil {
+	bs, err := r.fetcher.OpenBlob(ctx, oreq)
+	if errors.Is(err, fetch.ErrNoSource) && r.claims != nil {
 		// Nobody has it: if other nodes miss it right now too, one of them
 		// fetches it upstream and the rest stream it from that one.
 		if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), oreq.Registry+"/"+oreq.Repository); follow {
 			r.follows.add(oreq.Digest, 1)
-			bs, err = r.mirror.OpenBlobFrom(ctx, oreq, leader, followWait)
+			bs, err = r.fetcher.OpenBlobFrom(ctx, oreq, leader, followWait)
 			r.follows.add(oreq.Digest, -1)
 		}
 	}
@@ -403,7 +403,7 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 	cw := &countingWriter{ResponseWriter: w, counter: r.metrics.ServedBytes.WithLabelValues(metrics.OutcomePeer)}
 	if _, err := io.Copy(cw, bs); err != nil {
 		r.log.WarnContext(ctx, "cutting a blob response that cannot be finished", "digest", oreq.Digest, "peers", bs.Peers, "err", err)
-		if a, ok := r.store.(ingestAborter); ok && errors.Is(err, mirror.ErrMismatch) {
+		if a, ok := r.store.(ingestAborter); ok && errors.Is(err, fetch.ErrMismatch) {
 			// containerd holds wrong bytes; its retry must not resume them.
 			go func() {
 				actx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

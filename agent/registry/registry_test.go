@@ -21,8 +21,8 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/fleetmirror/fleetmirror/agent/fetch"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
-	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
@@ -54,12 +54,12 @@ func newNodes(t testing.TB, n int, wrap func(i int, h http.Handler) http.Handler
 	nodes := make([]*node, n)
 	for i := range nodes {
 		nd := &node{store: storetest.NewMemory(), metrics: metrics.New(func() int { return 0 }), addr: addrs[i], router: routers[i]}
-		m, err := mirror.New(routers[i], mirror.WithMetrics(nd.metrics),
-			mirror.WithResolveTimeout(testResolveTimeout), mirror.WithStallTimeout(time.Second))
+		m, err := fetch.New(routers[i], fetch.WithMetrics(nd.metrics),
+			fetch.WithResolveTimeout(testResolveTimeout), fetch.WithStallTimeout(time.Second))
 		if err != nil {
 			t.Fatal(err)
 		}
-		reg, err := New(nd.store, WithMirror(m), WithMetrics(nd.metrics))
+		reg, err := New(nd.store, WithFetcher(m), WithMetrics(nd.metrics))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -256,7 +256,7 @@ func TestMissIsFast(t *testing.T) {
 // bytes cost nothing; a streamed one with wrong bytes is cut before its
 // end, and the retry (containerd's next attempt) skips the bad peer.
 func TestPeerFailover(t *testing.T) {
-	for _, size := range []int{mirror.WholeBelow - 1, mirror.WholeBelow + 1<<20} {
+	for _, size := range []int{fetch.WholeBelow - 1, fetch.WholeBelow + 1<<20} {
 		t.Run(fmt.Sprintf("%d bytes", size), func(t *testing.T) { peerFailover(t, size) })
 	}
 }
@@ -264,7 +264,7 @@ func TestPeerFailover(t *testing.T) {
 func peerFailover(t *testing.T, size int) {
 	layer := randomBytes(t, size)
 	ld := digest.FromBytes(layer)
-	streamed := size >= mirror.WholeBelow
+	streamed := size >= fetch.WholeBelow
 	bad := map[string]func(w http.ResponseWriter, r *http.Request, next http.Handler){
 		"wrong bytes": func(w http.ResponseWriter, r *http.Request, next http.Handler) {
 			w.Header().Set("Docker-Content-Digest", ld.String())

@@ -19,8 +19,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/fleetmirror/fleetmirror/agent/fetch"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
-	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/registry"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
@@ -60,12 +60,12 @@ func newNodes(t *testing.T, n int) []*node {
 	for i := range nodes {
 		nd := &node{store: storetest.NewMemory(), metrics: metrics.New(func() int { return 0 }), addr: addrs[i],
 			router: peersRouter{Memory: routers[i]}}
-		mir, err := mirror.New(routers[i], mirror.WithMetrics(nd.metrics),
-			mirror.WithResolveTimeout(200*time.Millisecond))
+		mir, err := fetch.New(routers[i], fetch.WithMetrics(nd.metrics),
+			fetch.WithResolveTimeout(200*time.Millisecond))
 		if err != nil {
 			t.Fatal(err)
 		}
-		reg, err := registry.New(nd.store, registry.WithMirror(mir), registry.WithMetrics(nd.metrics))
+		reg, err := registry.New(nd.store, registry.WithFetcher(mir), registry.WithMetrics(nd.metrics))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -23,9 +23,9 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/advertise"
 	"github.com/fleetmirror/fleetmirror/agent/canary"
 	"github.com/fleetmirror/fleetmirror/agent/claim"
+	"github.com/fleetmirror/fleetmirror/agent/fetch"
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
-	"github.com/fleetmirror/fleetmirror/agent/mirror"
 	"github.com/fleetmirror/fleetmirror/agent/nodetaint"
 	"github.com/fleetmirror/fleetmirror/agent/peerauth"
 	"github.com/fleetmirror/fleetmirror/agent/policy"
@@ -344,12 +344,12 @@ func (c *mirrorConfig) build(ctx context.Context, port uint16, regs []hosts.Regi
 
 	m := metrics.New(func() int { return len(router.Peers()) }, metrics.WithRegistries(hostsOf(regs)))
 	a.m = m
-	mirOpts := []mirror.Option{mirror.WithResolveTimeout(c.resolveTimeout), mirror.WithPeers(c.resolveRetries),
-		mirror.WithMetrics(m), mirror.WithLogger(log.With("component", "mirror"))}
+	mirOpts := []fetch.Option{fetch.WithResolveTimeout(c.resolveTimeout), fetch.WithPeers(c.resolveRetries),
+		fetch.WithMetrics(m), fetch.WithLogger(log.With("component", "fetch"))}
 	if key != nil {
-		mirOpts = append(mirOpts, mirror.WithPeerKey(key))
+		mirOpts = append(mirOpts, fetch.WithPeerKey(key))
 	}
-	mir, err := mirror.New(router, mirOpts...)
+	mir, err := fetch.New(router, mirOpts...)
 	if err != nil {
 		return a, err
 	}
@@ -362,9 +362,9 @@ func (c *mirrorConfig) build(ctx context.Context, port uint16, regs []hosts.Regi
 		return a, err
 	}
 	a.tr = tr
-	regOpts := []registry.Option{registry.WithMirror(mir), registry.WithMetrics(m), registry.WithPolicy(pol),
+	regOpts := []registry.Option{registry.WithFetcher(mir), registry.WithMetrics(m), registry.WithPolicy(pol),
 		registry.WithLogger(log.With("component", "registry")), registry.WithReadiness(a.ready.check), registry.WithMaxRequests(c.maxRequests),
-		registry.WithInFlight(store.NewInFlight(c.contentDir, mirror.StallTimeout), tr)}
+		registry.WithInFlight(store.NewInFlight(c.contentDir, fetch.StallTimeout), tr)}
 	if c.burstSettle > 0 {
 		regOpts = append(regOpts, registry.WithClaims(claim.New(router, c.burstSettle, log.With("component", "claim"))))
 	}

@@ -1,4 +1,4 @@
-package mirror
+package fetch
 
 import (
 	"bytes"
@@ -48,7 +48,7 @@ func TestTagAnswersOnlyFromMembers(t *testing.T) {
 	const tagKey = "docker.io/team/app:v1"
 
 	stranger, member := tagPeer(t, theirs, nil), tagPeer(t, ours, key)
-	m := newMirror(t, tagKey, []*testPeer{stranger, member}, WithPeerKey(key))
+	m := newFetcher(t, tagKey, []*testPeer{stranger, member}, WithPeerKey(key))
 	man, err := m.Manifest(context.Background(), req)
 	if err != nil {
 		t.Fatal(err)
@@ -58,7 +58,7 @@ func TestTagAnswersOnlyFromMembers(t *testing.T) {
 	}
 
 	// A member of another cluster refuses us, and we it.
-	m = newMirror(t, tagKey, []*testPeer{tagPeer(t, theirs, other)}, WithPeerKey(key))
+	m = newFetcher(t, tagKey, []*testPeer{tagPeer(t, theirs, other)}, WithPeerKey(key))
 	if _, err := m.Manifest(context.Background(), req); !errors.Is(err, ErrNoSource) {
 		t.Errorf("another cluster's member answered: err = %v, want ErrNoSource", err)
 	}

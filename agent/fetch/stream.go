@@ -1,4 +1,4 @@
-package mirror
+package fetch
 
 import (
 	"context"
@@ -49,7 +49,7 @@ type BlobStream struct {
 	// Peers that sent bytes so far.
 	Peers []netip.AddrPort
 
-	m      *Mirror
+	m      *Fetcher
 	ctx    context.Context
 	req    oci.Request
 	src    *peerSource
@@ -72,7 +72,7 @@ type BlobStream struct {
 // OpenBlob finds peers holding the blob and returns once one of them
 // answered with its size, or ErrNoSource. Blobs under WholeBelow are
 // received and verified before it returns. The caller must Close the stream.
-func (m *Mirror) OpenBlob(ctx context.Context, req oci.Request) (*BlobStream, error) {
+func (m *Fetcher) OpenBlob(ctx context.Context, req oci.Request) (*BlobStream, error) {
 	return m.open(ctx, req, netip.AddrPort{}, 0)
 }
 
@@ -83,11 +83,11 @@ func (m *Mirror) OpenBlob(ctx context.Context, req oci.Request) (*BlobStream, er
 // upstream: the other peers in flight are followers of the same node, as
 // empty-handed, and trying each in turn would only add their timeouts.
 // Once bytes flow, a peer that breaks off is resumed from the others.
-func (m *Mirror) OpenBlobFrom(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
+func (m *Fetcher) OpenBlobFrom(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
 	return m.open(ctx, req, first, min(wait, peerproto.MaxWait))
 }
 
-func (m *Mirror) open(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
+func (m *Fetcher) open(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
 	src, err := m.lookup(ctx, req.Key(), req.Digest)
 	if err != nil {
 		return nil, err

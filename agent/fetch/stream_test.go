@@ -1,4 +1,4 @@
-package mirror
+package fetch
 
 import (
 	"bytes"
@@ -107,9 +107,9 @@ func randomBlob(t *testing.T, size int) []byte {
 	return b
 }
 
-// newMirror returns a Mirror on node self whose router finds peers in the
+// newFetcher returns a Fetcher on node self whose router finds peers in the
 // given order as holders of key.
-func newMirror(t *testing.T, key string, peers []*testPeer, opts ...Option) *Mirror {
+func newFetcher(t *testing.T, key string, peers []*testPeer, opts ...Option) *Fetcher {
 	t.Helper()
 	addrs := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1")}
 	for _, p := range peers {
@@ -135,7 +135,7 @@ func blobRequest(blob []byte) oci.Request {
 
 // openStream opens blob from m within a deadline that ends the test's
 // waits if a stall bound fails; the stream is closed with the test.
-func openStream(t *testing.T, m *Mirror, blob []byte) (*BlobStream, context.Context) {
+func openStream(t *testing.T, m *Fetcher, blob []byte) (*BlobStream, context.Context) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	t.Cleanup(cancel)
@@ -182,7 +182,7 @@ func TestStreamFromPeers(t *testing.T) {
 				}
 				peers = append(peers, newPeer(t, blob, b, after))
 			}
-			m := newMirror(t, digest.FromBytes(blob).String(), peers)
+			m := newFetcher(t, digest.FromBytes(blob).String(), peers)
 			s, _ := openStream(t, m, blob)
 			if s.Descriptor.Size != int64(big) {
 				t.Errorf("size %d, want %d", s.Descriptor.Size, big)
@@ -218,7 +218,7 @@ func TestStreamMismatchHoldsBackTheEnd(t *testing.T) {
 	blob := randomBlob(t, WholeBelow+1<<20)
 	liar := newPeer(t, blob, wrong, 1<<20)
 	honest := newPeer(t, blob, good, 0)
-	m := newMirror(t, digest.FromBytes(blob).String(), []*testPeer{liar, honest}, WithPeers(1))
+	m := newFetcher(t, digest.FromBytes(blob).String(), []*testPeer{liar, honest}, WithPeers(1))
 	ctx := context.Background()
 
 	s, err := m.OpenBlob(ctx, blobRequest(blob))
@@ -258,7 +258,7 @@ func TestSmallBlobVerifiedBeforeFirstByte(t *testing.T) {
 	blob := randomBlob(t, 64<<10)
 	liar := newPeer(t, blob, wrong, 100)
 	honest := newPeer(t, blob, good, 0)
-	m := newMirror(t, digest.FromBytes(blob).String(), []*testPeer{liar, honest})
+	m := newFetcher(t, digest.FromBytes(blob).String(), []*testPeer{liar, honest})
 	s, err := m.OpenBlob(context.Background(), blobRequest(blob))
 	if err != nil {
 		t.Fatal(err)
@@ -282,7 +282,7 @@ func TestStreamAllPeersFail(t *testing.T) {
 	blob := randomBlob(t, WholeBelow+1<<20)
 	a := newPeer(t, blob, breakOff, 1<<20)
 	b := newPeer(t, blob, stall, 0)
-	m := newMirror(t, digest.FromBytes(blob).String(), []*testPeer{a, b})
+	m := newFetcher(t, digest.FromBytes(blob).String(), []*testPeer{a, b})
 	s, ctx := openStream(t, m, blob)
 	got, err := readAll(t, s)
 	if !errors.Is(err, ErrNoSource) {
@@ -298,7 +298,7 @@ func TestStreamAllPeersFail(t *testing.T) {
 
 func TestOpenBlobMiss(t *testing.T) {
 	blob := randomBlob(t, 1000)
-	m := newMirror(t, "sha256:"+strings.Repeat("0", 64), nil)
+	m := newFetcher(t, "sha256:"+strings.Repeat("0", 64), nil)
 	if _, err := m.OpenBlob(context.Background(), blobRequest(blob)); !errors.Is(err, ErrNoSource) {
 		t.Fatalf("err %v, want ErrNoSource", err)
 	}
@@ -309,7 +309,7 @@ func TestOpenBlobMiss(t *testing.T) {
 func TestHintedPeerWhenLookupMisses(t *testing.T) {
 	blob := randomBlob(t, 1000)
 	p := newPeer(t, blob, good, 0)
-	m := newMirror(t, "unrelated", []*testPeer{p})
+	m := newFetcher(t, "unrelated", []*testPeer{p})
 	m.hints.learn(p.addr, []byte(`{"layers":[{"digest":"`+digest.FromBytes(blob).String()+`"}]}`))
 	s, err := m.OpenBlob(context.Background(), blobRequest(blob))
 	if err != nil {
@@ -342,7 +342,7 @@ func TestRefusesAbsurdSizes(t *testing.T) {
 		}))
 		t.Cleanup(p.Close)
 		p.addr = netip.MustParseAddrPort(p.Listener.Addr().String())
-		m := newMirror(t, d.String(), []*testPeer{p})
+		m := newFetcher(t, d.String(), []*testPeer{p})
 
 		desc, err := m.BlobHead(context.Background(), blobRequest(blob))
 		if tt.ok != (err == nil) || (tt.ok && desc.Size != tt.claim) {

@@ -1,9 +1,9 @@
-// Package mirror fetches content this node lacks from the peers that
+// Package fetch fetches content this node lacks from the peers that
 // advertise it. containerd falls back to upstream at once on a 404 but
 // fails a pull on a corrupt 200, so manifests and small blobs are verified
 // before their first byte, and large blobs are streamed with their last
 // bytes held back until the digest verifies (see BlobStream).
-package mirror
+package fetch
 
 import (
 	"context"
@@ -40,8 +40,8 @@ const FollowWait = 20 * time.Second
 // 404 and containerd goes to the next host.
 var ErrNoSource = errors.New("no peer could serve it")
 
-// Mirror finds and fetches content from peers.
-type Mirror struct {
+// Fetcher finds and fetches content from peers.
+type Fetcher struct {
 	router         Router
 	client         *http.Client
 	followClient   *http.Client // client with the header timeout at followWait
@@ -63,46 +63,46 @@ type Router interface {
 	Lookup(ctx context.Context, key string, count int) (<-chan netip.AddrPort, error)
 }
 
-// Option configures a Mirror.
-type Option func(*Mirror)
+// Option configures a Fetcher.
+type Option func(*Fetcher)
 
 // WithResolveTimeout bounds how long finding a (further) peer may take.
-func WithResolveTimeout(d time.Duration) Option { return func(m *Mirror) { m.resolveTimeout = d } }
+func WithResolveTimeout(d time.Duration) Option { return func(m *Fetcher) { m.resolveTimeout = d } }
 
 // WithPeers sets how many peers are tried before giving up.
-func WithPeers(n int) Option { return func(m *Mirror) { m.peers = n } }
+func WithPeers(n int) Option { return func(m *Fetcher) { m.peers = n } }
 
 // StallTimeout is how long a peer may send (next to) nothing by default.
 const StallTimeout = 5 * time.Second
 
 // WithStallTimeout sets how long a peer may send (next to) nothing before
 // it is abandoned for the next one.
-func WithStallTimeout(d time.Duration) Option { return func(m *Mirror) { m.stallTimeout = d } }
+func WithStallTimeout(d time.Duration) Option { return func(m *Fetcher) { m.stallTimeout = d } }
 
 // WithFollowWait sets how long a node waits for the first bytes of the
 // node it agreed to follow (FollowWait by default).
-func WithFollowWait(d time.Duration) Option { return func(m *Mirror) { m.followWait = d } }
+func WithFollowWait(d time.Duration) Option { return func(m *Fetcher) { m.followWait = d } }
 
 // WithMetrics records fetches in m.
-func WithMetrics(mt *metrics.Metrics) Option { return func(m *Mirror) { m.metrics = mt } }
+func WithMetrics(mt *metrics.Metrics) Option { return func(m *Fetcher) { m.metrics = mt } }
 
 // WithLogger sets the logger.
-func WithLogger(l *slog.Logger) Option { return func(m *Mirror) { m.log = l } }
+func WithLogger(l *slog.Logger) Option { return func(m *Fetcher) { m.log = l } }
 
 // WithPeerKey signs requests to peers with the cluster's key and believes
 // only answers that prove they come from a member. Without it requests
 // are marked as a peer's but unsigned, as agents before membership sent.
-func WithPeerKey(k *peerauth.Key) Option { return func(m *Mirror) { m.key = k } }
+func WithPeerKey(k *peerauth.Key) Option { return func(m *Fetcher) { m.key = k } }
 
 // WithHTTPClient replaces the client used to reach peers.
-func WithHTTPClient(c *http.Client) Option { return func(m *Mirror) { m.client = c } }
+func WithHTTPClient(c *http.Client) Option { return func(m *Fetcher) { m.client = c } }
 
-// New returns a Mirror that finds peers through router.
-func New(router Router, opts ...Option) (*Mirror, error) {
+// New returns a Fetcher that finds peers through router.
+func New(router Router, opts ...Option) (*Fetcher, error) {
 	if router == nil {
-		return nil, errors.New("mirror: a router is required")
+		return nil, errors.New("fetch: a router is required")
 	}
-	m := &Mirror{
+	m := &Fetcher{
 		router:         router,
 		resolveTimeout: 20 * time.Millisecond,
 		peers:          3,
@@ -126,13 +126,13 @@ func New(router Router, opts ...Option) (*Mirror, error) {
 		o(m)
 	}
 	if m.resolveTimeout <= 0 {
-		return nil, fmt.Errorf("mirror: resolve timeout must be positive, got %s", m.resolveTimeout)
+		return nil, fmt.Errorf("fetch: resolve timeout must be positive, got %s", m.resolveTimeout)
 	}
 	if m.peers < 1 {
-		return nil, fmt.Errorf("mirror: peers to try must be at least 1, got %d", m.peers)
+		return nil, fmt.Errorf("fetch: peers to try must be at least 1, got %d", m.peers)
 	}
 	if m.followWait <= 0 {
-		return nil, fmt.Errorf("mirror: follow wait must be positive, got %s", m.followWait)
+		return nil, fmt.Errorf("fetch: follow wait must be positive, got %s", m.followWait)
 	}
 	// The node followed answers its headers with its first bytes; only
 	// that request waits longer for them, every other keeps the short
@@ -161,7 +161,7 @@ type peerSource struct {
 
 // lookup finds peers for key; d, when set, is the digest the key names,
 // whose hinted peer is tried when the lookup gives none in time.
-func (m *Mirror) lookup(ctx context.Context, key string, d digest.Digest) (*peerSource, error) {
+func (m *Fetcher) lookup(ctx context.Context, key string, d digest.Digest) (*peerSource, error) {
 	lctx, cancel := context.WithCancel(ctx)
 	bad := m.bad.peers(d)
 	// Peers that sent this digest wrong are skipped without using up a try.
@@ -218,7 +218,7 @@ func (s *peerSource) next(ctx context.Context) (netip.AddrPort, bool) {
 func (s *peerSource) close() { s.cancel() }
 
 // firstPeer waits for the first peer and records how long the lookup took.
-func (m *Mirror) firstPeer(ctx context.Context, src *peerSource, kind oci.Kind) (netip.AddrPort, bool) {
+func (m *Fetcher) firstPeer(ctx context.Context, src *peerSource, kind oci.Kind) (netip.AddrPort, bool) {
 	start := time.Now()
 	p, ok := src.next(ctx)
 	if m.metrics != nil {
@@ -238,7 +238,7 @@ type Manifest struct {
 // then ones this agent verified, so a peer lying about them cannot make
 // containerd fail a pull. A manifest verified lately is answered from
 // memory (containerd's HEAD by tag is followed by a GET by digest).
-func (m *Mirror) Manifest(ctx context.Context, req oci.Request) (Manifest, error) {
+func (m *Fetcher) Manifest(ctx context.Context, req oci.Request) (Manifest, error) {
 	key := req.Key()
 	if key == "" {
 		return Manifest{}, fmt.Errorf("%w: a tag without the ns parameter names no registry", ErrNoSource)
@@ -266,7 +266,7 @@ func (m *Mirror) Manifest(ctx context.Context, req oci.Request) (Manifest, error
 
 // manifestFrom fetches a manifest from p, within the stall timeout: it is
 // small, and a peer that drips it is as good as gone.
-func (m *Mirror) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Request) (Manifest, error) {
+func (m *Fetcher) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Request) (Manifest, error) {
 	ctx, cancel := context.WithTimeout(ctx, m.stallTimeout)
 	defer cancel()
 	ref := req.Tag
@@ -305,7 +305,7 @@ func (m *Mirror) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Req
 }
 
 // BlobHead asks peers for a blob's size.
-func (m *Mirror) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descriptor, error) {
+func (m *Fetcher) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descriptor, error) {
 	src, err := m.lookup(ctx, req.Key(), req.Digest)
 	if err != nil {
 		return ocispec.Descriptor{}, err
@@ -331,7 +331,7 @@ func (m *Mirror) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descrip
 	return ocispec.Descriptor{}, fmt.Errorf("blob %s: %w", req.Digest, ErrNoSource)
 }
 
-func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, segment, ref, rng string, wait time.Duration) (*http.Response, error) {
+func (m *Fetcher) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, segment, ref, rng string, wait time.Duration) (*http.Response, error) {
 	hr, err := http.NewRequestWithContext(ctx, method, peerproto.PeerURL(p, req, segment, ref), nil)
 	if err != nil {
 		return nil, err
@@ -367,13 +367,13 @@ func (m *Mirror) do(ctx context.Context, method string, p netip.AddrPort, req oc
 	return resp, nil
 }
 
-func (m *Mirror) fail(reason string) {
+func (m *Fetcher) fail(reason string) {
 	if m.metrics != nil {
 		m.metrics.PeerFailures.WithLabelValues(reason).Inc()
 	}
 }
 
-func (m *Mirror) fetched(n int64) {
+func (m *Fetcher) fetched(n int64) {
 	if m.metrics != nil {
 		m.metrics.FetchedBytes.Add(float64(n))
 	}

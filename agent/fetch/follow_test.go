@@ -1,4 +1,4 @@
-package mirror
+package fetch
 
 import (
 	"bytes"
@@ -55,7 +55,7 @@ func TestFollowerWaitsForItsLeadersFirstBytes(t *testing.T) {
 	leader, _ := lateLeader(t, blob, release)
 	// Another node in flight, as empty-handed: it must not be asked.
 	other := newPeer(t, blob, stall, 0)
-	m := newMirror(t, digest.FromBytes(blob).String(), []*testPeer{other},
+	m := newFetcher(t, digest.FromBytes(blob).String(), []*testPeer{other},
 		WithHTTPClient(shortHeaders()), WithFollowWait(10*time.Second))
 	time.AfterFunc(500*time.Millisecond, func() { close(release) })
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -96,7 +96,7 @@ func TestFollowerGoesUpstreamWhenItsLeaderFails(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			other := newPeer(t, blob, stall, 0)
-			m := newMirror(t, digest.FromBytes(blob).String(), []*testPeer{other},
+			m := newFetcher(t, digest.FromBytes(blob).String(), []*testPeer{other},
 				WithHTTPClient(shortHeaders()), WithFollowWait(300*time.Millisecond))
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()

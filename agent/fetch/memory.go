@@ -1,4 +1,4 @@
-package mirror
+package fetch
 
 // What the mirror remembers for a while: peers that lied about a digest,
 // and manifests it verified lately.
