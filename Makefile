@@ -129,7 +129,7 @@ kube-e2e: tools
 ## system-e2e: the whole product on that cluster, as `make demo` narrates
 ## it (test/system): helm install, prep, peer pulls, faults, uninstall
 system-e2e: tools
-	$(GO) test -count=1 -timeout 25m ./test/system/ -v 2>&1 | tee system-e2e.log | awk -v extra='(system|install|privilege|mirrorpath|rollout|uninstall|migrate|babysit)\.go' -f hack/testlog.awk ; exit $${PIPESTATUS[0]}
+	$(GO) test -count=1 -timeout 25m ./test/system/ -v 2>&1 | tee system-e2e.log | awk -v extra='(system|install|privilege|mirrorpath|rollout|uninstall|migrate|report|pods|babysit)\.go' -f hack/testlog.awk ; exit $${PIPESTATUS[0]}
 
 test: lint unit operator-test images-check e2e kube-e2e system-e2e
 

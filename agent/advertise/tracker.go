@@ -144,7 +144,7 @@ func (t *Tracker) Run(ctx context.Context) {
 	ticker := time.NewTicker(t.retry)
 	defer ticker.Stop()
 	for {
-		t.sync(ctx, t.log, advertised)
+		t.sync(ctx, advertised)
 		select {
 		case <-ctx.Done():
 			return
@@ -155,7 +155,7 @@ func (t *Tracker) Run(ctx context.Context) {
 	}
 }
 
-func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[string]bool) {
+func (t *Tracker) sync(ctx context.Context, advertised map[string]bool) {
 	want := map[string]bool{}
 	for _, k := range t.store.Keys() {
 		if t.wanted(k) {
@@ -178,7 +178,7 @@ func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[str
 	}
 	if len(remove) > 0 {
 		if err := t.router.Withdraw(ctx, remove); err != nil {
-			log.WarnContext(ctx, "withdrawing keys", "count", len(remove), "err", err)
+			t.log.WarnContext(ctx, "withdrawing keys", "count", len(remove), "err", err)
 		} else {
 			for _, k := range remove {
 				delete(advertised, k)
@@ -187,7 +187,7 @@ func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[str
 	}
 	if len(add) > 0 {
 		if err := t.router.Advertise(ctx, add); err != nil {
-			log.WarnContext(ctx, "advertising keys; will retry", "count", len(add), "err", err)
+			t.log.WarnContext(ctx, "advertising keys; will retry", "count", len(add), "err", err)
 		} else {
 			for _, k := range add {
 				advertised[k] = true
@@ -195,7 +195,7 @@ func (t *Tracker) sync(ctx context.Context, log *slog.Logger, advertised map[str
 		}
 	}
 	if len(add)+len(remove) > 0 {
-		log.InfoContext(ctx, "advertised keys changed", "added", len(add), "withdrawn", len(remove), "total", len(advertised))
+		t.log.InfoContext(ctx, "advertised keys changed", "added", len(add), "withdrawn", len(remove), "total", len(advertised))
 	}
 	if t.metrics != nil {
 		tags := 0

@@ -11,9 +11,6 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
 
-// A key held in flight is advertised though the store does not list it,
-// and stays advertised when the store changes; the store's keys are
-// advertised and withdrawn as before.
 func TestNewMissingRequired(t *testing.T) {
 	_, err := New(nil, nil)
 	if err == nil || !strings.Contains(err.Error(), "store") || !strings.Contains(err.Error(), "router") {
@@ -21,6 +18,9 @@ func TestNewMissingRequired(t *testing.T) {
 	}
 }
 
+// A key held in flight is advertised though the store does not list it,
+// and stays advertised when the store changes; the store's keys are
+// advertised and withdrawn as before.
 func TestHoldAdvertisesInFlight(t *testing.T) {
 	rs := routing.NewMemory(netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1"))
 	st := storetest.NewMemory()

@@ -45,14 +45,6 @@ const (
 	StepCleanup       = "cleanup"        // removal of the image and its content
 )
 
-// Verdicts of Status.Verdict.
-const (
-	VerdictPending  = canarystatus.Pending // no run has ended yet
-	VerdictOK       = canarystatus.OK
-	VerdictFailed   = canarystatus.Failed
-	VerdictDisabled = canarystatus.Disabled // what DisabledHandler serves
-)
-
 const (
 	// DefaultInterval is how often the path is proven again, to catch
 	// drift (a config edited, a file deleted) within minutes.
@@ -139,7 +131,7 @@ func New(opts ...Option) (*Canary, error) {
 		c.metrics = metrics.New(func() int { return 0 })
 	}
 	c.hostsCfg.Canary = Registry
-	c.status = Status{Verdict: VerdictPending, Interval: c.interval.String()}
+	c.status = Status{Verdict: canarystatus.Pending, Interval: c.interval.String()}
 	return c, nil
 }
 
@@ -191,9 +183,9 @@ func (c *Canary) RunOnce(ctx context.Context) Status {
 	st.OK = r.step == ""
 	result := r.step
 	if st.OK {
-		st.Verdict, st.LastOK, result = VerdictOK, &end, VerdictOK
+		st.Verdict, st.LastOK, result = canarystatus.OK, &end, canarystatus.OK
 	} else {
-		st.Verdict = VerdictFailed
+		st.Verdict = canarystatus.Failed
 	}
 	c.status = st
 	c.mu.Unlock()
@@ -231,9 +223,9 @@ func (c *Canary) Status() Status {
 func (c *Canary) Ready() error {
 	st := c.Status()
 	switch st.Verdict {
-	case VerdictOK:
+	case canarystatus.OK:
 		return nil
-	case VerdictPending:
+	case canarystatus.Pending:
 		return errors.New("the mirror path is not proven yet: the canary pull has not run")
 	}
 	return fmt.Errorf("the mirror path is broken (canary step %s): %s", st.Step, st.Reason)
@@ -244,7 +236,7 @@ func (c *Canary) Ready() error {
 func DisabledHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(Status{Verdict: VerdictDisabled, Reason: "the canary is off (--canary-interval=0)"})
+		json.NewEncoder(w).Encode(Status{Verdict: canarystatus.Disabled, Reason: "the canary is off (--canary-interval=0)"})
 	})
 }
 

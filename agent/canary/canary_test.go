@@ -23,6 +23,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/fleetmirror/fleetmirror/agent/canary/canarystatus"
 	"github.com/fleetmirror/fleetmirror/agent/hosts"
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 )
@@ -338,7 +339,7 @@ func TestRun(t *testing.T) {
 			want := 0.0
 			result := tt.step
 			if st.OK {
-				want, result = 1, VerdictOK
+				want, result = 1, canarystatus.OK
 				if st.Requests != 3 || st.Bytes == 0 || c.Ready() != nil {
 					t.Errorf("healthy run: %d requests, %d bytes, ready %v", st.Requests, st.Bytes, c.Ready())
 				}
@@ -369,7 +370,7 @@ func TestRecovers(t *testing.T) {
 	f := &fakeNode{discard: true}
 	c := newTestCanary(t, f)
 	f.images[Registry+"/"+Repository+":killed"] = nil
-	if st := c.RunOnce(t.Context()); st.Verdict != VerdictFailed || st.Step != StepContent {
+	if st := c.RunOnce(t.Context()); st.Verdict != canarystatus.Failed || st.Step != StepContent {
 		t.Fatalf("%+v", st)
 	}
 	if len(f.images) != 0 {

@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"net/netip"
 	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
 // Gate admits the two kinds of client the registry serves: the node's own
@@ -36,7 +38,7 @@ const (
 // Wrap returns next behind the gate.
 func (g *Gate) Wrap(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		if req.Header.Get(Header) == "" {
+		if req.Header.Get(peerproto.PeerHeader) == "" {
 			if g.Key == nil || g.local(req.RemoteAddr) {
 				next.ServeHTTP(w, req)
 				return

@@ -31,13 +31,6 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
-// Header carries a peer request's proof. Agents before membership set it
-// to "1" to mark a peer request; members refuse that.
-const Header = peerproto.PeerHeader
-
-// AnswerHeader carries the proof that an answer came from a member.
-const AnswerHeader = peerproto.AnswerHeader
-
 // MaxSkew is how far a request's time may be from ours. Nodes keep their
 // clocks within a second or so by NTP; the window bounds how long a MAC
 // seen on the wire can be replayed, and then only for the same URI.
@@ -53,11 +46,11 @@ const version = "v1"
 
 // Errors of Verify; each names what a refused client should fix.
 var (
-	ErrMissing = errors.New("no " + Header + " proof: only the node's own containerd and the cluster's agents may use this registry")
-	ErrOld     = errors.New(Header + " is an agent's without membership (an older version, or one without the cluster's network key): upgrade it or give it the key")
-	ErrBad     = errors.New(Header + " proof is malformed")
-	ErrExpired = errors.New(Header + " proof is too old or from the future: check the node clocks (NTP)")
-	ErrMAC     = errors.New(Header + " proof does not verify: the client has another network key (a key rotation in progress, or not a member)")
+	ErrMissing = errors.New("no " + peerproto.PeerHeader + " proof: only the node's own containerd and the cluster's agents may use this registry")
+	ErrOld     = errors.New(peerproto.PeerHeader + " is an agent's without membership (an older version, or one without the cluster's network key): upgrade it or give it the key")
+	ErrBad     = errors.New(peerproto.PeerHeader + " proof is malformed")
+	ErrExpired = errors.New(peerproto.PeerHeader + " proof is too old or from the future: check the node clocks (NTP)")
+	ErrMAC     = errors.New(peerproto.PeerHeader + " proof does not verify: the client has another network key (a key rotation in progress, or not a member)")
 )
 
 // Key is the cluster's shared secret, as the keys derived from it.
@@ -107,7 +100,7 @@ func (k *Key) PSK() []byte { return k.psk[:] }
 func (k *Key) Sign(req *http.Request) string {
 	ts := strconv.FormatInt(time.Now().Unix(), 10)
 	mac := k.requestMAC(req.Method, req.URL.RequestURI(), ts)
-	req.Header.Set(Header, version+" "+ts+" "+mac)
+	req.Header.Set(peerproto.PeerHeader, version+" "+ts+" "+mac)
 	return mac
 }
 
@@ -120,7 +113,7 @@ func (k *Key) requestMAC(method, uri, ts string) string {
 // Verify checks req's proof and returns its MAC, for Answer. The header
 // is bounded before it is parsed.
 func (k *Key) Verify(req *http.Request, now time.Time) (string, error) {
-	v := req.Header.Get(Header)
+	v := req.Header.Get(peerproto.PeerHeader)
 	switch {
 	case v == "":
 		return "", ErrMissing
@@ -151,7 +144,7 @@ func (k *Key) Verify(req *http.Request, now time.Time) (string, error) {
 // binds the status and the content digest the answer claims; the body is
 // then checked against that digest by the requester as always.
 func (k *Key) Answer(h http.Header, proof string, status int) {
-	h.Set(AnswerHeader, k.answerMAC(proof, status, h.Get("Docker-Content-Digest")))
+	h.Set(peerproto.AnswerHeader, k.answerMAC(proof, status, h.Get("Docker-Content-Digest")))
 }
 
 func (k *Key) answerMAC(proof string, status int, dgst string) string {
@@ -163,7 +156,7 @@ func (k *Key) answerMAC(proof string, status int, dgst string) string {
 // Check verifies that resp answers the request signed with proof and
 // comes from a member.
 func (k *Key) Check(resp *http.Response, proof string) error {
-	got := resp.Header.Get(AnswerHeader)
+	got := resp.Header.Get(peerproto.AnswerHeader)
 	if got == "" {
 		return errors.New("the answer carries no membership proof: the peer is not a member (or an older agent)")
 	}

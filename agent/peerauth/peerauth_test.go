@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
 func testKey(t *testing.T, b byte) *Key {
@@ -58,10 +60,10 @@ func TestVerify(t *testing.T) {
 		{"from the future", k, nil, now.Add(-MaxSkew - 2*time.Second), ErrExpired},
 		{"other path", k, func(r *http.Request) { r.URL.RawQuery = "ns=evil.example" }, now, ErrMAC},
 		{"other method", k, func(r *http.Request) { r.Method = http.MethodHead }, now, ErrMAC},
-		{"old agent", k, func(r *http.Request) { r.Header.Set(Header, "1") }, now, ErrOld},
-		{"none", k, func(r *http.Request) { r.Header.Del(Header) }, now, ErrMissing},
-		{"garbage", k, func(r *http.Request) { r.Header.Set(Header, "v1 x y") }, now, ErrBad},
-		{"huge", k, func(r *http.Request) { r.Header.Set(Header, strings.Repeat("v", 4096)) }, now, ErrBad},
+		{"old agent", k, func(r *http.Request) { r.Header.Set(peerproto.PeerHeader, "1") }, now, ErrOld},
+		{"none", k, func(r *http.Request) { r.Header.Del(peerproto.PeerHeader) }, now, ErrMissing},
+		{"garbage", k, func(r *http.Request) { r.Header.Set(peerproto.PeerHeader, "v1 x y") }, now, ErrBad},
+		{"huge", k, func(r *http.Request) { r.Header.Set(peerproto.PeerHeader, strings.Repeat("v", 4096)) }, now, ErrBad},
 	} {
 		r := req.Clone(req.Context())
 		if tc.edit != nil {
@@ -90,7 +92,7 @@ func TestGate(t *testing.T) {
 		if sign != nil {
 			proof = sign.Sign(req)
 		} else if header != "" {
-			req.Header.Set(Header, header)
+			req.Header.Set(peerproto.PeerHeader, header)
 		}
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)

@@ -22,12 +22,12 @@ type Identity struct {
 	key crypto.PrivKey
 }
 
-// KeyIn keeps the identity key in dir/KeyFile: created on first start and
+// IdentityKeyIn keeps the identity key in dir/KeyFile: created on first start and
 // reused after, so the peer ID survives restarts.
-func KeyIn(dir string) Identity { return Identity{dir: dir} }
+func IdentityKeyIn(dir string) Identity { return Identity{dir: dir} }
 
-// Key uses k as the identity key.
-func Key(k crypto.PrivKey) Identity { return Identity{key: k} }
+// IdentityKey uses k as the identity key.
+func IdentityKey(k crypto.PrivKey) Identity { return Identity{key: k} }
 
 func (id Identity) zero() bool { return id.key == nil && id.dir == "" }
 

@@ -105,7 +105,7 @@ func startNode(tb testing.TB, ln net.Listener, port uint16, boot Bootstrapper, o
 	if boot != nil {
 		all = append(all, WithBootstrapper(boot))
 	}
-	p, err := NewP2P(context.Background(), netip.AddrPortFrom(ip, 0).String(), port, Key(genKey(tb)), append(all, opts...)...)
+	p, err := NewP2P(context.Background(), netip.AddrPortFrom(ip, 0).String(), port, IdentityKey(genKey(tb)), append(all, opts...)...)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -186,11 +186,11 @@ func TestMissingRequired(t *testing.T) {
 			t.Errorf("error %q does not name %s", err, name)
 		}
 	}
-	_, err = NewP2P(context.Background(), "127.0.0.1:0", 0, Key(genKey(t)))
+	_, err = NewP2P(context.Background(), "127.0.0.1:0", 0, IdentityKey(genKey(t)))
 	if err == nil || !strings.Contains(err.Error(), "registry port") || strings.Contains(err.Error(), "listen address") {
 		t.Fatalf("got %v, want only the registry port missing", err)
 	}
-	if _, err := NewP2P(context.Background(), "localhost:0", 1, Key(genKey(t))); err == nil {
+	if _, err := NewP2P(context.Background(), "localhost:0", 1, IdentityKey(genKey(t))); err == nil {
 		t.Fatal("want error for a hostname listen address")
 	}
 }
@@ -392,7 +392,7 @@ func TestWithdraw(t *testing.T) {
 func TestIdentityPersisted(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "state")
 	start := func() peer.ID {
-		p, err := NewP2P(context.Background(), "127.0.0.1:0", 5000, KeyIn(dir))
+		p, err := NewP2P(context.Background(), "127.0.0.1:0", 5000, IdentityKeyIn(dir))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -414,14 +414,14 @@ func TestIdentityPersisted(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, KeyFile), []byte("garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := NewP2P(context.Background(), "127.0.0.1:0", 5000, KeyIn(dir)); err == nil {
+	if _, err := NewP2P(context.Background(), "127.0.0.1:0", 5000, IdentityKeyIn(dir)); err == nil {
 		t.Fatal("want error for a corrupt key file")
 	}
 }
 
 func TestCloseOnContextCancel(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
-	p, err := NewP2P(ctx, "127.0.0.1:0", 5000, Key(genKey(t)),
+	p, err := NewP2P(ctx, "127.0.0.1:0", 5000, IdentityKey(genKey(t)),
 		WithBootstrapper(StaticBootstrapper{Entries: []string{"127.0.0.1:1"}}))
 	if err != nil {
 		t.Fatal(err)
@@ -445,7 +445,7 @@ func TestIPv6Listen(t *testing.T) {
 		t.Skip("no IPv6 loopback:", err)
 	}
 	_ = ln.Close()
-	p, err := NewP2P(context.Background(), "[::1]:0", 5000, Key(genKey(t)))
+	p, err := NewP2P(context.Background(), "[::1]:0", 5000, IdentityKey(genKey(t)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -604,7 +604,7 @@ func BenchmarkLookup(b *testing.B) {
 					first := nodes[0].Addrs()[0].String() + "/p2p/" + nodes[0].ID().String()
 					opts = append(opts, WithBootstrapper(StaticBootstrapper{Entries: []string{first}}))
 				}
-				p, err := NewP2P(context.Background(), "127.0.0.1:0", port, Key(genKey(b)), opts...)
+				p, err := NewP2P(context.Background(), "127.0.0.1:0", port, IdentityKey(genKey(b)), opts...)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -671,7 +671,7 @@ func TestBootstrapIgnoresDialBackoff(t *testing.T) {
 	// from the target.
 	waitFor(t, 5*time.Second, "a failed bootstrap round", func() bool { ok, _ := n.Ready(context.Background()); return ok })
 
-	late, err := NewP2P(context.Background(), addr.String(), port, Key(key), WithLogger(testLogger()))
+	late, err := NewP2P(context.Background(), addr.String(), port, IdentityKey(key), WithLogger(testLogger()))
 	if err != nil {
 		t.Fatalf("starting the late peer on %s: %v", addr, err)
 	}

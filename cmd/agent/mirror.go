@@ -583,7 +583,7 @@ func (c *mirrorConfig) router(ctx context.Context, port uint16, key *peerauth.Ke
 	case c.bootstrapDNS != "":
 		opts = append(opts, routing.WithBootstrapper(routing.DNSBootstrapper{Name: c.bootstrapDNS, Port: port}))
 	}
-	return routing.NewP2P(ctx, c.routerAddr, port, routing.KeyIn(c.dataDir), opts...)
+	return routing.NewP2P(ctx, c.routerAddr, port, routing.IdentityKeyIn(c.dataDir), opts...)
 }
 
 // canary returns the node's canary, nil when --canary-interval is 0.

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/fleetmirror/fleetmirror/agent/canary"
+	"github.com/fleetmirror/fleetmirror/agent/canary/canarystatus"
 )
 
 // TestVerdictIsCanaryStatus holds the operator to what the agent serves:
@@ -14,7 +15,7 @@ import (
 // wire names themselves are pinned in canarystatus).
 func TestVerdictIsCanaryStatus(t *testing.T) {
 	now := time.Now().UTC().Truncate(time.Second)
-	in := canary.Status{Verdict: canary.VerdictFailed, OK: false, Step: canary.StepPull, Reason: "r", LastRun: &now, LastOK: &now, Requests: 3, Interval: "5m"}
+	in := canary.Status{Verdict: canarystatus.Failed, OK: false, Step: canary.StepPull, Reason: "r", LastRun: &now, LastOK: &now, Requests: 3, Interval: "5m"}
 	b, err := json.Marshal(in)
 	if err != nil {
 		t.Fatal(err)

@@ -350,7 +350,7 @@ type agent struct {
 }
 
 // agents lists the resource's agent pods that have an IP, with the metrics
-// port the values name (else AgentMetricsPort, else 30122).
+// port the values name (else WithAgentMetricsPort, else 30122).
 func (c *Controller) agents(ctx context.Context, req reconcile.Request, vals map[string]any) ([]agent, error) {
 	var pods corev1.PodList
 	if err := c.client.List(ctx, &pods, client.InNamespace(req.Namespace), client.MatchingLabels{
