@@ -14,14 +14,26 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/oci"
 	"github.com/fleetmirror/fleetmirror/agent/policy"
-	"github.com/fleetmirror/fleetmirror/agent/routing"
-	"github.com/fleetmirror/fleetmirror/agent/store"
 )
+
+// Store is what the tracker reads of the content store.
+type Store interface {
+	// Keys lists the keys to advertise.
+	Keys() []string
+	// Changed is signalled when Keys may have changed.
+	Changed() <-chan struct{}
+}
+
+// Router is what the tracker tells the network.
+type Router interface {
+	Advertise(ctx context.Context, keys []string) error
+	Withdraw(ctx context.Context, keys []string) error
+}
 
 // Tracker advertises the store's keys and withdraws the ones that go.
 type Tracker struct {
-	store   store.Store
-	router  routing.Router
+	store   Store
+	router  Router
 	metrics *metrics.Metrics
 	log     *slog.Logger
 	// registries limits tag keys to these registry hosts; empty means all.
@@ -61,7 +73,7 @@ func WithPolicy(p *policy.Policy) Option { return func(t *Tracker) { t.policy = 
 func WithRetry(d time.Duration) Option { return func(t *Tracker) { t.retry = d } }
 
 // New returns a Tracker that advertises st's keys on r; Run starts it.
-func New(st store.Store, r routing.Router, opts ...Option) (*Tracker, error) {
+func New(st Store, r Router, opts ...Option) (*Tracker, error) {
 	t := &Tracker{store: st, router: r, log: slog.Default(), retry: 10 * time.Second,
 		held: map[string]time.Time{}, wake: make(chan struct{}, 1)}
 	for _, o := range opts {
