@@ -29,7 +29,7 @@ func tagPeer(t *testing.T, manifest []byte, key *peerauth.Key) *testPeer {
 		w.Write(manifest)
 	}))
 	if key != nil {
-		h = (&peerauth.Gate{Key: key}).Wrap(h)
+		h = peerauth.NewGate(key).Wrap(h)
 	}
 	p := &testPeer{Server: httptest.NewServer(h)}
 	t.Cleanup(p.Close)

@@ -45,18 +45,41 @@ const (
 
 // Releaser removes the startup taint from one node past a bound.
 type Releaser struct {
-	// Node is the agent's own node (downward API spec.nodeName).
-	Node string
-	// After is the bound, from the node's creation.
-	After time.Duration
-	// API is the API server's URL; TokenFile and CAFile its credentials
-	// (the token is read again on every call: the kubelet rotates it).
-	API, TokenFile, CAFile string
-	// Period between checks while the bound is not reached (default 30s).
-	Period time.Duration
-	Log    *slog.Logger
+	node  string        // the agent's own node (downward API spec.nodeName)
+	after time.Duration // the bound, from the node's creation
+	// The API server's URL and its credentials (the token is read again
+	// on every call: the kubelet rotates it).
+	api, tokenFile, caFile string
+	period                 time.Duration // between checks while the bound is not reached
+	log                    *slog.Logger
 
 	client *http.Client
+}
+
+// Option configures a Releaser.
+type Option func(*Releaser)
+
+// WithPeriod sets the time between checks while the bound is not reached
+// (30s by default).
+func WithPeriod(d time.Duration) Option { return func(r *Releaser) { r.period = d } }
+
+// WithLogger sets the logger.
+func WithLogger(l *slog.Logger) Option { return func(r *Releaser) { r.log = l } }
+
+// New returns a Releaser for node, to release once it is older than after,
+// through the API server at api with the pod's token and CA files.
+func New(node string, after time.Duration, api, tokenFile, caFile string, opts ...Option) (*Releaser, error) {
+	if node == "" || after <= 0 || api == "" {
+		return nil, errors.New("nodetaint: node name, bound and API server are required")
+	}
+	r := &Releaser{node: node, after: after, api: api, tokenFile: tokenFile, caFile: caFile, period: 30 * time.Second, log: slog.Default()}
+	for _, o := range opts {
+		o(r)
+	}
+	if r.period <= 0 {
+		return nil, fmt.Errorf("nodetaint: period must be positive, got %s", r.period)
+	}
+	return r, nil
 }
 
 // InClusterAPI is the API server's URL from the pod's environment.
@@ -72,29 +95,20 @@ func InClusterAPI() string {
 // nothing can hold it any more: the operator never taints a node past the
 // bound), removing the taint when it finds it there. It returns when done
 // or when ctx ends; failures are logged and retried.
-func (r *Releaser) Run(ctx context.Context) error {
-	if r.Node == "" || r.After <= 0 || r.API == "" {
-		return errors.New("nodetaint: node name, bound and API server are required")
-	}
-	if r.Period <= 0 {
-		r.Period = 30 * time.Second
-	}
-	if r.Log == nil {
-		r.Log = slog.Default()
-	}
+func (r *Releaser) Run(ctx context.Context) {
 	for {
 		wait, err := r.Check(ctx)
 		if err != nil {
-			r.Log.Warn("checking the node's startup taint", "node", r.Node, "err", err.Error())
-			wait = r.Period
+			r.log.Warn("checking the node's startup taint", "node", r.node, "err", err.Error())
+			wait = r.period
 		}
 		if wait == 0 {
-			return nil
+			return
 		}
 		select {
 		case <-ctx.Done():
-			return nil
-		case <-time.After(min(wait, r.Period)):
+			return
+		case <-time.After(min(wait, r.period)):
 		}
 	}
 }
@@ -127,8 +141,8 @@ func (r *Releaser) Check(ctx context.Context) (time.Duration, error) {
 	}
 	tainted := len(keep) != len(n.Spec.Taints)
 	switch {
-	case age < r.After:
-		return r.After - age, nil
+	case age < r.after:
+		return r.after - age, nil
 	case !tainted:
 		return 0, nil
 	}
@@ -142,7 +156,7 @@ func (r *Releaser) Check(ctx context.Context) (time.Duration, error) {
 		patch = append(patch, map[string]any{"op": "replace", "path": "/spec/taints", "value": keep})
 	}
 	why := fmt.Sprintf("%s released by its agent: held %s, past the bound of %s, and the operator, which releases held nodes with an event, did not (is it running?)",
-		time.Now().UTC().Format(time.RFC3339), age.Round(time.Second), r.After)
+		time.Now().UTC().Format(time.RFC3339), age.Round(time.Second), r.after)
 	if n.Metadata.Annotations == nil {
 		patch = append(patch, map[string]any{"op": "add", "path": "/metadata/annotations", "value": map[string]string{ReleasedAnnotation: why}})
 	} else {
@@ -156,8 +170,8 @@ func (r *Releaser) Check(ctx context.Context) (time.Duration, error) {
 	if err := r.do(ctx, http.MethodPatch, "application/json-patch+json", body, nil); err != nil {
 		return 0, fmt.Errorf("removing the startup taint: %w", err)
 	}
-	r.Log.Warn("removed the startup taint from this node: it was held past the bound, and the operator, which releases it with an event, did not (is it running?)",
-		"node", r.Node, "taint", TaintKey, "after", r.After.String(), "age", age.Round(time.Second).String())
+	r.log.Warn("removed the startup taint from this node: it was held past the bound, and the operator, which releases it with an event, did not (is it running?)",
+		"node", r.node, "taint", TaintKey, "after", r.after.String(), "age", age.Round(time.Second).String())
 	return 0, nil
 }
 
@@ -169,11 +183,11 @@ func (r *Releaser) do(ctx context.Context, method, contentType string, body []by
 		}
 		r.client = c
 	}
-	tok, err := os.ReadFile(r.TokenFile)
+	tok, err := os.ReadFile(r.tokenFile)
 	if err != nil {
 		return fmt.Errorf("service account token: %w", err)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(r.API, "/")+"/api/v1/nodes/"+url.PathEscape(r.Node), bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(r.api, "/")+"/api/v1/nodes/"+url.PathEscape(r.node), bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
@@ -196,7 +210,7 @@ func (r *Releaser) do(ctx context.Context, method, contentType string, body []by
 			Message string `json:"message"`
 		}
 		_ = json.Unmarshal(b, &st)
-		return fmt.Errorf("%s node %s: %s: %s", method, r.Node, resp.Status, st.Message)
+		return fmt.Errorf("%s node %s: %s: %s", method, r.node, resp.Status, st.Message)
 	}
 	if out != nil {
 		return json.Unmarshal(b, out)
@@ -205,13 +219,13 @@ func (r *Releaser) do(ctx context.Context, method, contentType string, body []by
 }
 
 func (r *Releaser) httpClient() (*http.Client, error) {
-	pem, err := os.ReadFile(r.CAFile)
+	pem, err := os.ReadFile(r.caFile)
 	if err != nil {
 		return nil, fmt.Errorf("API server CA: %w", err)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("API server CA %s: no certificate", r.CAFile)
+		return nil, fmt.Errorf("API server CA %s: no certificate", r.caFile)
 	}
 	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12},

@@ -80,8 +80,11 @@ func TestCheck(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "ca.crt"), ca, 0o600)
 	os.WriteFile(filepath.Join(dir, "token"), []byte("tok\n"), 0o600)
 	r := func(after time.Duration) *Releaser {
-		return &Releaser{Node: "n1", After: after, API: srv.URL + "/", TokenFile: filepath.Join(dir, "token"), CAFile: filepath.Join(dir, "ca.crt"),
-			Log: slog.New(slog.DiscardHandler)}
+		rel, err := New("n1", after, srv.URL+"/", filepath.Join(dir, "token"), filepath.Join(dir, "ca.crt"), WithLogger(slog.New(slog.DiscardHandler)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rel
 	}
 	// Before the bound: nothing written, the rest of the bound to wait.
 	wait, err := r(time.Hour).Check(context.Background())
@@ -112,7 +115,7 @@ func TestCheck(t *testing.T) {
 	if wait, err := r(30 * time.Second).Check(context.Background()); err != nil || wait != 0 || len(api.patches) != 1 {
 		t.Errorf("untainted: wait %s, err %v, patches %d", wait, err, len(api.patches))
 	}
-	if err := (&Releaser{Node: "n1"}).Run(context.Background()); err == nil {
-		t.Error("Run without a bound or API server started")
+	if _, err := New("n1", 0, "", "", ""); err == nil {
+		t.Error("a Releaser without a bound or API server was made")
 	}
 }

@@ -16,16 +16,38 @@ import (
 // containerd (from loopback or an address the node's mirror target names)
 // and members' peer requests. Everyone else gets a 403 that says why.
 type Gate struct {
-	// Key is the cluster's key; nil runs the network open: every client
+	// key is the cluster's key; nil runs the network open: every client
 	// is served, as agents before membership did.
-	Key *Key
-	// Local are the networks, besides loopback, the node's containerd
+	key *Key
+	// local are the networks, besides loopback, the node's containerd
 	// reaches the registry from (the hosts of its mirror targets, and
 	// what --local-clients adds).
-	Local []netip.Prefix
-	// Denied counts a refusal by reason; may be nil.
-	Denied func(reason string)
-	Log    *slog.Logger
+	local  []netip.Prefix
+	denied func(reason string) // counts a refusal by reason; may be nil
+	log    *slog.Logger        // may be nil
+}
+
+// GateOption configures a Gate.
+type GateOption func(*Gate)
+
+// WithLocal adds the networks, besides loopback, that the node's own
+// containerd reaches the registry from.
+func WithLocal(p []netip.Prefix) GateOption { return func(g *Gate) { g.local = p } }
+
+// WithDenied has each refusal counted by reason.
+func WithDenied(f func(reason string)) GateOption { return func(g *Gate) { g.denied = f } }
+
+// WithLogger logs refusals at debug level.
+func WithLogger(l *slog.Logger) GateOption { return func(g *Gate) { g.log = l } }
+
+// NewGate returns a Gate for the cluster's key; a nil key runs the network
+// open.
+func NewGate(key *Key, opts ...GateOption) *Gate {
+	g := &Gate{key: key}
+	for _, o := range opts {
+		o(g)
+	}
+	return g
 }
 
 // Reasons a request is denied, as counted.
@@ -39,18 +61,18 @@ const (
 func (g *Gate) Wrap(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		if req.Header.Get(peerproto.PeerHeader) == "" {
-			if g.Key == nil || g.local(req.RemoteAddr) {
+			if g.key == nil || g.isLocal(req.RemoteAddr) {
 				next.ServeHTTP(w, req)
 				return
 			}
 			g.deny(w, req, DeniedStranger, ErrMissing)
 			return
 		}
-		if g.Key == nil {
+		if g.key == nil {
 			next.ServeHTTP(w, req)
 			return
 		}
-		proof, err := g.Key.Verify(req, time.Now())
+		proof, err := g.key.Verify(req, time.Now())
 		if err != nil {
 			reason := DeniedProof
 			if err == ErrOld {
@@ -59,11 +81,11 @@ func (g *Gate) Wrap(next http.Handler) http.Handler {
 			g.deny(w, req, reason, err)
 			return
 		}
-		next.ServeHTTP(&answerWriter{ResponseWriter: w, key: g.Key, proof: proof}, req)
+		next.ServeHTTP(&answerWriter{ResponseWriter: w, key: g.key, proof: proof}, req)
 	})
 }
 
-func (g *Gate) local(remote string) bool {
+func (g *Gate) isLocal(remote string) bool {
 	ap, err := netip.ParseAddrPort(remote)
 	if err != nil {
 		host, _, splitErr := net.SplitHostPort(remote)
@@ -77,7 +99,7 @@ func (g *Gate) local(remote string) bool {
 	if a.IsLoopback() {
 		return true
 	}
-	for _, l := range g.Local {
+	for _, l := range g.local {
 		if l.Contains(a) {
 			return true
 		}
@@ -86,11 +108,11 @@ func (g *Gate) local(remote string) bool {
 }
 
 func (g *Gate) deny(w http.ResponseWriter, req *http.Request, reason string, err error) {
-	if g.Denied != nil {
-		g.Denied(reason)
+	if g.denied != nil {
+		g.denied(reason)
 	}
-	if g.Log != nil {
-		g.Log.Debug("refused a registry request", "client", req.RemoteAddr, "path", req.URL.Path, "reason", reason)
+	if g.log != nil {
+		g.log.Debug("refused a registry request", "client", req.RemoteAddr, "path", req.URL.Path, "reason", reason)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusForbidden)

@@ -80,7 +80,7 @@ func TestVerify(t *testing.T) {
 func TestGate(t *testing.T) {
 	k := testKey(t, 1)
 	var denied []string
-	g := &Gate{Key: k, Local: []netip.Prefix{netip.MustParsePrefix("10.0.0.5/32"), netip.MustParsePrefix("10.244.3.0/30")}, Denied: func(r string) { denied = append(denied, r) }}
+	g := NewGate(k, WithLocal([]netip.Prefix{netip.MustParsePrefix("10.0.0.5/32"), netip.MustParsePrefix("10.244.3.0/30")}), WithDenied(func(r string) { denied = append(denied, r) }))
 	h := g.Wrap(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Docker-Content-Digest", "sha256:abc")
 		io.Copy(w, strings.NewReader("content"))
@@ -133,7 +133,7 @@ func TestGate(t *testing.T) {
 		}
 	}
 	// An open network serves everyone, as agents before membership did.
-	open := (&Gate{}).Wrap(http.NotFoundHandler())
+	open := NewGate(nil).Wrap(http.NotFoundHandler())
 	req := httptest.NewRequest(http.MethodGet, "/v2/app/blobs/sha256:abc", nil)
 	req.RemoteAddr = "10.0.0.9:1"
 	rec := httptest.NewRecorder()

@@ -310,14 +310,14 @@ type agentParts struct {
 // releaseTaint runs the startup taint's fallback release until the
 // returned stop is called.
 func (c *mirrorConfig) releaseTaint(ctx context.Context, log *slog.Logger) (stop func()) {
-	rel := &nodetaint.Releaser{Node: c.nodeName, After: c.releaseTaintAfter, API: c.kubeAPI, TokenFile: c.kubeTokenFile,
-		CAFile: c.kubeCAFile, Log: log.With("component", "nodetaint")}
+	rel, err := nodetaint.New(c.nodeName, c.releaseTaintAfter, c.kubeAPI, c.kubeTokenFile, c.kubeCAFile,
+		nodetaint.WithLogger(log.With("component", "nodetaint")))
+	if err != nil {
+		log.Error("startup taint fallback off", "err", err.Error())
+		return func() {}
+	}
 	rctx, stop := context.WithCancel(ctx)
-	go func() {
-		if err := rel.Run(rctx); err != nil {
-			log.Error("startup taint fallback off", "err", err.Error())
-		}
-	}()
+	go rel.Run(rctx)
 	return stop
 }
 
@@ -437,8 +437,8 @@ func (c *mirrorConfig) handlers(a *agentParts, key *peerauth.Key, regs []hosts.R
 	if err != nil {
 		return err
 	}
-	gate := &peerauth.Gate{Key: key, Local: local, Log: log.With("component", "gate"),
-		Denied: func(reason string) { m.Denied.WithLabelValues(reason).Inc() }}
+	gate := peerauth.NewGate(key, peerauth.WithLocal(local), peerauth.WithLogger(log.With("component", "gate")),
+		peerauth.WithDenied(func(reason string) { m.Denied.WithLabelValues(reason).Inc() }))
 	// Content is gated; the probes and the peer ID are not: they tell
 	// nothing about what the node holds.
 	var content http.Handler = reg

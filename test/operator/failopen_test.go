@@ -231,8 +231,12 @@ func TestAgentReleasesOwnNode(t *testing.T) {
 		api = "https://" + api
 	}
 	releaser := func(node string, after time.Duration) *nodetaint.Releaser {
-		return &nodetaint.Releaser{Node: node, After: after, API: api, TokenFile: tokenFile, CAFile: caFile, Period: 500 * time.Millisecond,
-			Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))}
+		rel, err := nodetaint.New(node, after, api, tokenFile, caFile, nodetaint.WithPeriod(500*time.Millisecond),
+			nodetaint.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rel
 	}
 
 	// The policy is in force once a dry-run change of a label is denied.
@@ -278,10 +282,9 @@ func TestAgentReleasesOwnNode(t *testing.T) {
 	const bound = 4 * time.Second
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- releaser("ar-late", bound).Run(rctx) }()
-	if err := <-done; err != nil || rctx.Err() != nil {
-		t.Fatalf("the releaser: %v (%v)", err, rctx.Err())
+	releaser("ar-late", bound).Run(rctx)
+	if rctx.Err() != nil {
+		t.Fatalf("the releaser ran out of time: %v", rctx.Err())
 	}
 	n := get("ar-late")
 	kept := false
