@@ -20,6 +20,11 @@
 // that announced it fetches meanwhile. A node follows one of higher score
 // or one that announced it fetches, and a node that announced it follows
 // only another that did, of higher score: no two nodes wait on each other.
+// A node that fetches a blob of an image fetches the image's later blobs
+// (containerd asks for the config first, the layers after it) without a
+// new agreement: it announces at once that it fetches, and the others,
+// which missed them too, find that in their quiet window. A burst so pays
+// the settle window once per image, not once per blob.
 // The failure cases, each bounded:
 //   - Claims that do not reach each other even in the second look make two
 //     nodes fetch: two upstream fetches, no failed pull.
@@ -35,6 +40,7 @@ import (
 	"crypto/sha256"
 	"log/slog"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/fleetmirror/fleetmirror/agent/routing"
@@ -45,14 +51,27 @@ type Decider struct {
 	claims routing.Claims
 	settle time.Duration
 	log    *slog.Logger
+
+	mu      sync.Mutex
+	fetches map[string]time.Time // groups this node fetched a blob of, and when
 }
+
+// fetcherFor is how long a node that fetched a blob of a group fetches the
+// group's other blobs without an agreement: a burst's pulls of one image
+// ask for all its blobs within it. A claim counts as long.
+const fetcherFor = routing.ClaimEpoch
+
+// maxGroups bounds the groups remembered; past it the expired ones, or all,
+// are dropped,
+// which costs those groups an agreement again, nothing more.
+const maxGroups = 1024
 
 // New returns a Decider that waits settle for the claims of others.
 func New(claims routing.Claims, settle time.Duration, log *slog.Logger) *Decider {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Decider{claims: claims, settle: settle, log: log}
+	return &Decider{claims: claims, settle: settle, log: log, fetches: map[string]time.Time{}}
 }
 
 // Decide claims key and returns the registry of the node this one should
@@ -74,6 +93,9 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 		group = key
 	}
 	start := time.Now()
+	if d.fetchedLately(group) {
+		return d.fetchAgain(ctx, key, group, start)
+	}
 	d.claim(ctx, routing.Want, key)
 	quiet := d.settle / 5
 	if !sleep(ctx, time.Until(start.Add(quiet))) {
@@ -111,6 +133,7 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 		}
 	}
 	d.claim(ctx, routing.Fetch, key)
+	d.fetched(group)
 	if len(others) > 0 {
 		// On a busy node a claim can miss the settle window, and a node
 		// that did not see a better claimant picks itself: in 20-node
@@ -121,11 +144,64 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 		if sleep(ctx, d.settle) {
 			if f, ok := d.best(ctx, routing.Fetch, key, group); ok && bytes.Compare(score(group, f.ID), bestScore) > 0 {
 				d.log.Debug("claim yielded to a fetcher of higher score", "key", key, "follow", f.Addr.String(), "took", time.Since(start))
+				d.forget(group)
 				return f.Addr, true
 			}
 		}
 	}
 	return netip.AddrPort{}, false
+}
+
+// fetchAgain decides a key of a group this node fetches lately: it fetches
+// it too, unless a node announced it fetches this key already (two nodes
+// that both picked themselves for the group's first blob), which it
+// follows, as a late node would.
+func (d *Decider) fetchAgain(ctx context.Context, key, group string, start time.Time) (netip.AddrPort, bool) {
+	lctx, cancel := context.WithTimeout(ctx, d.settle/5)
+	f, ok := d.best(lctx, routing.Fetch, key, group)
+	cancel()
+	if ok {
+		d.log.Debug("claim follows a fetcher of the group's blob", "key", key, "follow", f.Addr.String(), "took", time.Since(start))
+		return f.Addr, true
+	}
+	// The announcements go out while containerd starts upstream: the
+	// nodes that wait for them look again a settle window later.
+	go func() {
+		d.claim(context.WithoutCancel(ctx), routing.Want, key)
+		d.claim(context.WithoutCancel(ctx), routing.Fetch, key)
+	}()
+	d.fetched(group)
+	d.log.Debug("claim decided: this node fetches the group", "key", key, "group", group, "took", time.Since(start))
+	return netip.AddrPort{}, false
+}
+
+func (d *Decider) fetchedLately(group string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	at, ok := d.fetches[group]
+	return ok && time.Since(at) < fetcherFor
+}
+
+func (d *Decider) fetched(group string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.fetches) >= maxGroups {
+		for g, at := range d.fetches {
+			if time.Since(at) >= fetcherFor {
+				delete(d.fetches, g)
+			}
+		}
+	}
+	if len(d.fetches) >= maxGroups {
+		clear(d.fetches)
+	}
+	d.fetches[group] = time.Now()
+}
+
+func (d *Decider) forget(group string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.fetches, group)
 }
 
 // fetcher is the node that announced it fetches key, if any; of several,

@@ -243,3 +243,91 @@ func TestSlowNodeFollowsAFetcherThatDecidedMeanwhile(t *testing.T) {
 		t.Errorf("node 1 follows %v (%s); want it to follow node 2, which fetches", follow1, leader)
 	}
 }
+
+// countingClaims counts the want listings of one node: an agreement lists
+// the other nodes that want the key, a node that keeps fetching its group
+// does not.
+type countingClaims struct {
+	routing.Claims
+	mu    sync.Mutex
+	wants int
+}
+
+func (c *countingClaims) Claimants(ctx context.Context, kind routing.ClaimKind, key string) ([]routing.Claimant, error) {
+	if kind == routing.Want {
+		c.mu.Lock()
+		c.wants++
+		c.mu.Unlock()
+	}
+	return c.Claims.Claimants(ctx, kind, key)
+}
+
+func (c *countingClaims) wantListings() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.wants
+}
+
+// The node a burst picked for an image's first blob fetches its later
+// blobs without another agreement, and the others follow it there too;
+// a blob of another image is agreed on anew.
+func TestFetcherKeepsTheImage(t *testing.T) {
+	const n = 4
+	var addrs []netip.AddrPort
+	for i := range n {
+		addrs = append(addrs, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)))
+	}
+	rs := routing.NewMemory(addrs...)
+	counts := make([]*countingClaims, n)
+	deciders := make([]*Decider, n)
+	for i := range n {
+		counts[i] = &countingClaims{Claims: rs[i]}
+		deciders[i] = New(counts[i], 50*time.Millisecond, nil)
+	}
+	burst := func(key, group string) (fetcher int, follows []netip.AddrPort) {
+		follows = make([]netip.AddrPort, n)
+		fetches := make([]bool, n)
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				leader, follow := deciders[i].Decide(context.Background(), key, group)
+				follows[i], fetches[i] = leader, !follow
+			})
+		}
+		wg.Wait()
+		fetcher = -1
+		for i, f := range fetches {
+			if f {
+				if fetcher >= 0 {
+					t.Fatalf("%s: nodes %d and %d both fetch", key, fetcher, i)
+				}
+				fetcher = i
+			}
+		}
+		if fetcher < 0 {
+			t.Fatalf("%s: nobody fetches", key)
+		}
+		return fetcher, follows
+	}
+
+	first, _ := burst("sha256:config", "example.com/app")
+	before := counts[first].wantListings()
+	second, follows := burst("sha256:layer", "example.com/app")
+	if second != first {
+		t.Fatalf("the image's layer is fetched by node %d, its config by node %d", second, first)
+	}
+	for i, l := range follows {
+		if i != first && l != addrs[first] {
+			t.Errorf("node %d follows %s for the layer, want the image's fetcher %s", i, l, addrs[first])
+		}
+	}
+	if got := counts[first].wantListings(); got != before {
+		t.Errorf("the image's fetcher listed the wants of its layer %d times, want none (no new agreement)", got-before)
+	}
+
+	before = counts[first].wantListings()
+	burst("sha256:other", "example.com/other")
+	if counts[first].wantListings() == before {
+		t.Error("a blob of another image was not agreed on")
+	}
+}

@@ -1,18 +1,25 @@
 package registry
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/fleetmirror/fleetmirror/agent/claim"
+	"github.com/fleetmirror/fleetmirror/agent/fetch"
 	"github.com/fleetmirror/fleetmirror/agent/peerproto"
+	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
@@ -118,5 +125,75 @@ func TestOnlyFollowersWaitForTheFirstByte(t *testing.T) {
 				t.Errorf("got the blob: %v (err %v), want %v", got, err, tt.ok)
 			}
 		})
+	}
+}
+
+// recordingClaims records which keys this node claimed.
+type recordingClaims struct {
+	routing.Claims
+	mu      sync.Mutex
+	claimed []string
+}
+
+func (c *recordingClaims) Claim(ctx context.Context, kind routing.ClaimKind, key string) error {
+	c.mu.Lock()
+	c.claimed = append(c.claimed, key)
+	c.mu.Unlock()
+	return c.Claims.Claim(ctx, kind, key)
+}
+
+func (c *recordingClaims) has(key string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Contains(c.claimed, key)
+}
+
+// A blob nobody holds is agreed on with the other nodes that miss it,
+// unless containerd's ingest says it is small (an image's config): that
+// one goes upstream at once, without the agreement's wait.
+func TestSmallBlobsSkipTheAgreement(t *testing.T) {
+	dir := t.TempDir()
+	ingest := func(name string, d digest.Digest, total int) {
+		ing := filepath.Join(dir, "ingest", name)
+		if err := os.MkdirAll(ing, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for file, body := range map[string][]byte{
+			"ref": []byte("k8s.io/1/layer-" + d.String()), "total": []byte(strconv.Itoa(total)), "data": nil,
+		} {
+			if err := os.WriteFile(filepath.Join(ing, file), body, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	small, large := digest.FromString("config"), digest.FromString("layer")
+	ingest("a", small, 2000)
+	ingest("b", large, agreeFrom)
+	unknown := digest.FromString("no ingest")
+
+	rs := routing.NewMemory(netip.MustParseAddrPort("127.0.0.1:1"))
+	claims := &recordingClaims{Claims: rs[0]}
+	f, err := fetch.New(rs[0], fetch.WithResolveTimeout(20*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, err := New(storetest.NewMemory(), WithFetcher(f), WithInFlight(store.NewInFlight(dir, time.Second), noHolds{}),
+		WithClaims(claim.New(claims, 20*time.Millisecond, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(reg)
+	defer srv.Close()
+	for _, tt := range []struct {
+		d     digest.Digest
+		agree bool
+	}{{small, false}, {large, true}, {unknown, true}} {
+		resp, _ := get(t, http.MethodGet, srv.URL+"/v2/team/app/blobs/"+tt.d.String()+"?ns=example.com")
+		if resp.StatusCode != http.StatusNotFound {
+			t.Errorf("%s: status %d, want 404 (nobody holds it)", tt.d, resp.StatusCode)
+		}
+		if got := claims.has(tt.d.String()); got != tt.agree {
+			t.Errorf("%s: claimed %v, want %v", tt.d, got, tt.agree)
+		}
 	}
 }

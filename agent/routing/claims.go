@@ -85,7 +85,11 @@ func (p *P2P) Claim(ctx context.Context, kind ClaimKind, key string) error {
 	return errors.Join(errs...)
 }
 
-// Claimants implements Claims.
+// Claimants implements Claims. It asks the peers a claim goes to (see
+// Claim), all at once, for the current and the previous epoch, and reads
+// this node's own provider store: one round trip, where a DHT lookup takes
+// several, each slow on a node busy pulling. The answers that came before
+// ctx is done are the list.
 func (p *P2P) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Claimant, error) {
 	if !p.track() {
 		return nil, ErrClosed
@@ -96,20 +100,41 @@ func (p *P2P) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Clai
 	stop := context.AfterFunc(p.ctx, cancel)
 	defer stop()
 	cur, prev := claimKeys(kind, key, time.Now())
-	seen := map[peer.ID]bool{p.host.ID(): true}
-	var out []Claimant
+	var (
+		mu    sync.Mutex
+		found []peer.AddrInfo
+		wg    sync.WaitGroup
+	)
 	for _, k := range []string{cur, prev} {
-		for ai := range p.dht.FindProvidersAsync(ctx, keyCID(k), 0) {
-			if seen[ai.ID] {
-				continue
-			}
-			seen[ai.ID] = true
-			if ip, ok := p.peerIP(ai); ok {
-				out = append(out, Claimant{ID: ai.ID.String(), Addr: netip.AddrPortFrom(ip, p.cfg.registryPort)})
-			}
+		mh := keyCID(k).Hash()
+		local, _ := p.dht.ProviderStore().GetProviders(ctx, mh)
+		found = append(found, local...)
+		for _, id := range p.dht.RoutingTable().NearestPeers(kb.ConvertKey(string(mh)), p.dht.BucketSize()) {
+			wg.Go(func() {
+				provs, _, err := p.msgr.GetProviders(ctx, id, mh)
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				for _, ai := range provs {
+					found = append(found, *ai)
+				}
+			})
 		}
 	}
-	// ctx bounds the search; what was found by then is the answer.
+	wg.Wait()
+	seen := map[peer.ID]bool{p.host.ID(): true}
+	var out []Claimant
+	for _, ai := range found {
+		if seen[ai.ID] {
+			continue
+		}
+		seen[ai.ID] = true
+		if ip, ok := p.peerIP(ai); ok {
+			out = append(out, Claimant{ID: ai.ID.String(), Addr: netip.AddrPortFrom(ip, p.cfg.registryPort)})
+		}
+	}
 	return out, nil
 }
 

@@ -107,6 +107,17 @@ func (s *InFlight) Writing(dgst digest.Digest) bool {
 	return true
 }
 
+// Size is the full size of dgst as containerd expects it while it writes
+// it (or has it), false when containerd is not writing it.
+func (s *InFlight) Size(dgst digest.Digest) (int64, bool) {
+	g, err := s.open(dgst)
+	if err != nil {
+		return 0, false
+	}
+	g.Close()
+	return g.total, true
+}
+
 func (s *InFlight) open(dgst digest.Digest) (*Growing, error) {
 	g := &Growing{stall: s.stall, first: s.first, poll: s.poll}
 	// A committed blob the index does not list yet: complete, no waiting.

@@ -25,7 +25,7 @@ import (
 
 type config struct {
 	agent, containerd, images, out string
-	scenarios, modes               string
+	scenarios, modes, agentArgs    string
 	keep                           bool
 	nodes                          int
 	rate                           int64
@@ -47,6 +47,7 @@ func main() {
 	flag.Int64Var(&c.seed, "seed", 1, "seed of the generated images")
 	flag.StringVar(&c.scenarios, "scenarios", "create,update", "which rollouts to measure: create, update or both")
 	flag.StringVar(&c.modes, "modes", "baseline,fleetmirror", "which modes to measure: baseline, fleetmirror or both")
+	flag.StringVar(&c.agentArgs, "agent-args", "", `more agent flags, e.g. "--burst-settle 300ms --log-level debug"`)
 	flag.BoolVar(&c.keep, "keep", false, "keep the cluster's folder (containerd and agent logs) after the run")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -72,6 +73,7 @@ func run(ctx context.Context, c config) error {
 		return fmt.Errorf("-nodes %d -update-batch %g: want at least 2 nodes and a batch share in (0, 1]", c.nodes, c.batch)
 	}
 	cl, err := cluster.Start(ctx, cluster.Options{Nodes: c.nodes, Containerd: c.containerd, AgentBin: c.agent,
+		AgentArgs:    strings.Fields(c.agentArgs),
 		UpstreamRate: c.rate, UpstreamLatency: c.latency, KeepDir: c.keep})
 	if err != nil {
 		return err
