@@ -24,7 +24,9 @@
 // (containerd asks for the config first, the layers after it) without a
 // new agreement: it announces at once that it fetches, and the others,
 // which missed them too, find that in their quiet window. A burst so pays
-// the settle window once per image, not once per blob.
+// the settle window once per image, not once per blob; and Begin starts
+// that agreement when containerd misses the image's manifest, so it runs
+// while containerd fetches the manifest and the config from upstream.
 // The failure cases, each bounded:
 //   - Claims that do not reach each other even in the second look make two
 //     nodes fetch: two upstream fetches, no failed pull.
@@ -53,7 +55,8 @@ type Decider struct {
 	log    *slog.Logger
 
 	mu      sync.Mutex
-	fetches map[string]time.Time // groups this node fetched a blob of, and when
+	fetches map[string]time.Time     // groups this node fetched a blob of, and when
+	pending map[string]chan struct{} // groups with an agreement under way (Begin)
 }
 
 // fetcherFor is how long a node that fetched a blob of a group fetches the
@@ -71,7 +74,57 @@ func New(claims routing.Claims, settle time.Duration, log *slog.Logger) *Decider
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Decider{claims: claims, settle: settle, log: log, fetches: map[string]time.Time{}}
+	return &Decider{claims: claims, settle: settle, log: log,
+		fetches: map[string]time.Time{}, pending: map[string]chan struct{}{}}
+}
+
+// Begin starts the agreement on group ahead of its blobs, under key (the
+// image's tag or manifest, which all nodes of a burst miss alike), unless
+// this node fetches the group already or an agreement is under way. A
+// blob's Decide waits for it; the node it picks then fetches the blobs
+// without waiting again.
+func (d *Decider) Begin(key, group string) {
+	d.mu.Lock()
+	_, busy := d.pending[group]
+	at, ok := d.fetches[group]
+	if busy || ok && time.Since(at) < fetcherFor || len(d.pending) >= maxGroups {
+		d.mu.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	d.pending[group] = done
+	d.mu.Unlock()
+	go func() {
+		// Decide's waits are each bounded by the settle window; this bounds
+		// them all.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*d.settle)
+		defer cancel()
+		_, _, look := d.decide(ctx, key, group)
+		d.mu.Lock()
+		delete(d.pending, group)
+		d.mu.Unlock()
+		close(done)
+		// The blobs need not wait for the second look: a node that yields
+		// forgets the group, and the blobs it already fetches are few, and
+		// fetched once more at most.
+		if look {
+			d.lookAgain(ctx, key, group)
+		}
+	}()
+}
+
+// awaitBegun waits for an agreement Begin started on group.
+func (d *Decider) awaitBegun(ctx context.Context, group string) {
+	d.mu.Lock()
+	done := d.pending[group]
+	d.mu.Unlock()
+	if done == nil {
+		return
+	}
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
 }
 
 // Decide claims key and returns the registry of the node this one should
@@ -92,26 +145,38 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 	if group == "" {
 		group = key
 	}
+	d.awaitBegun(ctx, group)
+	leader, follow, look := d.decide(ctx, key, group)
+	if look {
+		return d.lookAgain(ctx, key, group)
+	}
+	return leader, follow
+}
+
+// decide is Decide without the second look: look says the node picked
+// itself in a burst and should look again (lookAgain) before it fetches.
+func (d *Decider) decide(ctx context.Context, key, group string) (leader netip.AddrPort, follow, look bool) {
 	start := time.Now()
 	if d.fetchedLately(group) {
-		return d.fetchAgain(ctx, key, group, start)
+		leader, follow = d.fetchAgain(ctx, key, group, start)
+		return leader, follow, false
 	}
 	d.claim(ctx, routing.Want, key)
 	quiet := d.settle / 5
 	if !sleep(ctx, time.Until(start.Add(quiet))) {
-		return netip.AddrPort{}, false
+		return netip.AddrPort{}, false, false
 	}
 	if f, ok := d.fetcher(ctx, key, group); ok {
-		return f, true
+		return f, true, false
 	}
 	others := d.list(ctx, routing.Want, key)
 	if len(others) > 0 {
 		// A burst: let the others' claims land, then decide as they will.
 		if !sleep(ctx, time.Until(start.Add(d.settle))) {
-			return netip.AddrPort{}, false
+			return netip.AddrPort{}, false, false
 		}
 		if f, ok := d.fetcher(ctx, key, group); ok {
-			return f, true
+			return f, true, false
 		}
 		others = d.list(ctx, routing.Want, key)
 	}
@@ -123,33 +188,37 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 	}
 	d.log.Debug("claim decided", "key", key, "claimants", len(others)+1, "follow", best.String(), "took", time.Since(start))
 	if best.IsValid() {
-		return best, true
+		return best, true, false
 	}
 	if len(others) > 0 {
 		// Listing the claims took a while on a busy node: a node that
 		// decided meanwhile is followed, as a late node would.
 		if f, ok := d.fetcher(ctx, key, group); ok {
-			return f, true
+			return f, true, false
 		}
 	}
 	d.claim(ctx, routing.Fetch, key)
 	d.fetched(group)
-	if len(others) > 0 {
-		// On a busy node a claim can miss the settle window, and a node
-		// that did not see a better claimant picks itself: in 20-node
-		// bursts half the layers had two fetchers. Each fetcher looks once
-		// more; the one of the highest score stays, the others follow it,
-		// as nodes that come later do. It costs a burst's fetcher one more
-		// settle window before its containerd goes upstream.
-		if sleep(ctx, d.settle) {
-			if f, ok := d.best(ctx, routing.Fetch, key, group); ok && bytes.Compare(score(group, f.ID), bestScore) > 0 {
-				d.log.Debug("claim yielded to a fetcher of higher score", "key", key, "follow", f.Addr.String(), "took", time.Since(start))
-				d.forget(group)
-				return f.Addr, true
-			}
-		}
+	return netip.AddrPort{}, false, len(others) > 0
+}
+
+// lookAgain is a burst's fetcher's second look. On a busy node a claim can
+// miss the settle window, and a node that did not see a better claimant
+// picks itself: in 20-node bursts half the layers had two fetchers. Each
+// fetcher looks once more; the one of the highest score stays, the others
+// follow it, as nodes that come later do. It costs a burst's fetcher one
+// more settle window before its containerd goes upstream.
+func (d *Decider) lookAgain(ctx context.Context, key, group string) (netip.AddrPort, bool) {
+	if !sleep(ctx, d.settle) {
+		return netip.AddrPort{}, false
 	}
-	return netip.AddrPort{}, false
+	f, ok := d.best(ctx, routing.Fetch, key, group)
+	if !ok || bytes.Compare(score(group, f.ID), score(group, d.claims.Self())) <= 0 {
+		return netip.AddrPort{}, false
+	}
+	d.log.Debug("claim yielded to a fetcher of higher score", "key", key, "follow", f.Addr.String())
+	d.forget(group)
+	return f.Addr, true
 }
 
 // fetchAgain decides a key of a group this node fetches lately: it fetches
@@ -166,10 +235,8 @@ func (d *Decider) fetchAgain(ctx context.Context, key, group string, start time.
 	}
 	// The announcements go out while containerd starts upstream: the
 	// nodes that wait for them look again a settle window later.
-	go func() {
-		d.claim(context.WithoutCancel(ctx), routing.Want, key)
-		d.claim(context.WithoutCancel(ctx), routing.Fetch, key)
-	}()
+	go d.claim(context.WithoutCancel(ctx), routing.Fetch, key)
+	go d.claim(context.WithoutCancel(ctx), routing.Want, key)
 	d.fetched(group)
 	d.log.Debug("claim decided: this node fetches the group", "key", key, "group", group, "took", time.Since(start))
 	return netip.AddrPort{}, false

@@ -3,6 +3,7 @@ package claim
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -268,66 +269,108 @@ func (c *countingClaims) wantListings() int {
 	return c.wants
 }
 
+// cluster is n nodes that share their claims, each with its Decider.
+type cluster struct {
+	addrs    []netip.AddrPort
+	counts   []*countingClaims
+	deciders []*Decider
+}
+
+func newCluster(n int) *cluster {
+	c := &cluster{}
+	for i := range n {
+		c.addrs = append(c.addrs, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)))
+	}
+	for _, r := range routing.NewMemory(c.addrs...) {
+		cc := &countingClaims{Claims: r}
+		c.counts = append(c.counts, cc)
+		c.deciders = append(c.deciders, New(cc, 50*time.Millisecond, nil))
+	}
+	return c
+}
+
+// burst has every node decide key at once (after before, if set, on the
+// same node): exactly one fetches, and it returns which one, after
+// checking that the others follow it, directly or through another.
+func (c *cluster) burst(t *testing.T, key, group string, before func(*Decider)) int {
+	t.Helper()
+	follows := make([]netip.AddrPort, len(c.deciders))
+	fetches := make([]bool, len(c.deciders))
+	var wg sync.WaitGroup
+	for i, d := range c.deciders {
+		wg.Go(func() {
+			if before != nil {
+				before(d)
+			}
+			leader, follow := d.Decide(context.Background(), key, group)
+			follows[i], fetches[i] = leader, !follow
+		})
+	}
+	wg.Wait()
+	fetcher := -1
+	for i, f := range fetches {
+		if f {
+			if fetcher >= 0 {
+				t.Fatalf("%s: nodes %d and %d both fetch", key, fetcher, i)
+			}
+			fetcher = i
+		}
+	}
+	if fetcher < 0 {
+		t.Fatalf("%s: nobody fetches", key)
+	}
+	// A node may follow one that follows the fetcher (it serves what it
+	// receives in flight); every chain ends at the fetcher.
+	for i := range follows {
+		at := i
+		for hops := 0; at != fetcher; hops++ {
+			next := slices.Index(c.addrs, follows[at])
+			if next < 0 || hops == len(follows) {
+				t.Fatalf("%s: node %d follows %v, which leads to no fetcher (the fetcher is %s)", key, i, follows, c.addrs[fetcher])
+			}
+			at = next
+		}
+	}
+	return fetcher
+}
+
 // The node a burst picked for an image's first blob fetches its later
 // blobs without another agreement, and the others follow it there too;
 // a blob of another image is agreed on anew.
 func TestFetcherKeepsTheImage(t *testing.T) {
-	const n = 4
-	var addrs []netip.AddrPort
-	for i := range n {
-		addrs = append(addrs, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)))
-	}
-	rs := routing.NewMemory(addrs...)
-	counts := make([]*countingClaims, n)
-	deciders := make([]*Decider, n)
-	for i := range n {
-		counts[i] = &countingClaims{Claims: rs[i]}
-		deciders[i] = New(counts[i], 50*time.Millisecond, nil)
-	}
-	burst := func(key, group string) (fetcher int, follows []netip.AddrPort) {
-		follows = make([]netip.AddrPort, n)
-		fetches := make([]bool, n)
-		var wg sync.WaitGroup
-		for i := range n {
-			wg.Go(func() {
-				leader, follow := deciders[i].Decide(context.Background(), key, group)
-				follows[i], fetches[i] = leader, !follow
-			})
-		}
-		wg.Wait()
-		fetcher = -1
-		for i, f := range fetches {
-			if f {
-				if fetcher >= 0 {
-					t.Fatalf("%s: nodes %d and %d both fetch", key, fetcher, i)
-				}
-				fetcher = i
-			}
-		}
-		if fetcher < 0 {
-			t.Fatalf("%s: nobody fetches", key)
-		}
-		return fetcher, follows
-	}
-
-	first, _ := burst("sha256:config", "example.com/app")
-	before := counts[first].wantListings()
-	second, follows := burst("sha256:layer", "example.com/app")
-	if second != first {
+	c := newCluster(4)
+	first := c.burst(t, "sha256:config", "example.com/app", nil)
+	before := c.counts[first].wantListings()
+	if second := c.burst(t, "sha256:layer", "example.com/app", nil); second != first {
 		t.Fatalf("the image's layer is fetched by node %d, its config by node %d", second, first)
 	}
-	for i, l := range follows {
-		if i != first && l != addrs[first] {
-			t.Errorf("node %d follows %s for the layer, want the image's fetcher %s", i, l, addrs[first])
-		}
-	}
-	if got := counts[first].wantListings(); got != before {
+	if got := c.counts[first].wantListings(); got != before {
 		t.Errorf("the image's fetcher listed the wants of its layer %d times, want none (no new agreement)", got-before)
 	}
-
-	before = counts[first].wantListings()
-	burst("sha256:other", "example.com/other")
-	if counts[first].wantListings() == before {
+	before = c.counts[first].wantListings()
+	c.burst(t, "sha256:other", "example.com/other", nil)
+	if c.counts[first].wantListings() == before {
 		t.Error("a blob of another image was not agreed on")
+	}
+}
+
+// Begin, on the manifest miss, agrees on the image's fetcher ahead of its
+// blobs: a blob asked for while that runs waits for it, and the node it
+// picked fetches the blob without an agreement of its own.
+func TestBeginAgreesAhead(t *testing.T) {
+	c := newCluster(4)
+	fetcher := c.burst(t, "sha256:layer", "example.com/app", func(d *Decider) {
+		d.Begin("example.com/app:v1", "example.com/app")
+	})
+	if got := c.counts[fetcher].wantListings(); got > 2 {
+		t.Errorf("the fetcher listed wants %d times: the manifest's agreement (up to 2) and then the layer's too", got)
+	}
+	for i, d := range c.deciders {
+		d.mu.Lock()
+		n := len(d.pending)
+		d.mu.Unlock()
+		if n != 0 {
+			t.Errorf("node %d still has %d agreements under way", i, n)
+		}
 	}
 }

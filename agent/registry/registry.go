@@ -343,6 +343,11 @@ func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.
 		desc, err = r.fetcher.BlobHead(ctx, oreq)
 	}
 	if err != nil {
+		if oreq.Kind == oci.KindManifest && oreq.Registry != "" && r.claims != nil && errors.Is(err, fetch.ErrNoSource) {
+			// containerd goes upstream for the image; the nodes that miss
+			// it too agree meanwhile which one fetches its blobs.
+			r.claims.Begin(oreq.Key(), oreq.Registry+"/"+oreq.Repository)
+		}
 		r.miss(w, oreq, err)
 		return
 	}
