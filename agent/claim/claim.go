@@ -20,13 +20,15 @@
 // that announced it fetches meanwhile. A node follows one of higher score
 // or one that announced it fetches, and a node that announced it follows
 // only another that did, of higher score: no two nodes wait on each other.
-// A node that fetches a blob of an image fetches the image's later blobs
-// (containerd asks for the config first, the layers after it) without a
-// new agreement: it announces at once that it fetches, and the others,
-// which missed them too, find that in their quiet window. A burst so pays
-// the settle window once per image, not once per blob; and Begin starts
-// that agreement when containerd misses the image's manifest, so it runs
-// while containerd fetches the manifest and the config from upstream.
+// The agreement on an image runs once, ahead of its blobs: Begin starts it
+// when containerd misses the image's manifest, so it runs while containerd
+// fetches the manifest and the config from upstream. The node it picks
+// fetches the image's blobs without a new agreement: it announces at once
+// that it fetches each, and the others, which missed them too, find that
+// in their quiet window. The others decide each blob as above; one that
+// picks itself for a blob (its containerd asked before the image's
+// fetcher's did) fetches that blob only, and the image's fetcher follows
+// it there.
 // The failure cases, each bounded:
 //   - Claims that do not reach each other even in the second look make two
 //     nodes fetch: two upstream fetches, no failed pull.
@@ -55,18 +57,24 @@ type Decider struct {
 	log    *slog.Logger
 
 	mu      sync.Mutex
-	fetches map[string]time.Time     // groups this node fetched a blob of, and when
-	pending map[string]chan struct{} // groups with an agreement under way (Begin)
+	fetches recent                   // groups whose agreement picked this node
+	begun   recent                   // groups whose agreement Begin started
+	pending map[string]chan struct{} // groups with an agreement under way
 }
 
-// fetcherFor is how long a node that fetched a blob of a group fetches the
-// group's other blobs without an agreement: a burst's pulls of one image
-// ask for all its blobs within it. A claim counts as long.
+// fetcherFor is how long the node an image's agreement picked fetches its
+// blobs without another agreement: a burst's pulls of one image ask for
+// all its blobs within it. A claim counts as long.
 const fetcherFor = routing.ClaimEpoch
 
-// maxGroups bounds the groups remembered; past it the expired ones, or all,
-// are dropped,
-// which costs those groups an agreement again, nothing more.
+// beginOnce is how long after an agreement on an image no other one
+// starts for its repository: one pull misses its tag, then its manifest
+// (and, for an index, its platform's manifest), each under another key,
+// and under load the first agreement can take a second. A new image of
+// the repository within it is agreed on blob by blob.
+const beginOnce = 10 * time.Second
+
+// maxGroups bounds the groups remembered.
 const maxGroups = 1024
 
 // New returns a Decider that waits settle for the claims of others.
@@ -75,31 +83,34 @@ func New(claims routing.Claims, settle time.Duration, log *slog.Logger) *Decider
 		log = slog.Default()
 	}
 	return &Decider{claims: claims, settle: settle, log: log,
-		fetches: map[string]time.Time{}, pending: map[string]chan struct{}{}}
+		fetches: newRecent(fetcherFor), begun: newRecent(beginOnce), pending: map[string]chan struct{}{}}
 }
 
 // Begin starts the agreement on group ahead of its blobs, under key (the
 // image's tag or manifest, which all nodes of a burst miss alike), unless
-// this node fetches the group already or an agreement is under way. A
-// blob's Decide waits for it; the node it picks then fetches the blobs
-// without waiting again.
+// this node fetches the group already or an agreement on it started
+// lately. A blob's Decide waits for it; the node it picks then fetches the
+// blobs without waiting again.
 func (d *Decider) Begin(key, group string) {
 	d.mu.Lock()
 	_, busy := d.pending[group]
-	at, ok := d.fetches[group]
-	if busy || ok && time.Since(at) < fetcherFor || len(d.pending) >= maxGroups {
+	if busy || d.fetches.has(group) || d.begun.has(group) || len(d.pending) >= maxGroups {
 		d.mu.Unlock()
 		return
 	}
 	done := make(chan struct{})
 	d.pending[group] = done
+	d.begun.add(group)
 	d.mu.Unlock()
 	go func() {
 		// Decide's waits are each bounded by the settle window; this bounds
 		// them all.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*d.settle)
 		defer cancel()
-		_, _, look := d.decide(ctx, key, group)
+		_, follow, look := d.decide(ctx, key, group)
+		if !follow {
+			d.fetched(group)
+		}
 		d.mu.Lock()
 		delete(d.pending, group)
 		d.mu.Unlock()
@@ -198,7 +209,6 @@ func (d *Decider) decide(ctx context.Context, key, group string) (leader netip.A
 		}
 	}
 	d.claim(ctx, routing.Fetch, key)
-	d.fetched(group)
 	return netip.AddrPort{}, false, len(others) > 0
 }
 
@@ -245,30 +255,48 @@ func (d *Decider) fetchAgain(ctx context.Context, key, group string, start time.
 func (d *Decider) fetchedLately(group string) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	at, ok := d.fetches[group]
-	return ok && time.Since(at) < fetcherFor
+	return d.fetches.has(group)
 }
 
 func (d *Decider) fetched(group string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if len(d.fetches) >= maxGroups {
-		for g, at := range d.fetches {
-			if time.Since(at) >= fetcherFor {
-				delete(d.fetches, g)
-			}
-		}
-	}
-	if len(d.fetches) >= maxGroups {
-		clear(d.fetches)
-	}
-	d.fetches[group] = time.Now()
+	d.fetches.add(group)
 }
 
 func (d *Decider) forget(group string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	delete(d.fetches, group)
+	delete(d.fetches.at, group)
+}
+
+// recent is a set of groups, each kept for ttl, of at most maxGroups:
+// past it the expired ones, or all, are dropped, which costs those groups
+// an agreement again, nothing more.
+type recent struct {
+	ttl time.Duration
+	at  map[string]time.Time
+}
+
+func newRecent(ttl time.Duration) recent { return recent{ttl: ttl, at: map[string]time.Time{}} }
+
+func (r recent) has(group string) bool {
+	at, ok := r.at[group]
+	return ok && time.Since(at) < r.ttl
+}
+
+func (r recent) add(group string) {
+	if len(r.at) >= maxGroups {
+		for g, at := range r.at {
+			if time.Since(at) >= r.ttl {
+				delete(r.at, g)
+			}
+		}
+	}
+	if len(r.at) >= maxGroups {
+		clear(r.at)
+	}
+	r.at[group] = time.Now()
 }
 
 // fetcher is the node that announced it fetches key, if any; of several,

@@ -334,12 +334,15 @@ func (c *cluster) burst(t *testing.T, key, group string, before func(*Decider)) 
 	return fetcher
 }
 
-// The node a burst picked for an image's first blob fetches its later
-// blobs without another agreement, and the others follow it there too;
-// a blob of another image is agreed on anew.
+// The node the image's agreement picked fetches each of its blobs
+// without another agreement, and the others follow it there; a blob of
+// another image is agreed on anew, and a node that picks itself for a
+// blob does not become the image's fetcher.
 func TestFetcherKeepsTheImage(t *testing.T) {
 	c := newCluster(4)
-	first := c.burst(t, "sha256:config", "example.com/app", nil)
+	first := c.burst(t, "sha256:config", "example.com/app", func(d *Decider) {
+		d.Begin("example.com/app:v1", "example.com/app")
+	})
 	before := c.counts[first].wantListings()
 	if second := c.burst(t, "sha256:layer", "example.com/app", nil); second != first {
 		t.Fatalf("the image's layer is fetched by node %d, its config by node %d", second, first)
@@ -347,10 +350,11 @@ func TestFetcherKeepsTheImage(t *testing.T) {
 	if got := c.counts[first].wantListings(); got != before {
 		t.Errorf("the image's fetcher listed the wants of its layer %d times, want none (no new agreement)", got-before)
 	}
-	before = c.counts[first].wantListings()
-	c.burst(t, "sha256:other", "example.com/other", nil)
-	if c.counts[first].wantListings() == before {
-		t.Error("a blob of another image was not agreed on")
+	other := c.burst(t, "sha256:other", "example.com/other", nil)
+	before = c.counts[other].wantListings()
+	c.burst(t, "sha256:other2", "example.com/other", nil)
+	if c.counts[other].wantListings() == before {
+		t.Error("a node that picked itself for one blob skipped the agreement on the next: only the image's agreement makes a node its fetcher")
 	}
 }
 
@@ -372,5 +376,34 @@ func TestBeginAgreesAhead(t *testing.T) {
 		if n != 0 {
 			t.Errorf("node %d still has %d agreements under way", i, n)
 		}
+	}
+}
+
+// One pull misses its tag and then its manifest, under two keys; under
+// load the second miss comes after the first agreement ended. It starts
+// no second one, in which a node that agreed to follow would find itself
+// alone and become a second fetcher of the image.
+func TestOneAgreementPerPull(t *testing.T) {
+	c := newCluster(4)
+	var wg sync.WaitGroup
+	for _, d := range c.deciders {
+		wg.Go(func() { d.Begin("example.com/app:v1", "example.com/app") })
+	}
+	wg.Wait()
+	for _, d := range c.deciders {
+		d.awaitBegun(context.Background(), "example.com/app")
+	}
+	for _, d := range c.deciders[1:] {
+		d.Begin("sha256:manifest", "example.com/app")
+		d.awaitBegun(context.Background(), "example.com/app")
+	}
+	fetchers := 0
+	for _, d := range c.deciders {
+		if d.fetchedLately("example.com/app") {
+			fetchers++
+		}
+	}
+	if fetchers != 1 {
+		t.Errorf("%d nodes fetch the image, want 1", fetchers)
 	}
 }
