@@ -56,86 +56,16 @@ type Decider struct {
 	settle time.Duration
 	log    *slog.Logger
 
-	mu      sync.Mutex
-	fetches recent                   // groups whose agreement picked this node
-	begun   recent                   // groups whose agreement Begin started
-	pending map[string]chan struct{} // groups with an agreement under way
+	mu     sync.Mutex
+	images map[string]*image // by group: the agreements on images (image.go)
 }
-
-// fetcherFor is how long the node an image's agreement picked fetches its
-// blobs without another agreement: a burst's pulls of one image ask for
-// all its blobs within it. A claim counts as long.
-const fetcherFor = routing.ClaimEpoch
-
-// beginOnce is how long after an agreement on an image no other one
-// starts for its repository: one pull misses its tag, then its manifest
-// (and, for an index, its platform's manifest), each under another key,
-// and under load the first agreement can take a second. A new image of
-// the repository within it is agreed on blob by blob.
-const beginOnce = 10 * time.Second
-
-// maxGroups bounds the groups remembered.
-const maxGroups = 1024
 
 // New returns a Decider that waits settle for the claims of others.
 func New(claims routing.Claims, settle time.Duration, log *slog.Logger) *Decider {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Decider{claims: claims, settle: settle, log: log,
-		fetches: newRecent(fetcherFor), begun: newRecent(beginOnce), pending: map[string]chan struct{}{}}
-}
-
-// Begin starts the agreement on group ahead of its blobs, under key (the
-// image's tag or manifest, which all nodes of a burst miss alike), unless
-// this node fetches the group already or an agreement on it started
-// lately. A blob's Decide waits for it; the node it picks then fetches the
-// blobs without waiting again.
-func (d *Decider) Begin(key, group string) {
-	d.mu.Lock()
-	_, busy := d.pending[group]
-	if busy || d.fetches.has(group) || d.begun.has(group) || len(d.pending) >= maxGroups {
-		d.mu.Unlock()
-		return
-	}
-	done := make(chan struct{})
-	d.pending[group] = done
-	d.begun.add(group)
-	d.mu.Unlock()
-	go func() {
-		// Decide's waits are each bounded by the settle window; this bounds
-		// them all.
-		ctx, cancel := context.WithTimeout(context.Background(), 10*d.settle)
-		defer cancel()
-		_, follow, look := d.decide(ctx, key, group)
-		if !follow {
-			d.fetched(group)
-		}
-		d.mu.Lock()
-		delete(d.pending, group)
-		d.mu.Unlock()
-		close(done)
-		// The blobs need not wait for the second look: a node that yields
-		// forgets the group, and the blobs it already fetches are few, and
-		// fetched once more at most.
-		if look {
-			d.lookAgain(ctx, key, group)
-		}
-	}()
-}
-
-// awaitBegun waits for an agreement Begin started on group.
-func (d *Decider) awaitBegun(ctx context.Context, group string) {
-	d.mu.Lock()
-	done := d.pending[group]
-	d.mu.Unlock()
-	if done == nil {
-		return
-	}
-	select {
-	case <-done:
-	case <-ctx.Done():
-	}
+	return &Decider{claims: claims, settle: settle, log: log, images: map[string]*image{}}
 }
 
 // Decide claims key and returns the registry of the node this one should
@@ -168,7 +98,7 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 // itself in a burst and should look again (lookAgain) before it fetches.
 func (d *Decider) decide(ctx context.Context, key, group string) (leader netip.AddrPort, follow, look bool) {
 	start := time.Now()
-	if d.fetchedLately(group) {
+	if d.imageFetcher(group) {
 		leader, follow = d.fetchAgain(ctx, key, group, start)
 		return leader, follow, false
 	}
@@ -227,7 +157,6 @@ func (d *Decider) lookAgain(ctx context.Context, key, group string) (netip.AddrP
 		return netip.AddrPort{}, false
 	}
 	d.log.Debug("claim yielded to a fetcher of higher score", "key", key, "follow", f.Addr.String())
-	d.forget(group)
 	return f.Addr, true
 }
 
@@ -247,56 +176,8 @@ func (d *Decider) fetchAgain(ctx context.Context, key, group string, start time.
 	// nodes that wait for them look again a settle window later.
 	go d.claim(context.WithoutCancel(ctx), routing.Fetch, key)
 	go d.claim(context.WithoutCancel(ctx), routing.Want, key)
-	d.fetched(group)
 	d.log.Debug("claim decided: this node fetches the group", "key", key, "group", group, "took", time.Since(start))
 	return netip.AddrPort{}, false
-}
-
-func (d *Decider) fetchedLately(group string) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.fetches.has(group)
-}
-
-func (d *Decider) fetched(group string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.fetches.add(group)
-}
-
-func (d *Decider) forget(group string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	delete(d.fetches.at, group)
-}
-
-// recent is a set of groups, each kept for ttl, of at most maxGroups:
-// past it the expired ones, or all, are dropped, which costs those groups
-// an agreement again, nothing more.
-type recent struct {
-	ttl time.Duration
-	at  map[string]time.Time
-}
-
-func newRecent(ttl time.Duration) recent { return recent{ttl: ttl, at: map[string]time.Time{}} }
-
-func (r recent) has(group string) bool {
-	at, ok := r.at[group]
-	return ok && time.Since(at) < r.ttl
-}
-
-func (r recent) add(group string) {
-	if len(r.at) >= maxGroups {
-		for g, at := range r.at {
-			if time.Since(at) >= r.ttl {
-				delete(r.at, g)
-			}
-		}
-	}
-	if len(r.at) >= maxGroups {
-		clear(r.at)
-	}
-	r.at[group] = time.Now()
 }
 
 // fetcher is the node that announced it fetches key, if any; of several,

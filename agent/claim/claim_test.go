@@ -370,11 +370,8 @@ func TestBeginAgreesAhead(t *testing.T) {
 		t.Errorf("the fetcher listed wants %d times: the manifest's agreement (up to 2) and then the layer's too", got)
 	}
 	for i, d := range c.deciders {
-		d.mu.Lock()
-		n := len(d.pending)
-		d.mu.Unlock()
-		if n != 0 {
-			t.Errorf("node %d still has %d agreements under way", i, n)
+		if _, _, ok := d.answer("example.com/app"); !ok {
+			t.Errorf("node %d has no answer for the image after its blob was decided", i)
 		}
 	}
 }
@@ -399,11 +396,61 @@ func TestOneAgreementPerPull(t *testing.T) {
 	}
 	fetchers := 0
 	for _, d := range c.deciders {
-		if d.fetchedLately("example.com/app") {
+		if d.imageFetcher("example.com/app") {
 			fetchers++
 		}
 	}
 	if fetchers != 1 {
 		t.Errorf("%d nodes fetch the image, want 1", fetchers)
+	}
+}
+
+// The followers of an image's agreement are told which node fetches it; a
+// new tag of the repository is agreed on anew by the nodes that pull it,
+// while a digest right after the tag is the same pull.
+func TestImageFetcherPerTag(t *testing.T) {
+	c := newCluster(4)
+	begin := func(ds []*Decider, key string) {
+		var wg sync.WaitGroup
+		for _, d := range ds {
+			wg.Go(func() { d.Begin(key, "example.com/app") })
+		}
+		wg.Wait()
+		for _, d := range ds {
+			d.awaitBegun(context.Background(), "example.com/app")
+		}
+	}
+	fetchers := func(ds []*Decider) (self []int, follow []netip.AddrPort) {
+		for i, d := range ds {
+			if d.imageFetcher("example.com/app") {
+				self = append(self, i)
+			} else if f, ok := d.ImageFetcher(context.Background(), "example.com/app"); ok {
+				follow = append(follow, f)
+			}
+		}
+		return self, follow
+	}
+	begin(c.deciders, "example.com/app:v1")
+	begin(c.deciders, "sha256:manifest-v1")
+	self, follow := fetchers(c.deciders)
+	if len(self) != 1 || len(follow) != 3 {
+		t.Fatalf("v1: %d fetchers and %d followers, want 1 and 3", len(self), len(follow))
+	}
+	for _, f := range follow {
+		if f != c.addrs[self[0]] {
+			t.Errorf("v1: a follower is told %s fetches, want %s", f, c.addrs[self[0]])
+		}
+	}
+	// Two other nodes pull v2 (a rolling update): they agree between them.
+	var pair []*Decider
+	for i, d := range c.deciders {
+		if i != self[0] && len(pair) < 2 {
+			pair = append(pair, d)
+		}
+	}
+	begin(pair, "example.com/app:v2")
+	self2, follow2 := fetchers(pair)
+	if len(self2) != 1 || len(follow2) != 1 {
+		t.Fatalf("v2: %d fetchers and %d followers among the two that pull it, want 1 and 1", len(self2), len(follow2))
 	}
 }

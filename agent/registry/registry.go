@@ -379,13 +379,7 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 	}
 	bs, err := r.fetcher.OpenBlob(ctx, oreq)
 	if errors.Is(err, fetch.ErrNoSource) && r.claims != nil && r.worthAgreeing(oreq.Digest) {
-		// Nobody has it: if other nodes miss it right now too, one of them
-		// fetches it upstream and the rest stream it from that one.
-		if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), oreq.Registry+"/"+oreq.Repository); follow {
-			r.follows.add(oreq.Digest, 1)
-			bs, err = r.fetcher.OpenBlobFrom(ctx, oreq, leader, followWait)
-			r.follows.add(oreq.Digest, -1)
-		}
+		bs, err = r.agree(ctx, oreq, err)
 	}
 	// Whether from peers or, after the 404, from upstream, containerd is
 	// about to write this blob: peers may stream it from here meanwhile.
@@ -422,6 +416,37 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 		panic(http.ErrAbortHandler)
 	}
 }
+
+// agree streams a blob nobody holds from the node that fetches it, if
+// other nodes miss it right now too (see agent/claim): the node the
+// image's agreement picked, if it fetches this blob, or else the one the
+// blob's own agreement picks. It returns err when this node should fetch
+// the blob itself.
+func (r *Registry) agree(ctx context.Context, oreq oci.Request, err error) (*fetch.BlobStream, error) {
+	group := oreq.Registry + "/" + oreq.Repository
+	if leader, ok := r.claims.ImageFetcher(ctx, group); ok {
+		if bs, ferr := r.follow(ctx, oreq, leader, imageFollowWait); ferr == nil {
+			return bs, nil
+		}
+	}
+	if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), group); follow {
+		return r.follow(ctx, oreq, leader, followWait)
+	}
+	return nil, err
+}
+
+func (r *Registry) follow(ctx context.Context, oreq oci.Request, leader netip.AddrPort, wait time.Duration) (*fetch.BlobStream, error) {
+	r.follows.add(oreq.Digest, 1)
+	defer r.follows.add(oreq.Digest, -1)
+	return r.fetcher.OpenBlobFrom(ctx, oreq, leader, wait)
+}
+
+// imageFollowWait is how long the node an image's agreement picked is
+// given to start on one of its blobs: its containerd asks for them all
+// within a second of each other, and a node that does not (it does not
+// pull that image) costs no more than this before the blob's own
+// agreement.
+const imageFollowWait = time.Second
 
 // agreeFrom is the smallest blob the nodes of a burst agree on: a smaller
 // one (an image's config, a few KB) goes upstream from each node that

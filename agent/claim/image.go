@@ -1,0 +1,151 @@
+package claim
+
+import (
+	"context"
+	"net/netip"
+	"strings"
+	"time"
+)
+
+// image is this node's part in the agreement on one image: which node
+// fetches its blobs, this one or another.
+type image struct {
+	key  string        // the manifest key it ran under
+	used time.Time     // when it began, or its answer was last used
+	done chan struct{} // closed once decided
+	// Set once done is closed.
+	self    bool
+	fetcher netip.AddrPort // the node to follow, when not self
+}
+
+// fetcherFor is how long the answer of an image's agreement is used
+// after its last use: a burst's pulls of one image ask for all its blobs
+// within it. A claim counts as long.
+const fetcherFor = 30 * time.Second
+
+// beginOnce is how long after an agreement on an image a manifest miss of
+// its repository under a digest starts no other one: one pull misses its
+// tag, then its manifest (and, for an index, its platform's manifest),
+// each under another key, and under load the first agreement can take a
+// second. A new tag starts a new one.
+const beginOnce = 10 * time.Second
+
+// maxGroups bounds the images remembered; past it a manifest miss starts
+// no agreement, and its blobs are agreed on one by one.
+const maxGroups = 1024
+
+// Begin starts the agreement on an image ahead of its blobs: group is its
+// repository, key its tag or manifest digest, which all nodes of a burst
+// miss alike. The agreement runs while containerd fetches the manifest and
+// the config from upstream; a blob's Decide waits for it. The node it
+// picks fetches the image's blobs without another agreement, and the
+// others follow that one (ImageFetcher).
+func (d *Decider) Begin(key, group string) {
+	d.mu.Lock()
+	if old := d.images[group]; old != nil {
+		select {
+		case <-old.done:
+		default:
+			d.mu.Unlock()
+			return // under way
+		}
+		if key == old.key || strings.HasPrefix(key, "sha256:") && time.Since(old.used) < beginOnce {
+			d.mu.Unlock()
+			return // the same pull
+		}
+	}
+	if !d.roomForImage() {
+		d.mu.Unlock()
+		return
+	}
+	im := &image{key: key, used: time.Now(), done: make(chan struct{})}
+	d.images[group] = im
+	d.mu.Unlock()
+	go func() {
+		// decide's waits are each bounded by the settle window; this
+		// bounds them all.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*d.settle)
+		defer cancel()
+		leader, follow, look := d.decide(ctx, key, group)
+		d.mu.Lock()
+		im.self, im.fetcher = !follow, leader
+		d.mu.Unlock()
+		close(im.done)
+		// The blobs need not wait for the second look: a node that yields
+		// then follows, and the blobs it fetched meanwhile are few, and
+		// fetched once more at most.
+		if look {
+			if f, ok := d.lookAgain(ctx, key, group); ok {
+				d.mu.Lock()
+				im.self, im.fetcher = false, f
+				d.mu.Unlock()
+			}
+		}
+	}()
+}
+
+// roomForImage drops the answers no longer used, and says whether there is
+// room for another. d.mu is held.
+func (d *Decider) roomForImage() bool {
+	if len(d.images) < maxGroups {
+		return true
+	}
+	for g, im := range d.images {
+		select {
+		case <-im.done:
+			if time.Since(im.used) >= fetcherFor {
+				delete(d.images, g)
+			}
+		default:
+		}
+	}
+	return len(d.images) < maxGroups
+}
+
+// awaitBegun waits for an agreement Begin started on group.
+func (d *Decider) awaitBegun(ctx context.Context, group string) {
+	d.mu.Lock()
+	im := d.images[group]
+	d.mu.Unlock()
+	if im == nil {
+		return
+	}
+	select {
+	case <-im.done:
+	case <-ctx.Done():
+	}
+}
+
+// answer is the decided agreement on group, if fresh; its use keeps it so.
+func (d *Decider) answer(group string) (self bool, fetcher netip.AddrPort, ok bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	im := d.images[group]
+	if im == nil || time.Since(im.used) >= fetcherFor {
+		return false, netip.AddrPort{}, false
+	}
+	select {
+	case <-im.done:
+	default:
+		return false, netip.AddrPort{}, false
+	}
+	im.used = time.Now()
+	return im.self, im.fetcher, true
+}
+
+// imageFetcher says whether the agreement on group picked this node.
+func (d *Decider) imageFetcher(group string) bool {
+	self, _, ok := d.answer(group)
+	return ok && self
+}
+
+// ImageFetcher is the node the agreement on group (see Begin) picked to
+// fetch the image's blobs, after waiting for it to end; false when it
+// picked this node or there was none. The node it names may not fetch a
+// given blob (a later image of the repository it does not pull), so ask it
+// briefly, and decide the blob if it does not answer.
+func (d *Decider) ImageFetcher(ctx context.Context, group string) (netip.AddrPort, bool) {
+	d.awaitBegun(ctx, group)
+	self, f, ok := d.answer(group)
+	return f, ok && !self && f.IsValid()
+}
