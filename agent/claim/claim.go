@@ -11,8 +11,8 @@
 // one appeared meanwhile, and else picks among the claimants the one with
 // the highest rendezvous score of image (the blob's repository) and node,
 // as every node that sees the same claimants does: one node fetches all
-// layers of an image (see Decide for why). The fetcher announces that it fetches ("fetch"
-// claim), so nodes that come later follow it.
+// layers of an image (see Decide for why). The fetcher announces that it
+// fetches ("fetch" claim), so nodes that come later follow it.
 // On a busy node claims can miss the settle window, so two nodes that did
 // not see each other may both pick themselves: each fetcher looks at the
 // fetch claims once more a settle window later, and yields to one of
@@ -20,18 +20,23 @@
 // that announced it fetches meanwhile. A node follows one of higher score
 // or one that announced it fetches, and a node that announced it follows
 // only another that did, of higher score: no two nodes wait on each other.
+//
 // The agreement on an image runs once, ahead of its blobs: Begin starts it
-// when containerd misses the image's manifest, so it runs while containerd
-// fetches the manifest and the config from upstream. The node it picks
-// fetches the image's blobs without a new agreement: it announces at once
-// that it fetches each, and the others, which missed them too, find that
-// in their quiet window. The others decide each blob as above; one that
-// picks itself for a blob (its containerd asked before the image's
+// under the image's tag or manifest when containerd misses it, so it runs
+// while containerd fetches the manifest and the config from upstream. The
+// node it picks fetches each of the image's blobs as its containerd asks,
+// announcing it at once; the others ask that node first (ImageFetcher),
+// and decide the blob as above only if it does not start on it. One that
+// then picks itself (its containerd asked long before the image's
 // fetcher's did) fetches that blob only, and the image's fetcher follows
 // it there.
+//
 // The failure cases, each bounded:
 //   - Claims that do not reach each other even in the second look make two
 //     nodes fetch: two upstream fetches, no failed pull.
+//   - The image's fetcher does not fetch a blob (its answer is stale: a
+//     later image of the repository it does not pull): the node that asked
+//     it loses a second (registry.imageFollowWait), then decides the blob.
 //   - The chosen node dies, stalls or is slow: its followers wait for its
 //     first bytes up to fetch.FollowWait and go upstream; once bytes flow,
 //     a stream that stalls falls back to another source or upstream

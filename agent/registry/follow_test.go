@@ -1,8 +1,11 @@
 package registry
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -195,5 +198,96 @@ func TestSmallBlobsSkipTheAgreement(t *testing.T) {
 		if got := claims.has(tt.d.String()); got != tt.agree {
 			t.Errorf("%s: claimed %v, want %v", tt.d, got, tt.agree)
 		}
+	}
+}
+
+// holds is a Holder that holds the digests it lists.
+type holds []digest.Digest
+
+func (h holds) Hold(string)           {}
+func (h holds) Holding(d string) bool { return slices.Contains(h, digest.Digest(d)) }
+
+// A node asks the node its image's agreement picked for a blob before it
+// agrees on the blob by itself: it streams the blob from that node when it
+// fetches it, and when it does not (a stale answer), it agrees on the blob
+// after a short wait, as without the image's agreement.
+func TestImageFetcherAskedFirst(t *testing.T) {
+	blob := randomBytes(t, 3000)
+	held, stale := digest.FromBytes(blob), digest.FromString("a blob of another image")
+	// A's containerd writes the blob.
+	dirA := t.TempDir()
+	ing := filepath.Join(dirA, "ingest", "x")
+	if err := os.MkdirAll(ing, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string][]byte{
+		"ref": []byte("k8s.io/1/layer-" + held.String()), "total": []byte(strconv.Itoa(len(blob))), "data": blob,
+	} {
+		if err := os.WriteFile(filepath.Join(ing, name), body, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var lns [2]net.Listener
+	var addrs []netip.AddrPort
+	for i := range lns {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns[i] = ln
+		addrs = append(addrs, netip.MustParseAddrPort(ln.Addr().String()))
+	}
+	rs := routing.NewMemory(addrs...)
+	claimsB := &recordingClaims{Claims: rs[1]}
+	decA, decB := claim.New(rs[0], 20*time.Millisecond, nil), claim.New(claimsB, 20*time.Millisecond, nil)
+	regA, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dirA, time.Second), holds{held}), WithClaims(decA))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fB, err := fetch.New(rs[1], fetch.WithResolveTimeout(20*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	regB, err := New(storetest.NewMemory(), WithFetcher(fB), WithClaims(decB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, h := range []http.Handler{regA, regB} {
+		srv := &http.Server{Handler: h}
+		go srv.Serve(lns[i])
+		t.Cleanup(func() { srv.Close() })
+	}
+
+	// A repository whose agreement picks A.
+	repo := ""
+	for i := 0; repo == "" && i < 50; i++ {
+		r := fmt.Sprintf("team/app%d", i)
+		var wg sync.WaitGroup
+		for _, d := range []*claim.Decider{decA, decB} {
+			wg.Go(func() { d.Begin("example.com/"+r+":v1", "example.com/"+r) })
+		}
+		wg.Wait()
+		if f, ok := decB.ImageFetcher(context.Background(), "example.com/"+r); ok && f == addrs[0] {
+			repo = r
+		}
+	}
+	if repo == "" {
+		t.Fatal("no repository's agreement picked A in 50 tries")
+	}
+	url := "http://" + addrs[1].String() + "/v2/" + repo + "/blobs/"
+
+	resp, body := get(t, http.MethodGet, url+held.String()+"?ns=example.com")
+	if resp.StatusCode != http.StatusOK || !bytes.Equal(body, blob) {
+		t.Errorf("a blob the image's fetcher fetches: status %d, %d bytes; want 200 and the blob", resp.StatusCode, len(body))
+	}
+	if claimsB.has(held.String()) {
+		t.Error("B agreed on a blob the image's fetcher served")
+	}
+	resp, _ = get(t, http.MethodGet, url+stale.String()+"?ns=example.com")
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("a blob the image's fetcher does not fetch: status %d, want 404 (upstream)", resp.StatusCode)
+	}
+	if !claimsB.has(stale.String()) {
+		t.Error("B did not agree on a blob the image's fetcher did not start on")
 	}
 }
