@@ -36,7 +36,7 @@
 //     nodes fetch: two upstream fetches, no failed pull.
 //   - The image's fetcher does not fetch a blob (its answer is stale: a
 //     later image of the repository it does not pull): the node that asked
-//     it loses a second (registry.imageFollowWait), then decides the blob.
+//     it loses up to registry.imageFollowWait (3 s), then decides the blob.
 //   - The chosen node dies, stalls or is slow: its followers wait for its
 //     first bytes up to fetch.FollowWait and go upstream; once bytes flow,
 //     a stream that stalls falls back to another source or upstream
@@ -170,9 +170,7 @@ func (d *Decider) lookAgain(ctx context.Context, key, group string) (netip.AddrP
 // that both picked themselves for the group's first blob), which it
 // follows, as a late node would.
 func (d *Decider) fetchAgain(ctx context.Context, key, group string, start time.Time) (netip.AddrPort, bool) {
-	lctx, cancel := context.WithTimeout(ctx, d.settle/5)
-	f, ok := d.best(lctx, routing.Fetch, key, group)
-	cancel()
+	f, ok := d.best(ctx, routing.Fetch, key, group)
 	if ok {
 		d.log.Debug("claim follows a fetcher of the group's blob", "key", key, "follow", f.Addr.String(), "took", time.Since(start))
 		return f.Addr, true

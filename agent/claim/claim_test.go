@@ -302,6 +302,12 @@ func (c *cluster) burst(t *testing.T, key, group string, before func(*Decider)) 
 			if before != nil {
 				before(d)
 			}
+			// As the registry does: the image's fetcher first, if it has one
+			// (it is asked, and serves the blob as it fetches it).
+			if f, ok := d.ImageFetcher(context.Background(), group); ok {
+				follows[i] = f
+				return
+			}
 			leader, follow := d.Decide(context.Background(), key, group)
 			follows[i], fetches[i] = leader, !follow
 		})

@@ -442,11 +442,12 @@ func (r *Registry) follow(ctx context.Context, oreq oci.Request, leader netip.Ad
 }
 
 // imageFollowWait is how long the node an image's agreement picked is
-// given to start on one of its blobs: its containerd asks for them all
-// within a second of each other, and a node that does not (it does not
-// pull that image) costs no more than this before the blob's own
-// agreement.
-const imageFollowWait = time.Second
+// given to start on one of its blobs: its containerd asks for them all at
+// once, but at 20 nodes on 2 cores that node's second look and its
+// containerd's requests took over a second. A node that does not start
+// (its answer is stale: it does not pull that image) costs no more than
+// this before the blob's own agreement.
+const imageFollowWait = 3 * time.Second
 
 // agreeFrom is the smallest blob the nodes of a burst agree on: a smaller
 // one (an image's config, a few KB) goes upstream from each node that

@@ -34,9 +34,9 @@ type InFlight struct {
 // FirstByteWait is how long a reader waits for the first byte of an ingest
 // that has none yet: containerd opens it before it asks for the blob, and
 // on a busy node its first bytes from upstream can take seconds longer
-// than the stall timeout. It matches mirror.FollowWait, how long the
+// than the stall timeout. It matches fetch.FollowWait, how long the
 // nodes that wait for this one are patient.
-const FirstByteWait = 20 * time.Second
+const FirstByteWait = time.Minute
 
 // NewInFlight reads ingests under contentDir. A reader that reaches the
 // writer's offset waits for more, and gives up after stall without growth,
