@@ -47,6 +47,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"sync"
@@ -215,10 +216,21 @@ func (d *Decider) claim(ctx context.Context, kind routing.ClaimKind, key string)
 	}
 }
 
+// list lists the claimants of the kind on key, within a settle window, or
+// five if no peer answered in the first: a node that hears nobody must
+// not take itself for alone.
 func (d *Decider) list(ctx context.Context, kind routing.ClaimKind, key string) []routing.Claimant {
 	lctx, cancel := context.WithTimeout(ctx, d.settle)
 	defer cancel()
-	cs, _ := d.claims.Claimants(lctx, kind, key)
+	cs, err := d.claims.Claimants(lctx, kind, key)
+	if errors.Is(err, routing.ErrNoAnswer) {
+		lctx, cancel := context.WithTimeout(ctx, 5*d.settle)
+		defer cancel()
+		cs, err = d.claims.Claimants(lctx, kind, key)
+		if err != nil {
+			d.log.Debug("no peer answered a list of claims", "kind", kind, "key", key)
+		}
+	}
 	return cs
 }
 

@@ -460,3 +460,40 @@ func TestImageFetcherPerTag(t *testing.T) {
 		t.Fatalf("v2: %d fetchers and %d followers among the two that pull it, want 1 and 1", len(self2), len(follow2))
 	}
 }
+
+// deafClaims hears no peer within a settle window, as a node starved of
+// CPU; given longer, it hears them.
+type deafClaims struct {
+	routing.Claims
+	settle time.Duration
+}
+
+func (c deafClaims) Claimants(ctx context.Context, kind routing.ClaimKind, key string) ([]routing.Claimant, error) {
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) <= c.settle {
+		<-ctx.Done()
+		return nil, routing.ErrNoAnswer
+	}
+	return c.Claims.Claimants(ctx, kind, key)
+}
+
+// A node that hears no peer in time asks again for longer before it takes
+// itself for the only one that missed a blob: else it fetches it besides
+// the burst's fetcher.
+func TestNoAnswerIsNotAlone(t *testing.T) {
+	const settle = 50 * time.Millisecond
+	addrs := []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1")}
+	rs := routing.NewMemory(addrs...)
+	ds := []*Decider{New(rs[0], settle, nil), New(deafClaims{Claims: rs[1], settle: settle}, settle, nil)}
+	fetches := make([]bool, 2)
+	var wg sync.WaitGroup
+	for i, d := range ds {
+		wg.Go(func() {
+			_, follow := d.Decide(context.Background(), "sha256:abc", "example.com/app")
+			fetches[i] = !follow
+		})
+	}
+	wg.Wait()
+	if fetches[0] == fetches[1] {
+		t.Errorf("fetchers: %v, want exactly one", fetches)
+	}
+}

@@ -66,17 +66,21 @@ func (d *Decider) Begin(key, group string) {
 		// bounds them all.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*d.settle)
 		defer cancel()
-		leader, follow, _ := d.decide(ctx, key, group)
-		if !follow {
-			// A node that picked itself looks again, even when it saw
-			// nobody else: at 20 nodes on 2 cores claims miss the settle
-			// window, and two nodes that each fetch a whole image cost the
-			// upstream twice the image. The image's blobs wait for it; the
-			// manifest and the config take longer than it, unloaded.
+		leader, follow, burst := d.decide(ctx, key, group)
+		if !follow && burst {
+			// A node that picked itself takes the second look before the
+			// image's blobs go upstream: at 20 nodes on 2 cores claims miss
+			// the settle window, and two nodes that each fetch a whole
+			// image cost the upstream the image twice. Unloaded, the
+			// manifest and the config take longer than it.
 			leader, follow = d.lookAgain(ctx, key, group)
 		}
 		d.mu.Lock()
-		im.self, im.fetcher = !follow, leader
+		// A node that saw nobody else gets no answer: its blobs are agreed
+		// on one by one, so a lone pull pays the quiet window only, and a
+		// node that saw nobody because claims came late does not fetch a
+		// whole image besides the burst's fetcher.
+		im.self, im.fetcher = !follow && burst, leader
 		d.mu.Unlock()
 		close(im.done)
 	}()

@@ -89,7 +89,7 @@ func (p *P2P) Claim(ctx context.Context, kind ClaimKind, key string) error {
 // Claim), all at once, for the current and the previous epoch, and reads
 // this node's own provider store: one round trip, where a DHT lookup takes
 // several, each slow on a node busy pulling. The answers that came before
-// ctx is done are the list.
+// ctx is done are the list, with ErrNoAnswer if there were none.
 func (p *P2P) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Claimant, error) {
 	if !p.track() {
 		return nil, ErrClosed
@@ -101,15 +101,17 @@ func (p *P2P) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Clai
 	defer stop()
 	cur, prev := claimKeys(kind, key, time.Now())
 	var (
-		mu    sync.Mutex
-		found []peer.AddrInfo
-		wg    sync.WaitGroup
+		mu              sync.Mutex
+		found           []peer.AddrInfo
+		wg              sync.WaitGroup
+		asked, answered int
 	)
 	for _, k := range []string{cur, prev} {
 		mh := keyCID(k).Hash()
 		local, _ := p.dht.ProviderStore().GetProviders(ctx, mh)
 		found = append(found, local...)
 		for _, id := range p.dht.RoutingTable().NearestPeers(kb.ConvertKey(string(mh)), p.dht.BucketSize()) {
+			asked++
 			wg.Go(func() {
 				provs, _, err := p.msgr.GetProviders(ctx, id, mh)
 				if err != nil {
@@ -117,6 +119,7 @@ func (p *P2P) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Clai
 				}
 				mu.Lock()
 				defer mu.Unlock()
+				answered++
 				for _, ai := range provs {
 					found = append(found, *ai)
 				}
@@ -135,8 +138,17 @@ func (p *P2P) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Clai
 			out = append(out, Claimant{ID: ai.ID.String(), Addr: netip.AddrPortFrom(ip, p.cfg.registryPort)})
 		}
 	}
+	if asked > 0 && answered == 0 {
+		return out, ErrNoAnswer
+	}
 	return out, nil
 }
+
+// ErrNoAnswer: no peer answered in time, so the claimants listed are only
+// those this node holds itself. On a node starved of CPU (20 nodes on 2
+// cores) lists came back empty in a burst, and the node took itself for
+// the only one that missed the blob.
+var ErrNoAnswer = errors.New("no peer answered")
 
 var _ Claims = (*Memory)(nil)
 
