@@ -27,6 +27,24 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/store/storetest"
 )
 
+// writeIngest lays out an ingest of d in containerd's content directory
+// dir, as containerd does while it writes a layer, and returns its folder.
+func writeIngest(t *testing.T, dir, name string, d digest.Digest, total int, data []byte) string {
+	t.Helper()
+	ing := filepath.Join(dir, "ingest", name)
+	if err := os.MkdirAll(ing, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for file, body := range map[string][]byte{
+		"ref": []byte("k8s.io/1/layer-" + d.String()), "total": []byte(strconv.Itoa(total)), "data": data,
+	} {
+		if err := os.WriteFile(filepath.Join(ing, file), body, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ing
+}
+
 // noHolds is a Holder that holds nothing in flight.
 type noHolds struct{}
 
@@ -43,17 +61,7 @@ func TestFollowerServesInFlightWhileItWaits(t *testing.T) {
 	blob := randomBytes(t, 3000)
 	d := digest.FromBytes(blob)
 	dir := t.TempDir()
-	ing := filepath.Join(dir, "ingest", "x")
-	if err := os.MkdirAll(ing, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for name, body := range map[string][]byte{
-		"ref": []byte("k8s.io/1/layer-" + d.String()), "total": []byte(strconv.Itoa(len(blob))), "data": blob,
-	} {
-		if err := os.WriteFile(filepath.Join(ing, name), body, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	writeIngest(t, dir, "x", d, len(blob), blob)
 	reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, time.Second), noHolds{}))
 	if err != nil {
 		t.Fatal(err)
@@ -94,17 +102,7 @@ func TestOnlyFollowersWaitForTheFirstByte(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
-			ing := filepath.Join(dir, "ingest", "x")
-			if err := os.MkdirAll(ing, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			for name, body := range map[string][]byte{
-				"ref": []byte("k8s.io/1/layer-" + d.String()), "total": []byte(strconv.Itoa(len(blob))), "data": nil,
-			} {
-				if err := os.WriteFile(filepath.Join(ing, name), body, 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
+			ing := writeIngest(t, dir, "x", d, len(blob), nil)
 			reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, 100*time.Millisecond), noHolds{}))
 			if err != nil {
 				t.Fatal(err)
@@ -156,22 +154,9 @@ func (c *recordingClaims) has(key string) bool {
 // one goes upstream at once, without the agreement's wait.
 func TestSmallBlobsSkipTheAgreement(t *testing.T) {
 	dir := t.TempDir()
-	ingest := func(name string, d digest.Digest, total int) {
-		ing := filepath.Join(dir, "ingest", name)
-		if err := os.MkdirAll(ing, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		for file, body := range map[string][]byte{
-			"ref": []byte("k8s.io/1/layer-" + d.String()), "total": []byte(strconv.Itoa(total)), "data": nil,
-		} {
-			if err := os.WriteFile(filepath.Join(ing, file), body, 0o644); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
 	small, large := digest.FromString("config"), digest.FromString("layer")
-	ingest("a", small, 2000)
-	ingest("b", large, agreeFrom)
+	writeIngest(t, dir, "a", small, 2000, nil)
+	writeIngest(t, dir, "b", large, agreeFrom, nil)
 	unknown := digest.FromString("no ingest")
 
 	rs := routing.NewMemory(netip.MustParseAddrPort("127.0.0.1:1"))
@@ -216,17 +201,7 @@ func TestImageFetcherAskedFirst(t *testing.T) {
 	held, stale := digest.FromBytes(blob), digest.FromString("a blob of another image")
 	// A's containerd writes the blob.
 	dirA := t.TempDir()
-	ing := filepath.Join(dirA, "ingest", "x")
-	if err := os.MkdirAll(ing, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for name, body := range map[string][]byte{
-		"ref": []byte("k8s.io/1/layer-" + held.String()), "total": []byte(strconv.Itoa(len(blob))), "data": blob,
-	} {
-		if err := os.WriteFile(filepath.Join(ing, name), body, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	writeIngest(t, dirA, "x", held, len(blob), blob)
 	var lns [2]net.Listener
 	var addrs []netip.AddrPort
 	for i := range lns {
