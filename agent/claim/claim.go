@@ -28,8 +28,8 @@
 // announcing it at once; the others ask that node first (ImageFetcher),
 // and decide the blob as above only if it does not start on it. One that
 // then picks itself (its containerd asked long before the image's
-// fetcher's did) fetches that blob only, and the image's fetcher follows
-// it there.
+// fetcher's did) fetches that blob only; the image's fetcher fetches it
+// too, since it follows nobody (see fetchForImage).
 //
 // The failure cases, each bounded:
 //   - Claims that do not reach each other even in the second look make two
@@ -37,6 +37,8 @@
 //   - The image's fetcher does not fetch a blob (its answer is stale: a
 //     later image of the repository it does not pull): the node that asked
 //     it loses up to registry.imageFollowWait (3 s), then decides the blob.
+//     A node that has the blob in flight but no bytes yet is waited for
+//     up to fetch.FollowWait, as a chosen node is.
 //   - The chosen node dies, stalls or is slow: its followers wait for its
 //     first bytes up to fetch.FollowWait and go upstream; once bytes flow,
 //     a stream that stalls falls back to another source or upstream
@@ -93,6 +95,8 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 		group = key
 	}
 	d.awaitBegun(ctx, group)
+	ctx, cancel := context.WithTimeout(ctx, d.bound())
+	defer cancel()
 	leader, follow, look := d.decide(ctx, key, group)
 	if look {
 		return d.lookAgain(ctx, key, group)
@@ -100,13 +104,18 @@ func (d *Decider) Decide(ctx context.Context, key, group string) (netip.AddrPort
 	return leader, follow
 }
 
+// bound is the longest an agreement takes: its waits are settle windows,
+// but a list no peer answers is asked again for longer. Past it the node
+// fetches the blob itself.
+func (d *Decider) bound() time.Duration { return 20 * d.settle }
+
 // decide is Decide without the second look: look says the node picked
 // itself in a burst and should look again (lookAgain) before it fetches.
 func (d *Decider) decide(ctx context.Context, key, group string) (leader netip.AddrPort, follow, look bool) {
 	start := time.Now()
 	if d.imageFetcher(group) {
-		leader, follow = d.fetchAgain(ctx, key, group, start)
-		return leader, follow, false
+		d.fetchForImage(ctx, key, group, start)
+		return netip.AddrPort{}, false, false
 	}
 	d.claim(ctx, routing.Want, key)
 	quiet := d.settle / 5
@@ -166,22 +175,18 @@ func (d *Decider) lookAgain(ctx context.Context, key, group string) (netip.AddrP
 	return f.Addr, true
 }
 
-// fetchAgain decides a key of a group this node fetches lately: it fetches
-// it too, unless a node announced it fetches this key already (two nodes
-// that both picked themselves for the group's first blob), which it
-// follows, as a late node would.
-func (d *Decider) fetchAgain(ctx context.Context, key, group string, start time.Time) (netip.AddrPort, bool) {
-	f, ok := d.best(ctx, routing.Fetch, key, group)
-	if ok {
-		d.log.Debug("claim follows a fetcher of the group's blob", "key", key, "follow", f.Addr.String(), "took", time.Since(start))
-		return f.Addr, true
-	}
-	// The announcements go out while containerd starts upstream: the
-	// nodes that wait for them look again a settle window later.
+// fetchForImage decides a blob of an image whose agreement picked this
+// node: it fetches it, announcing it, and follows nobody, even a node that
+// announced the blob first (a node that gave up on this one, or a second
+// fetcher of the image): the nodes that wait on this one may wait on it
+// with all of containerd's 3 download slots, so if it waited on them in
+// turn, neither would progress until the follow wait ran out. At worst the
+// blob is fetched twice.
+func (d *Decider) fetchForImage(ctx context.Context, key, group string, start time.Time) {
+	// The announcements go out while containerd starts upstream.
 	go d.claim(context.WithoutCancel(ctx), routing.Fetch, key)
 	go d.claim(context.WithoutCancel(ctx), routing.Want, key)
-	d.log.Debug("claim decided: this node fetches the group", "key", key, "group", group, "took", time.Since(start))
-	return netip.AddrPort{}, false
+	d.log.Debug("claim decided: this node fetches the image", "key", key, "group", group, "took", time.Since(start))
 }
 
 // fetcher is the node that announced it fetches key, if any; of several,

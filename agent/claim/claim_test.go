@@ -350,8 +350,9 @@ func TestBeginAgreesAhead(t *testing.T) {
 		t.Errorf("the fetcher listed wants %d times: the manifest's agreement (up to 2) and then the layer's too", got)
 	}
 	for i, d := range c.deciders {
-		if _, _, ok := d.answer("example.com/app"); !ok {
-			t.Errorf("node %d has no answer for the image after its blob was decided", i)
+		self, f, ok := d.answer("example.com/app")
+		if !ok || self != (i == fetcher) || !self && f != c.addrs[fetcher] {
+			t.Errorf("node %d: answer (fetches %v, follows %s, ok %v), want the image's fetcher %s", i, self, f, ok, c.addrs[fetcher])
 		}
 	}
 }
@@ -452,22 +453,32 @@ func (c deafClaims) Claimants(ctx context.Context, kind routing.ClaimKind, key s
 
 // A node that hears no peer in time asks again for longer before it takes
 // itself for the only one that missed a blob: else it fetches it besides
-// the burst's fetcher.
+// the burst's fetcher. Either node may be the deaf one (which one the
+// scores favour decides whether the deaf one would pick itself).
 func TestNoAnswerIsNotAlone(t *testing.T) {
 	const settle = 50 * time.Millisecond
-	addrs := []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1")}
-	rs := routing.NewMemory(addrs...)
-	ds := []*Decider{New(rs[0], settle, nil), New(deafClaims{Claims: rs[1], settle: settle}, settle, nil)}
-	fetches := make([]bool, 2)
-	var wg sync.WaitGroup
-	for i, d := range ds {
-		wg.Go(func() {
-			_, follow := d.Decide(context.Background(), "sha256:abc", "example.com/app")
-			fetches[i] = !follow
-		})
-	}
-	wg.Wait()
-	if fetches[0] == fetches[1] {
-		t.Errorf("fetchers: %v, want exactly one", fetches)
+	for deaf := range 2 {
+		addrs := []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1")}
+		rs := routing.NewMemory(addrs...)
+		var ds []*Decider
+		for i, r := range rs {
+			var c routing.Claims = r
+			if i == deaf {
+				c = deafClaims{Claims: r, settle: settle}
+			}
+			ds = append(ds, New(c, settle, nil))
+		}
+		fetches := make([]bool, 2)
+		var wg sync.WaitGroup
+		for i, d := range ds {
+			wg.Go(func() {
+				_, follow := d.Decide(context.Background(), "sha256:abc", "example.com/app")
+				fetches[i] = !follow
+			})
+		}
+		wg.Wait()
+		if fetches[0] == fetches[1] {
+			t.Errorf("node %d deaf: fetchers %v, want exactly one", deaf, fetches)
+		}
 	}
 }

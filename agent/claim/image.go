@@ -10,9 +10,10 @@ import (
 // image is this node's part in the agreement on one image: which node
 // fetches its blobs, this one or another.
 type image struct {
-	key  string        // the manifest key it ran under
-	used time.Time     // when it began, or its answer was last used
-	done chan struct{} // closed once decided
+	key   string        // the manifest key it ran under
+	began time.Time     // when it began
+	used  time.Time     // when it began, or its answer was last used
+	done  chan struct{} // closed once decided
 	// Set once done is closed.
 	self    bool
 	fetcher netip.AddrPort // the node to follow, when not self
@@ -23,11 +24,11 @@ type image struct {
 // within it. A claim counts as long.
 const fetcherFor = 30 * time.Second
 
-// beginOnce is how long after an agreement on an image a manifest miss of
-// its repository under a digest starts no other one: one pull misses its
-// tag, then its manifest (and, for an index, its platform's manifest),
-// each under another key, and under load the first agreement can take a
-// second. A new tag starts a new one.
+// beginOnce is how long after an agreement on an image began a manifest
+// miss of its repository under a digest, or under the same key, starts no
+// other one: one pull misses its tag, then its manifest (and, for an
+// index, its platform's manifest), each under another key, and under load
+// the first agreement can take a second. A new tag starts a new one.
 const beginOnce = 10 * time.Second
 
 // maxGroups bounds the images remembered; past it a manifest miss starts
@@ -49,7 +50,7 @@ func (d *Decider) Begin(key, group string) {
 			d.mu.Unlock()
 			return // under way
 		}
-		if key == old.key || strings.HasPrefix(key, "sha256:") && time.Since(old.used) < beginOnce {
+		if (key == old.key || strings.HasPrefix(key, "sha256:")) && time.Since(old.began) < beginOnce {
 			d.mu.Unlock()
 			return // the same pull
 		}
@@ -58,13 +59,14 @@ func (d *Decider) Begin(key, group string) {
 		d.mu.Unlock()
 		return
 	}
-	im := &image{key: key, used: time.Now(), done: make(chan struct{})}
+	now := time.Now()
+	im := &image{key: key, began: now, used: now, done: make(chan struct{})}
 	d.images[group] = im
 	d.mu.Unlock()
 	go func() {
 		// decide's waits are each bounded by the settle window; this
 		// bounds them all.
-		ctx, cancel := context.WithTimeout(context.Background(), 10*d.settle)
+		ctx, cancel := context.WithTimeout(context.Background(), d.bound())
 		defer cancel()
 		leader, follow, burst := d.decide(ctx, key, group)
 		if !follow && burst {
@@ -81,6 +83,12 @@ func (d *Decider) Begin(key, group string) {
 		// node that saw nobody because claims came late does not fetch a
 		// whole image besides the burst's fetcher.
 		im.self, im.fetcher = !follow && burst, leader
+		if ctx.Err() != nil {
+			// Out of time: what it decided rests on lists that did not
+			// finish, and a node that took itself for the fetcher would
+			// fetch the whole image besides the real one.
+			im.self, im.fetcher = false, netip.AddrPort{}
+		}
 		d.mu.Unlock()
 		close(im.done)
 	}()

@@ -109,7 +109,9 @@ func (p *P2P) Claimants(ctx context.Context, kind ClaimKind, key string) ([]Clai
 	for _, k := range []string{cur, prev} {
 		mh := keyCID(k).Hash()
 		local, _ := p.dht.ProviderStore().GetProviders(ctx, mh)
+		mu.Lock()
 		found = append(found, local...)
+		mu.Unlock()
 		for _, id := range p.dht.RoutingTable().NearestPeers(kb.ConvertKey(string(mh)), p.dht.BucketSize()) {
 			asked++
 			wg.Go(func() {
