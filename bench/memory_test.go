@@ -79,7 +79,7 @@ func BenchmarkAgentMemory(b *testing.B) {
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmRSS"), "rss-MiB")
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "RssAnon"), "anon-rss-MiB")
 	if out := os.Getenv("FLEETMIRROR_BENCH_HEAP"); out != "" {
-		saveHeap(b, "http://"+n2.IP.String()+":30122/debug/pprof/heap", out)
+		saveProfile(b, "http://"+n2.IP.String()+":30122/debug/pprof/heap", out)
 	}
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmHWM"), "peak-rss-MiB")
 	b.ReportMetric(float64(want), "digests")
@@ -97,20 +97,27 @@ func mustJSON(b *testing.B, v any) []byte {
 
 func bytesReader(data []byte) *bytes.Reader { return bytes.NewReader(data) }
 
-// saveHeap keeps the agent's heap profile (agents started with
-// FLEETMIRROR_DEBUG_PPROF=true) for `go tool pprof`.
-func saveHeap(b *testing.B, url, path string) {
+// saveProfile keeps an agent's profile (agents started with
+// --debug-pprof) for `go tool pprof`.
+func saveProfile(b *testing.B, url, path string) {
 	resp, err := http.Get(url)
 	if err != nil {
-		b.Fatal(err)
+		b.Error(err)
+		return
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		b.Errorf("%s: %s (is the agent started with --debug-pprof?)", url, resp.Status)
+		return
 	}
 	defer resp.Body.Close()
 	f, err := os.Create(path)
 	if err != nil {
-		b.Fatal(err)
+		b.Error(err)
+		return
 	}
 	defer f.Close()
 	if _, err := io.Copy(f, resp.Body); err != nil {
-		b.Fatal(err)
+		b.Error(err)
 	}
 }

@@ -5,13 +5,19 @@
 //	make bench   (or: go test -run '^$' -bench . -benchtime 3x ./bench/)
 //
 // FLEETMIRROR_BENCH_IMAGES picks the images, e.g. "10MB/1,100MB/1,1GB/4";
-// FLEETMIRROR_AGENT_ARGS adds agent flags, e.g. "--debug-pprof" to profile.
+// FLEETMIRROR_AGENT_ARGS adds agent flags. To profile both agents during
+// the peer pulls, give "--debug-pprof" and FLEETMIRROR_BENCH_PROFILE=DIR:
+// each peer run then saves 10 s of CPU profile per agent in DIR (give a
+// -benchtime that keeps the pulls going that long).
+// FLEETMIRROR_BENCH_KEEP=1 keeps the nodes' logs.
 package bench
 
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -61,7 +67,7 @@ func benchCluster(b *testing.B) *cluster.Cluster {
 			return
 		}
 		ctx := context.Background()
-		shared, initErr = cluster.Start(ctx, cluster.Options{Nodes: 3, AgentBin: bin, AgentArgs: strings.Fields(os.Getenv("FLEETMIRROR_AGENT_ARGS"))})
+		shared, initErr = cluster.Start(ctx, cluster.Options{Nodes: 3, AgentBin: bin, AgentArgs: strings.Fields(os.Getenv("FLEETMIRROR_AGENT_ARGS")), KeepDir: os.Getenv("FLEETMIRROR_BENCH_KEEP") != ""})
 		if initErr != nil {
 			return
 		}
@@ -114,7 +120,9 @@ func BenchmarkPull(b *testing.B) {
 			c.Upstream.SetShaping(0, 0)
 			c.Upstream.Reset()
 			cpu1, cpu2 := workload.CPUSeconds(n1.AgentPID()), workload.CPUSeconds(n2.AgentPID())
+			profiled := profileAgents(b, bi.Name, n1, n2)
 			pullLoop(b, n2, ref, g)
+			profiled()
 			st := c.Upstream.Stats()
 			var reqs int64
 			for _, cnt := range st.ByClient[n2.IP] {
@@ -158,6 +166,23 @@ func pullLoop(b *testing.B, n *cluster.Node, ref string, g *cluster.GeneratedIma
 	if err := n.VerifyContent(ctx, g.Digests()); err != nil {
 		b.Fatal(err)
 	}
+}
+
+// profileAgents saves the nodes' agents' CPU profiles, taken while the
+// benchmark runs, when FLEETMIRROR_BENCH_PROFILE names a directory. The
+// returned func waits for them.
+func profileAgents(b *testing.B, name string, nodes ...*cluster.Node) func() {
+	dir := os.Getenv("FLEETMIRROR_BENCH_PROFILE")
+	if dir == "" {
+		return func() {}
+	}
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		path := filepath.Join(dir, fmt.Sprintf("%s-%s.cpu.pprof", name, n.Name))
+		url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=10", netip.AddrPortFrom(n.IP, cluster.AgentMetricsPort))
+		wg.Go(func() { saveProfile(b, url, path) })
+	}
+	return wg.Wait
 }
 
 func sumLayers(g *cluster.GeneratedImage) int64 {

@@ -113,7 +113,7 @@ func (d *Decider) bound() time.Duration { return 20 * d.settle }
 // itself in a burst and should look again (lookAgain) before it fetches.
 func (d *Decider) decide(ctx context.Context, key, group string) (leader netip.AddrPort, follow, look bool) {
 	start := time.Now()
-	if d.imageFetcher(group) {
+	if d.fetchesImage(group) {
 		d.fetchForImage(ctx, key, group, start)
 		return netip.AddrPort{}, false, false
 	}

@@ -377,7 +377,7 @@ func TestOneAgreementPerPull(t *testing.T) {
 	}
 	fetchers := 0
 	for _, d := range c.deciders {
-		if d.imageFetcher("example.com/app") {
+		if d.fetchesImage("example.com/app") {
 			fetchers++
 		}
 	}
@@ -403,7 +403,7 @@ func TestImageFetcherPerTag(t *testing.T) {
 	}
 	fetchers := func(ds []*Decider) (self []int, follow []netip.AddrPort) {
 		for i, d := range ds {
-			if d.imageFetcher("example.com/app") {
+			if d.fetchesImage("example.com/app") {
 				self = append(self, i)
 			} else if f, ok := d.ImageFetcher(context.Background(), "example.com/app"); ok {
 				follow = append(follow, f)

@@ -143,8 +143,8 @@ func (d *Decider) answer(group string) (self bool, fetcher netip.AddrPort, ok bo
 	return im.self, im.fetcher, true
 }
 
-// imageFetcher says whether the agreement on group picked this node.
-func (d *Decider) imageFetcher(group string) bool {
+// fetchesImage says whether the agreement on group picked this node.
+func (d *Decider) fetchesImage(group string) bool {
 	self, _, ok := d.answer(group)
 	return ok && self
 }

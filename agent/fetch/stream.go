@@ -103,10 +103,13 @@ func (m *Fetcher) open(ctx context.Context, req oci.Request, first netip.AddrPor
 	}
 	for ; ok; p, ok = s.next() {
 		if err := s.connect(p); err != nil {
-			m.log.WarnContext(ctx, "peer failed to serve blob", "peer", p.String(), "digest", req.Digest, "err", err)
 			if p == first {
+				// Expected when the image's agreement is stale: that node
+				// does not pull this blob. The caller falls back.
+				m.log.DebugContext(ctx, "agreed fetcher has no bytes of the blob", "peer", p.String(), "digest", req.Digest, "err", err)
 				break
 			}
+			m.log.WarnContext(ctx, "peer failed to serve blob", "peer", p.String(), "digest", req.Digest, "err", err)
 			continue
 		}
 		if s.Descriptor.Size >= WholeBelow {

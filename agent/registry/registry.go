@@ -378,7 +378,8 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 		return
 	}
 	bs, err := r.fetcher.OpenBlob(ctx, oreq)
-	if errors.Is(err, fetch.ErrNoSource) && r.claims != nil && r.worthAgreeing(oreq.Digest) {
+	size, writing := r.inFlight(oreq.Digest)
+	if errors.Is(err, fetch.ErrNoSource) && r.claims != nil && worthAgreeing(size, writing) {
 		bs, err = r.agree(ctx, oreq, err)
 	}
 	// Whether from peers or, after the 404, from upstream, containerd is
@@ -386,7 +387,7 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 	// Only now, with a source, so that two nodes never wait on each other;
 	// and only if containerd has opened its ingest (it does before it asks),
 	// so a request that is not a pull advertises nothing.
-	if r.held != nil && r.flights.Writing(oreq.Digest) {
+	if r.held != nil && writing {
 		r.held.Hold(oreq.Digest.String())
 	}
 	if err != nil {
@@ -458,12 +459,17 @@ const agreeFrom = 256 << 10
 
 // worthAgreeing: containerd opens its ingest, with the size it expects,
 // before it asks; a blob of unknown size is agreed on.
-func (r *Registry) worthAgreeing(dgst digest.Digest) bool {
+func worthAgreeing(size int64, writing bool) bool {
+	return !writing || size >= agreeFrom
+}
+
+// inFlight is the size containerd expects of dgst while it writes it, and
+// whether it does.
+func (r *Registry) inFlight(dgst digest.Digest) (int64, bool) {
 	if r.flights == nil {
-		return true
+		return 0, false
 	}
-	size, ok := r.flights.Size(dgst)
-	return !ok || size >= agreeFrom
+	return r.flights.Size(dgst)
 }
 
 // serveInFlight serves a peer a blob this node's containerd is still

@@ -96,19 +96,9 @@ func (s *InFlight) Open(ctx context.Context, dgst digest.Digest, off int64, wait
 	}
 }
 
-// Writing reports whether containerd is writing dgst (or has it, outside
-// any image yet).
-func (s *InFlight) Writing(dgst digest.Digest) bool {
-	g, err := s.open(dgst)
-	if err != nil {
-		return false
-	}
-	g.Close()
-	return true
-}
-
 // Size is the full size of dgst as containerd expects it while it writes
-// it (or has it), false when containerd is not writing it.
+// it (or has it, outside any image yet), false when containerd is neither
+// writing nor holding it.
 func (s *InFlight) Size(dgst digest.Digest) (int64, bool) {
 	g, err := s.open(dgst)
 	if err != nil {
