@@ -122,19 +122,19 @@ func (d *Decider) decide(ctx context.Context, key, group string) (leader netip.A
 	if !sleep(ctx, time.Until(start.Add(quiet))) {
 		return netip.AddrPort{}, false, false
 	}
-	if f, ok := d.fetcher(ctx, key, group); ok {
-		return f, true, false
+	fetchers, others := d.lists(ctx, key)
+	if f, ok := pick(fetchers, group); ok {
+		return f.Addr, true, false
 	}
-	others := d.list(ctx, routing.Want, key)
 	if len(others) > 0 {
 		// A burst: let the others' claims land, then decide as they will.
 		if !sleep(ctx, time.Until(start.Add(d.settle))) {
 			return netip.AddrPort{}, false, false
 		}
-		if f, ok := d.fetcher(ctx, key, group); ok {
-			return f, true, false
+		fetchers, others = d.lists(ctx, key)
+		if f, ok := pick(fetchers, group); ok {
+			return f.Addr, true, false
 		}
-		others = d.list(ctx, routing.Want, key)
 	}
 	best, bestScore := netip.AddrPort{}, score(group, d.claims.Self())
 	for _, c := range others {
@@ -199,17 +199,32 @@ func (d *Decider) fetcher(ctx context.Context, key, group string) (netip.AddrPor
 // best is the other claimant of the kind on key with the highest score
 // for group.
 func (d *Decider) best(ctx context.Context, kind routing.ClaimKind, key, group string) (routing.Claimant, bool) {
-	fs := d.list(ctx, kind, key)
-	if len(fs) == 0 {
+	return pick(d.list(ctx, kind, key), group)
+}
+
+// pick is the claimant with the highest score for group.
+func pick(cs []routing.Claimant, group string) (routing.Claimant, bool) {
+	if len(cs) == 0 {
 		return routing.Claimant{}, false
 	}
-	best := fs[0]
-	for _, f := range fs[1:] {
-		if bytes.Compare(score(group, f.ID), score(group, best.ID)) > 0 {
-			best = f
+	best := cs[0]
+	for _, c := range cs[1:] {
+		if bytes.Compare(score(group, c.ID), score(group, best.ID)) > 0 {
+			best = c
 		}
 	}
 	return best, true
+}
+
+// lists lists the fetchers and the wanters of key at once: each list is a
+// round trip to the peers, tens of milliseconds on a node busy pulling,
+// and the agreement is on the fetcher's way to its first byte.
+func (d *Decider) lists(ctx context.Context, key string) (fetchers, wanters []routing.Claimant) {
+	var wg sync.WaitGroup
+	wg.Go(func() { fetchers = d.list(ctx, routing.Fetch, key) })
+	wanters = d.list(ctx, routing.Want, key)
+	wg.Wait()
+	return fetchers, wanters
 }
 
 func (d *Decider) claim(ctx context.Context, kind routing.ClaimKind, key string) {

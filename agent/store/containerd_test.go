@@ -576,3 +576,26 @@ func union(sets ...[]string) []string {
 	slices.Sort(u)
 	return slices.Compact(u)
 }
+
+// TestSyncWait: the sync waits for a pull's events to pause, so that it
+// does not compete with the pull, yet a stream of events cannot defer it
+// for long, and syncs stay apart.
+func TestSyncWait(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	long := t0.Add(-time.Hour)
+	for _, tc := range []struct {
+		name            string
+		now, first, was time.Time
+		want            time.Duration
+	}{
+		{"first event of a burst waits for a pause", t0, t0, long, quietSync},
+		{"each event moves it", t0.Add(300 * time.Millisecond), t0, long, quietSync},
+		{"a long burst is synced in the meantime", t0.Add(maxSyncDelay - 30*time.Millisecond), t0, long, 30 * time.Millisecond},
+		{"past the bound at once", t0.Add(2 * maxSyncDelay), t0, long, 0},
+		{"not sooner than minSyncInterval after the last sync", t0.Add(2 * maxSyncDelay), t0, t0.Add(2*maxSyncDelay - 10*time.Millisecond), minSyncInterval - 10*time.Millisecond},
+	} {
+		if got := syncWait(tc.now, tc.first, tc.was); got != tc.want {
+			t.Errorf("%s: waits %s, want %s", tc.name, got, tc.want)
+		}
+	}
+}
