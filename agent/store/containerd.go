@@ -364,7 +364,7 @@ func (s *Containerd) subscribe(ctx context.Context, c *client.Client) (<-chan *e
 func (s *Containerd) follow(ctx context.Context, c *client.Client, evs <-chan *events.Envelope, errs <-chan error) error {
 	timer := time.NewTimer(catchUpDelay)
 	defer timer.Stop()
-	pending := true      // a sync is due when timer fires
+	pending := true     // a sync is due when timer fires
 	var first time.Time // the first event of the pending burst, if any
 	lastSync := time.Now()
 	resync := time.NewTicker(resyncInterval)
