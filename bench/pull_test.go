@@ -75,6 +75,9 @@ func benchCluster(b *testing.B) *cluster.Cluster {
 		if initErr = n3.StopAgent(); initErr != nil {
 			return
 		}
+		if os.Getenv("FLEETMIRROR_BENCH_KEEP") != "" {
+			fmt.Fprintf(os.Stderr, "keeping the nodes' logs in %s\n", shared.Dir)
+		}
 		initErr = n3.WriteHostsTOML(shared.Upstream.Host(), cluster.UpstreamHostsTOML(shared.Upstream))
 	})
 	if initErr != nil {
@@ -121,8 +124,8 @@ func BenchmarkPull(b *testing.B) {
 			c.Upstream.Reset()
 			cpu1, cpu2 := workload.CPUSeconds(n1.AgentPID()), workload.CPUSeconds(n2.AgentPID())
 			profiled := profileAgents(b, bi.Name, n1, n2)
+			defer profiled()
 			pullLoop(b, n2, ref, g)
-			profiled()
 			st := c.Upstream.Stats()
 			var reqs int64
 			for _, cnt := range st.ByClient[n2.IP] {

@@ -37,6 +37,10 @@ const minProgress = 64 << 10
 // that digest again for a while.
 var ErrMismatch = errors.New("blob from peers does not match its digest")
 
+// errNotHeld: the peer answered 404, it neither holds the blob nor has it
+// in flight (yet).
+var errNotHeld = errors.New("peer does not have the blob (404)")
+
 // BlobStream is a blob read from peers as it arrives. Bytes are hashed on
 // the way through and the final read is only returned once the whole blob
 // matches its digest, so a reader that stops at the first error (the
@@ -103,13 +107,16 @@ func (m *Fetcher) open(ctx context.Context, req oci.Request, first netip.AddrPor
 	}
 	for ; ok; p, ok = s.next() {
 		if err := s.connect(p); err != nil {
-			if p == first {
+			if p == first && errors.Is(err, errNotHeld) {
 				// Expected when the image's agreement is stale: that node
 				// does not pull this blob. The caller falls back.
-				m.log.DebugContext(ctx, "agreed fetcher has no bytes of the blob", "peer", p.String(), "digest", req.Digest, "err", err)
+				m.log.DebugContext(ctx, "agreed fetcher does not have the blob", "peer", p.String(), "digest", req.Digest)
+			} else {
+				m.log.WarnContext(ctx, "peer failed to serve blob", "peer", p.String(), "digest", req.Digest, "err", err)
+			}
+			if p == first {
 				break
 			}
-			m.log.WarnContext(ctx, "peer failed to serve blob", "peer", p.String(), "digest", req.Digest, "err", err)
 			continue
 		}
 		if s.Descriptor.Size >= WholeBelow {
@@ -158,6 +165,12 @@ func (s *BlobStream) connect(p netip.AddrPort) error {
 	if err != nil {
 		cancel(nil)
 		return err
+	}
+	if resp.StatusCode == http.StatusNotFound {
+		resp.Body.Close()
+		cancel(nil)
+		s.m.fail("status")
+		return errNotHeld
 	}
 	size, err := peerproto.ContentSize(resp, s.off)
 	if err == nil && s.Descriptor.Size >= 0 && size != s.Descriptor.Size {
