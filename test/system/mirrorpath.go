@@ -380,10 +380,14 @@ func (s *scenario) joinWithOperatorDown(ctx context.Context) (*kube.Kubelet, err
 		return nil, err
 	}
 	const says = "removed the startup taint from this node"
-	line := ""
-	for _, l := range strings.Split(string(logs), "\n") {
-		if strings.Contains(l, says) {
-			line = l
+	line := lineWith(logs, says)
+	if line == "" {
+		// The kubelet may have restarted the container since (here, once,
+		// after prep restarted containerd): the release is in the log of
+		// the one before.
+		if prev, err := s.c.Client.CoreV1().Pods(Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: "agent", Previous: true}).DoRaw(ctx); err == nil {
+			line = lineWith(prev, says)
+			logs = append(append(prev, "\n--- current container ---\n"...), logs...)
 		}
 	}
 	if line == "" {
@@ -403,6 +407,17 @@ func (s *scenario) joinWithOperatorDown(ctx context.Context) (*kube.Kubelet, err
 		return nil, err
 	}
 	return k, nil
+}
+
+// lineWith is the last line of logs that contains says, or "".
+func lineWith(logs []byte, says string) string {
+	line := ""
+	for _, l := range strings.Split(string(logs), "\n") {
+		if strings.Contains(l, says) {
+			line = l
+		}
+	}
+	return line
 }
 
 // faultNeverReady is issue 16 f's first node: its agent can never get
