@@ -266,3 +266,54 @@ func TestImageFetcherAskedFirst(t *testing.T) {
 		t.Error("B did not agree on a blob the image's fetcher did not start on")
 	}
 }
+
+// recordingHolds is a Holder that records what it was asked to hold.
+type recordingHolds struct {
+	mu   sync.Mutex
+	held []string
+}
+
+func (h *recordingHolds) Hold(d string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.held = append(h.held, d)
+}
+
+func (h *recordingHolds) Holding(d string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Contains(h.held, d)
+}
+
+// A blob containerd asks for while it writes it (its ingest is open) is
+// advertised in flight, whatever the source; a request for a blob
+// containerd is not writing (not a pull) advertises nothing.
+func TestHoldsOnlyWhatContainerdWrites(t *testing.T) {
+	dir := t.TempDir()
+	writing, other := digest.FromString("layer being pulled"), digest.FromString("no ingest")
+	writeIngest(t, dir, "a", writing, agreeFrom, nil)
+	rs := routing.NewMemory(netip.MustParseAddrPort("127.0.0.1:1"))
+	f, err := fetch.New(rs[0], fetch.WithResolveTimeout(20*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &recordingHolds{}
+	reg, err := New(storetest.NewMemory(), WithFetcher(f), WithInFlight(store.NewInFlight(dir, time.Second), h))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(reg)
+	defer srv.Close()
+	for _, d := range []digest.Digest{writing, other} {
+		resp, _ := get(t, http.MethodGet, srv.URL+"/v2/team/app/blobs/"+d.String()+"?ns=example.com")
+		if resp.StatusCode != http.StatusNotFound {
+			t.Errorf("%s: status %d, want 404 (nobody holds it)", d, resp.StatusCode)
+		}
+	}
+	if !h.Holding(writing.String()) {
+		t.Error("the blob containerd is writing was not advertised in flight")
+	}
+	if h.Holding(other.String()) {
+		t.Error("a blob containerd is not writing was advertised in flight")
+	}
+}
