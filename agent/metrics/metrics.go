@@ -18,6 +18,15 @@ const (
 	OutcomeMiss  = "miss"  // no source: containerd goes upstream
 )
 
+// What the first wave did with a blob containerd asked for and no peer
+// held, the values of FirstWave's outcome label.
+const (
+	WaveFollowed     = "followed"      // streamed from the node that fetches it upstream
+	WaveFollowFailed = "follow-failed" // that node failed before its first byte: upstream
+	WaveFetched      = "fetched"       // this node fetches it upstream (for a burst, or alone)
+	WaveSmall        = "small"         // under the agreement's threshold: upstream at once
+)
+
 // Registry label values besides registry hosts.
 const (
 	// RegistryOther stands for every registry that has no label of its own.
@@ -47,6 +56,7 @@ type Metrics struct {
 	AdvertisedKeys  *prometheus.GaugeVec
 	PeerFailures    *prometheus.CounterVec
 	Denied          *prometheus.CounterVec
+	FirstWave       *prometheus.CounterVec
 
 	CanaryOK       prometheus.Gauge
 	CanaryRuns     *prometheus.CounterVec
@@ -110,6 +120,10 @@ func New(peers func() int, opts ...Option) *Metrics {
 			Name: "fleetmirror_peer_failures_total",
 			Help: "Failed fetches from peers by reason (connect, status, short, digest, auth).",
 		}, []string{"reason"}),
+		FirstWave: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleetmirror_first_wave_blobs_total",
+			Help: "Blobs no peer held when containerd asked, by what the first wave did: followed (streamed from the node that fetches it), follow-failed (that node failed before its first byte; upstream), fetched (this node fetched it upstream), small (upstream without agreeing).",
+		}, []string{"outcome"}),
 		Denied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleetmirror_registry_denied_total",
 			Help: "Registry requests refused with 403 by reason (stranger: neither this node nor a member; old-agent: a peer without membership; bad-proof).",
@@ -133,7 +147,7 @@ func New(peers func() int, opts ...Option) *Metrics {
 	}
 	m.Registry.MustRegister(m.CanaryOK, m.CanaryRuns, m.CanaryLastRun, m.CanaryDuration,
 		m.Requests, m.ServedToPeers, m.FetchedBytes, m.ServedBytes,
-		m.ResolveDuration, m.LastSuccess, m.AdvertisedKeys, m.PeerFailures, m.Denied,
+		m.ResolveDuration, m.LastSuccess, m.AdvertisedKeys, m.PeerFailures, m.Denied, m.FirstWave,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fleetmirror_peers",
 			Help: "Peers this node is connected to now.",
@@ -141,6 +155,11 @@ func New(peers func() int, opts ...Option) *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	// Every outcome from the start, so that a rate over the first burst
+	// does not miss its first count.
+	for _, o := range []string{WaveFollowed, WaveFollowFailed, WaveFetched, WaveSmall} {
+		m.FirstWave.WithLabelValues(o)
+	}
 	for _, o := range opts {
 		o(m)
 	}

@@ -18,9 +18,11 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/fleetmirror/fleetmirror/agent/claim"
 	"github.com/fleetmirror/fleetmirror/agent/fetch"
+	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 	"github.com/fleetmirror/fleetmirror/agent/store"
@@ -165,13 +167,18 @@ func TestSmallBlobsSkipTheAgreement(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	m := metrics.New(func() int { return 0 })
 	reg, err := New(storetest.NewMemory(), WithFetcher(f), WithInFlight(store.NewInFlight(dir, time.Second), noHolds{}),
-		WithClaims(claim.New(claims, 20*time.Millisecond, nil)))
+		WithClaims(claim.New(claims, 20*time.Millisecond, nil)), WithMetrics(m))
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv := httptest.NewServer(reg)
 	defer srv.Close()
+	defer func() {
+		// A lone node fetches what it agreed on itself.
+		wantWave(t, m, map[string]float64{metrics.WaveSmall: 1, metrics.WaveFetched: 2})
+	}()
 	for _, tt := range []struct {
 		d     digest.Digest
 		agree bool
@@ -223,7 +230,8 @@ func TestImageFetcherAskedFirst(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	regB, err := New(storetest.NewMemory(), WithFetcher(fB), WithClaims(decB))
+	mB := metrics.New(func() int { return 0 })
+	regB, err := New(storetest.NewMemory(), WithFetcher(fB), WithClaims(decB), WithMetrics(mB))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,6 +272,18 @@ func TestImageFetcherAskedFirst(t *testing.T) {
 	}
 	if !claimsB.has(stale.String()) {
 		t.Error("B did not agree on a blob the image's fetcher did not start on")
+	}
+	wantWave(t, mB, map[string]float64{metrics.WaveFollowed: 1, metrics.WaveFetched: 1})
+}
+
+// wantWave checks the first wave's counts by outcome; outcomes not named
+// must be zero.
+func wantWave(t *testing.T, m *metrics.Metrics, want map[string]float64) {
+	t.Helper()
+	for _, o := range []string{metrics.WaveFollowed, metrics.WaveFollowFailed, metrics.WaveFetched, metrics.WaveSmall} {
+		if got := testutil.ToFloat64(m.FirstWave.WithLabelValues(o)); got != want[o] {
+			t.Errorf("fleetmirror_first_wave_blobs_total{outcome=%q} = %v, want %v", o, got, want[o])
+		}
 	}
 }
 
@@ -316,4 +336,40 @@ func TestHoldsOnlyWhatContainerdWrites(t *testing.T) {
 	if h.Holding(other.String()) {
 		t.Error("a blob containerd is not writing was advertised in flight")
 	}
+}
+
+// A node that follows a fetcher that is gone sends its containerd upstream
+// at once, and counts it: the first wave failing is visible in metrics.
+func TestFollowingAGoneFetcher(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close() // nothing answers there
+	rs := routing.NewMemory(gone, netip.MustParseAddrPort("127.0.0.1:2"))
+	d := digest.FromString("a layer the gone node said it fetches")
+	if err := rs[0].Claim(context.Background(), routing.Fetch, d.String()); err != nil {
+		t.Fatal(err)
+	}
+	f, err := fetch.New(rs[1], fetch.WithResolveTimeout(20*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := metrics.New(func() int { return 0 })
+	reg, err := New(storetest.NewMemory(), WithFetcher(f), WithClaims(claim.New(rs[1], 20*time.Millisecond, nil)), WithMetrics(m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(reg)
+	defer srv.Close()
+	start := time.Now()
+	resp, _ := get(t, http.MethodGet, srv.URL+"/v2/team/app/blobs/"+d.String()+"?ns=example.com")
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("status %d, want 404 (upstream)", resp.StatusCode)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("the miss took %s: a fetcher that refuses must send containerd upstream at once", took)
+	}
+	wantWave(t, m, map[string]float64{metrics.WaveFollowFailed: 1})
 }

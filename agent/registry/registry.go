@@ -379,8 +379,12 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 	}
 	bs, err := r.fetcher.OpenBlob(ctx, oreq)
 	size, writing := r.inFlight(oreq.Digest)
-	if errors.Is(err, fetch.ErrNoSource) && r.claims != nil && worthAgreeing(size, writing) {
-		bs, err = r.agree(ctx, oreq, err)
+	if errors.Is(err, fetch.ErrNoSource) && r.claims != nil {
+		if worthAgreeing(size, writing) {
+			bs, err = r.agree(ctx, oreq, err)
+		} else {
+			r.wave(metrics.WaveSmall)
+		}
 	}
 	// Whether from peers or, after the 404, from upstream, containerd is
 	// about to write this blob: peers may stream it from here meanwhile.
@@ -427,13 +431,26 @@ func (r *Registry) agree(ctx context.Context, oreq oci.Request, err error) (*fet
 	group := oreq.Registry + "/" + oreq.Repository
 	if leader, ok := r.claims.ImageFetcher(ctx, group); ok {
 		if bs, ferr := r.follow(ctx, oreq, leader, imageFollowWait); ferr == nil {
+			r.wave(metrics.WaveFollowed)
 			return bs, nil
 		}
 	}
 	if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), group); follow {
-		return r.follow(ctx, oreq, leader, followWait)
+		bs, ferr := r.follow(ctx, oreq, leader, followWait)
+		if ferr != nil {
+			r.wave(metrics.WaveFollowFailed)
+			return nil, ferr
+		}
+		r.wave(metrics.WaveFollowed)
+		return bs, nil
 	}
+	r.wave(metrics.WaveFetched)
 	return nil, err
+}
+
+// wave counts what the first wave did with a blob.
+func (r *Registry) wave(outcome string) {
+	r.metrics.FirstWave.WithLabelValues(outcome).Inc()
 }
 
 func (r *Registry) follow(ctx context.Context, oreq oci.Request, leader netip.AddrPort, wait time.Duration) (*fetch.BlobStream, error) {

@@ -525,6 +525,7 @@ func (e *env) pullAll(t *testing.T, nodes []*cluster.Node, img image) {
 // layer once.
 func (e *env) burst(t *testing.T, img image) {
 	e.c.Upstream.Reset()
+	before := e.firstWave(t)
 	e.pullAll(t, e.c.Nodes, img)
 	st := e.c.Upstream.Stats()
 	for _, l := range img.Layers {
@@ -532,11 +533,39 @@ func (e *env) burst(t *testing.T, img image) {
 			t.Errorf("layer %s was fetched upstream %d times by %d nodes, want once", l.Digest, got, len(e.c.Nodes))
 		}
 	}
+	// The agents' metrics say the same: one fetcher per layer, no follow
+	// that failed, and the others followed (or found the layer in flight
+	// at a peer without agreeing).
+	after := e.firstWave(t)
+	if got := after["fetched"] - before["fetched"]; got != float64(len(img.Layers)) {
+		t.Errorf("first wave: %v blobs fetched upstream by the agents' agreement, want %d (one per layer); before %v, after %v", got, len(img.Layers), before, after)
+	}
+	if got := after["follow-failed"] - before["follow-failed"]; got != 0 {
+		t.Errorf("first wave: %v follows failed, want none", got)
+	}
+	if after["followed"] == before["followed"] {
+		t.Error("first wave: no node counted a blob it followed")
+	}
+	t.Logf("first wave: %v fetched, %v followed, %v small", after["fetched"]-before["fetched"], after["followed"]-before["followed"], after["small"]-before["small"])
 	var size int64
 	for _, l := range img.Layers {
 		size += l.Size
 	}
 	t.Logf("upstream blob bytes %d for layers of %d bytes on %d nodes", st.BlobBytes(), size, len(e.c.Nodes))
+}
+
+// firstWave sums fleetmirror_first_wave_blobs_total over the nodes, by
+// outcome.
+func (e *env) firstWave(t *testing.T) map[string]float64 {
+	t.Helper()
+	out := map[string]float64{}
+	for _, n := range e.c.Nodes {
+		m := e.metrics(t, n)
+		for _, o := range []string{"followed", "follow-failed", "fetched", "small"} {
+			out[o] += m.Sum("fleetmirror_first_wave_blobs_total", "outcome", o)
+		}
+	}
+	return out
 }
 
 // i: in a burst, the node fetching the layer from a slowed upstream dies
