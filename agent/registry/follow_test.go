@@ -134,21 +134,30 @@ func TestOnlyFollowersWaitForTheFirstByte(t *testing.T) {
 // recordingClaims records which keys this node claimed.
 type recordingClaims struct {
 	routing.Claims
-	mu      sync.Mutex
-	claimed []string
+	recorded
 }
 
 func (c *recordingClaims) Claim(ctx context.Context, kind routing.ClaimKind, key string) error {
-	c.mu.Lock()
-	c.claimed = append(c.claimed, key)
-	c.mu.Unlock()
+	c.add(key)
 	return c.Claims.Claim(ctx, kind, key)
 }
 
-func (c *recordingClaims) has(key string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return slices.Contains(c.claimed, key)
+// recorded is a set of keys that tests' fakes saw, safe for handlers.
+type recorded struct {
+	mu   sync.Mutex
+	keys []string
+}
+
+func (r *recorded) add(key string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.keys = append(r.keys, key)
+}
+
+func (r *recorded) has(key string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Contains(r.keys, key)
 }
 
 // A blob nobody holds is agreed on with the other nodes that miss it,
@@ -288,22 +297,10 @@ func wantWave(t *testing.T, m *metrics.Metrics, want map[string]float64) {
 }
 
 // recordingHolds is a Holder that records what it was asked to hold.
-type recordingHolds struct {
-	mu   sync.Mutex
-	held []string
-}
+type recordingHolds struct{ recorded }
 
-func (h *recordingHolds) Hold(d string) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.held = append(h.held, d)
-}
-
-func (h *recordingHolds) Holding(d string) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return slices.Contains(h.held, d)
-}
+func (h *recordingHolds) Hold(d string)         { h.add(d) }
+func (h *recordingHolds) Holding(d string) bool { return h.has(d) }
 
 // A blob containerd asks for while it writes it (its ingest is open) is
 // advertised in flight, whatever the source; a request for a blob
