@@ -122,7 +122,7 @@ func New(peers func() int, opts ...Option) *Metrics {
 		}, []string{"reason"}),
 		FirstWave: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleetmirror_first_wave_blobs_total",
-			Help: "Blobs no peer held when containerd asked, by what the first wave did: followed (streamed from the node that fetches it), follow-failed (that node failed before its first byte; upstream), fetched (this node fetched it upstream), small (upstream without agreeing).",
+			Help: "Blobs no peer held when containerd asked, by what the first wave did: followed (streamed from the node that fetches it), follow-failed (that node failed before its first byte; upstream), fetched (this node fetched it upstream), small (upstream without agreeing). Nothing with --burst-settle=0.",
 		}, []string{"outcome"}),
 		Denied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleetmirror_registry_denied_total",

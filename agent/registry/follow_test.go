@@ -303,8 +303,9 @@ func (h *recordingHolds) Hold(d string)         { h.add(d) }
 func (h *recordingHolds) Holding(d string) bool { return h.has(d) }
 
 // A blob containerd asks for while it writes it (its ingest is open) is
-// advertised in flight, whatever the source; a request for a blob
-// containerd is not writing (not a pull) advertises nothing.
+// advertised in flight, even when no peer has it and containerd goes
+// upstream; a request for a blob containerd is not writing (not a pull)
+// advertises nothing.
 func TestHoldsOnlyWhatContainerdWrites(t *testing.T) {
 	dir := t.TempDir()
 	writing, other := digest.FromString("layer being pulled"), digest.FromString("no ingest")

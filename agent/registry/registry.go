@@ -383,7 +383,7 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 		if worthAgreeing(size, writing) {
 			bs, err = r.agree(ctx, oreq, err)
 		} else {
-			r.wave(metrics.WaveSmall)
+			r.wave(ctx, metrics.WaveSmall)
 		}
 	}
 	// Whether from peers or, after the 404, from upstream, containerd is
@@ -431,25 +431,29 @@ func (r *Registry) agree(ctx context.Context, oreq oci.Request, err error) (*fet
 	group := oreq.Registry + "/" + oreq.Repository
 	if leader, ok := r.claims.ImageFetcher(ctx, group); ok {
 		if bs, ferr := r.follow(ctx, oreq, leader, imageFollowWait); ferr == nil {
-			r.wave(metrics.WaveFollowed)
+			r.wave(ctx, metrics.WaveFollowed)
 			return bs, nil
 		}
 	}
 	if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), group); follow {
 		bs, ferr := r.follow(ctx, oreq, leader, followWait)
 		if ferr != nil {
-			r.wave(metrics.WaveFollowFailed)
+			r.wave(ctx, metrics.WaveFollowFailed)
 			return nil, ferr
 		}
-		r.wave(metrics.WaveFollowed)
+		r.wave(ctx, metrics.WaveFollowed)
 		return bs, nil
 	}
-	r.wave(metrics.WaveFetched)
+	r.wave(ctx, metrics.WaveFetched)
 	return nil, err
 }
 
-// wave counts what the first wave did with a blob.
-func (r *Registry) wave(outcome string) {
+// wave counts what the first wave did with a blob, unless containerd gave
+// up on the request meanwhile: then nothing went upstream or was followed.
+func (r *Registry) wave(ctx context.Context, outcome string) {
+	if ctx.Err() != nil {
+		return
+	}
 	r.metrics.FirstWave.WithLabelValues(outcome).Inc()
 }
 

@@ -385,10 +385,12 @@ func (s *scenario) joinWithOperatorDown(ctx context.Context) (*kube.Kubelet, err
 		// The kubelet may have restarted the container since (here, once,
 		// after prep restarted containerd): the release is in the log of
 		// the one before.
-		if prev, err := s.c.Client.CoreV1().Pods(Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: "agent", Previous: true}).DoRaw(ctx); err == nil {
-			line = lineWith(prev, says)
-			logs = append(append(prev, "\n--- current container ---\n"...), logs...)
+		prev, err := s.c.Client.CoreV1().Pods(Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: "agent", Previous: true}).DoRaw(ctx)
+		if err != nil {
+			prev = []byte("(no previous container's log: " + err.Error() + ")")
 		}
+		line = lineWith(prev, says)
+		logs = append(append(prev, "\n--- current container ---\n"...), logs...)
 	}
 	if line == "" {
 		return nil, fmt.Errorf("%s lost its startup taint, but its agent %s did not log %q:\n%s", k.Name, pod.Name, says, logs)
