@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"testing"
 	"time"
@@ -20,6 +21,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/fleetmirror/fleetmirror/bench/workload"
+	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
 // BenchmarkAgentMemory fills node 2's containerd with 100 images of 100
@@ -79,7 +81,7 @@ func BenchmarkAgentMemory(b *testing.B) {
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmRSS"), "rss-MiB")
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "RssAnon"), "anon-rss-MiB")
 	if out := os.Getenv("FLEETMIRROR_BENCH_HEAP"); out != "" {
-		saveProfile(b, "http://"+n2.IP.String()+":30122/debug/pprof/heap", out)
+		saveProfile(b, pprofURL(n2, "heap"), out)
 	}
 	b.ReportMetric(workload.RSSMiB(n2.AgentPID(), "VmHWM"), "peak-rss-MiB")
 	b.ReportMetric(float64(want), "digests")
@@ -96,6 +98,11 @@ func mustJSON(b *testing.B, v any) []byte {
 }
 
 func bytesReader(data []byte) *bytes.Reader { return bytes.NewReader(data) }
+
+// pprofURL is where the node's agent serves a profile (with --debug-pprof).
+func pprofURL(n *cluster.Node, profile string) string {
+	return "http://" + netip.AddrPortFrom(n.IP, cluster.AgentMetricsPort).String() + "/debug/pprof/" + profile
+}
 
 // saveProfile keeps an agent's profile (agents started with
 // --debug-pprof) for `go tool pprof`.

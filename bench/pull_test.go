@@ -15,7 +15,6 @@ package bench
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -67,7 +66,8 @@ func benchCluster(b *testing.B) *cluster.Cluster {
 			return
 		}
 		ctx := context.Background()
-		shared, initErr = cluster.Start(ctx, cluster.Options{Nodes: 3, AgentBin: bin, AgentArgs: strings.Fields(os.Getenv("FLEETMIRROR_AGENT_ARGS")), KeepDir: os.Getenv("FLEETMIRROR_BENCH_KEEP") != ""})
+		keep := os.Getenv("FLEETMIRROR_BENCH_KEEP") != ""
+		shared, initErr = cluster.Start(ctx, cluster.Options{Nodes: 3, AgentBin: bin, AgentArgs: strings.Fields(os.Getenv("FLEETMIRROR_AGENT_ARGS")), KeepDir: keep})
 		if initErr != nil {
 			return
 		}
@@ -75,7 +75,7 @@ func benchCluster(b *testing.B) *cluster.Cluster {
 		if initErr = n3.StopAgent(); initErr != nil {
 			return
 		}
-		if os.Getenv("FLEETMIRROR_BENCH_KEEP") != "" {
+		if keep {
 			fmt.Fprintf(os.Stderr, "keeping the nodes' logs in %s\n", shared.Dir)
 		}
 		initErr = n3.WriteHostsTOML(shared.Upstream.Host(), cluster.UpstreamHostsTOML(shared.Upstream))
@@ -182,7 +182,7 @@ func profileAgents(b *testing.B, name string, nodes ...*cluster.Node) func() {
 	var wg sync.WaitGroup
 	for _, n := range nodes {
 		path := filepath.Join(dir, fmt.Sprintf("%s-%s.cpu.pprof", name, n.Name))
-		url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=10", netip.AddrPortFrom(n.IP, cluster.AgentMetricsPort))
+		url := pprofURL(n, "profile?seconds=10")
 		wg.Go(func() { saveProfile(b, url, path) })
 	}
 	return wg.Wait

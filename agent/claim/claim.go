@@ -38,9 +38,9 @@
 //     later image of the repository it does not pull): the node that asked
 //     it loses up to registry.imageFollowWait (3 s), then decides the blob.
 //     A node that has the blob in flight but no bytes yet is waited for
-//     up to fetch.FollowWait, as a chosen node is.
+//     up to peerproto.FollowWait, as a chosen node is.
 //   - The chosen node dies, stalls or is slow: its followers wait for its
-//     first bytes up to fetch.FollowWait and go upstream; once bytes flow,
+//     first bytes up to peerproto.FollowWait and go upstream; once bytes flow,
 //     a stream that stalls falls back to another source or upstream
 //     (agent/fetch).
 package claim

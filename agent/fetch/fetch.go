@@ -25,19 +25,6 @@ import (
 	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
-// FollowWait is how long a node waits for the first bytes of the node it
-// agreed to follow (see agent/claim), which sends its headers with them:
-// that node's containerd must first get them from upstream, and on
-// containerd 2.x the last layer of an image only starts once another has
-// finished (3 requests at a time), seconds later; with the 5 s peer header
-// timeout, followers gave up on it and went upstream too, and at 20 nodes
-// × 500 MB on 2 cores that last layer started 21-22 s late, past the 20 s
-// this was before. containerd itself waits minutes for progress
-// (image_pull_progress_timeout, 5 min), so this stays well inside it; a
-// node that is gone fails at once (connection refused or reset). Other
-// peers keep the short header timeout.
-const FollowWait = time.Minute
-
 // ErrNoSource means no peer could serve the content; the registry answers
 // 404 and containerd goes to the next host.
 var ErrNoSource = errors.New("no peer could serve it")
@@ -82,7 +69,7 @@ const StallTimeout = 5 * time.Second
 func WithStallTimeout(d time.Duration) Option { return func(m *Fetcher) { m.stallTimeout = d } }
 
 // WithFollowWait sets how long a node waits for the first bytes of the
-// node it agreed to follow (FollowWait by default).
+// node it agreed to follow (peerproto.FollowWait by default).
 func WithFollowWait(d time.Duration) Option { return func(m *Fetcher) { m.followWait = d } }
 
 // WithMetrics records fetches in m.
@@ -109,7 +96,7 @@ func New(router Router, opts ...Option) (*Fetcher, error) {
 		resolveTimeout: 20 * time.Millisecond,
 		peers:          3,
 		stallTimeout:   StallTimeout,
-		followWait:     FollowWait,
+		followWait:     peerproto.FollowWait,
 		log:            slog.Default(),
 		hints:          newHints(),
 		bad:            newBadPeers(),

@@ -27,6 +27,9 @@ const (
 	WaveSmall        = "small"         // under the agreement's threshold: upstream at once
 )
 
+// WaveOutcomes are FirstWave's outcome label values, all of them.
+var WaveOutcomes = []string{WaveFollowed, WaveFollowFailed, WaveFetched, WaveSmall}
+
 // Registry label values besides registry hosts.
 const (
 	// RegistryOther stands for every registry that has no label of its own.
@@ -157,7 +160,7 @@ func New(peers func() int, opts ...Option) *Metrics {
 	)
 	// Every outcome from the start, so that a rate over the first burst
 	// does not miss its first count.
-	for _, o := range []string{WaveFollowed, WaveFollowFailed, WaveFetched, WaveSmall} {
+	for _, o := range WaveOutcomes {
 		m.FirstWave.WithLabelValues(o)
 	}
 	for _, o := range opts {

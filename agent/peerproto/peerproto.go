@@ -37,6 +37,18 @@ const AnswerHeader = "X-Fleetmirror-Peer-Answer"
 // answering 404 at once. Agents that predate it ignore it.
 const WaitHeader = "X-Fleetmirror-Wait"
 
+// FollowWait is how long a node waits for the first bytes of the node it
+// agreed to follow (see agent/claim), which sends its headers with them,
+// and so how long that node waits for its containerd's first byte on the
+// follower's behalf. That containerd must first get them from upstream,
+// and on containerd 2.x the last layer of an image only starts once
+// another has finished (3 requests at a time): at 20 nodes × 500 MB on
+// 2 cores it started 21-22 s late, past the 20 s this was before.
+// containerd itself waits minutes for progress (image_pull_progress_timeout,
+// 5 min), so this stays well inside it; a node that is gone fails at once
+// (connection refused or reset). Other peers keep the short header timeout.
+const FollowWait = time.Minute
+
 // MaxWait bounds what WaitHeader may ask for.
 const MaxWait = 5 * time.Second
 

@@ -289,7 +289,7 @@ func TestImageFetcherAskedFirst(t *testing.T) {
 // must be zero.
 func wantWave(t *testing.T, m *metrics.Metrics, want map[string]float64) {
 	t.Helper()
-	for _, o := range []string{metrics.WaveFollowed, metrics.WaveFollowFailed, metrics.WaveFetched, metrics.WaveSmall} {
+	for _, o := range metrics.WaveOutcomes {
 		if got := testutil.ToFloat64(m.FirstWave.WithLabelValues(o)); got != want[o] {
 			t.Errorf("fleetmirror_first_wave_blobs_total{outcome=%q} = %v, want %v", o, got, want[o])
 		}

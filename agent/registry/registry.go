@@ -90,7 +90,7 @@ func (f *following) has(d digest.Digest) bool {
 // followWait is how long a node that agreed to follow another asks it to
 // wait for the blob to appear in flight: nodes decide at different moments
 // on a busy machine (up to a second apart in a 20-node burst), and the
-// fallback is upstream. The wait for its first bytes is fetch.FollowWait.
+// fallback is upstream. The wait for its first bytes is peerproto.FollowWait.
 const followWait = peerproto.MaxWait
 
 // WithClaims makes nodes that miss a blob at the same moment agree on one

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 )
 
 // InFlight finds blobs this node's containerd is still writing, or has
@@ -34,9 +36,8 @@ type InFlight struct {
 // FirstByteWait is how long a reader waits for the first byte of an ingest
 // that has none yet: containerd opens it before it asks for the blob, and
 // on a busy node its first bytes from upstream can take seconds longer
-// than the stall timeout. It matches fetch.FollowWait, how long the
-// nodes that wait for this one are patient.
-const FirstByteWait = time.Minute
+// than the stall timeout. The nodes that wait for this one are as patient.
+const FirstByteWait = peerproto.FollowWait
 
 // NewInFlight reads ingests under contentDir. A reader that reaches the
 // writer's offset waits for more, and gives up after stall without growth,

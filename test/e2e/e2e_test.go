@@ -19,6 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/fleetmirror/fleetmirror/agent/canary"
+	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
@@ -537,16 +538,16 @@ func (e *env) burst(t *testing.T, img image) {
 	// that failed, and the others followed (or found the layer in flight
 	// at a peer without agreeing).
 	after := e.firstWave(t)
-	if got := after["fetched"] - before["fetched"]; got != float64(len(img.Layers)) {
+	if got := after[metrics.WaveFetched] - before[metrics.WaveFetched]; got != float64(len(img.Layers)) {
 		t.Errorf("first wave: %v blobs fetched upstream by the agents' agreement, want %d (one per layer); before %v, after %v", got, len(img.Layers), before, after)
 	}
-	if got := after["follow-failed"] - before["follow-failed"]; got != 0 {
+	if got := after[metrics.WaveFollowFailed] - before[metrics.WaveFollowFailed]; got != 0 {
 		t.Errorf("first wave: %v follows failed, want none", got)
 	}
-	if after["followed"] == before["followed"] {
+	if after[metrics.WaveFollowed] == before[metrics.WaveFollowed] {
 		t.Error("first wave: no node counted a blob it followed")
 	}
-	t.Logf("first wave: %v fetched, %v followed, %v small", after["fetched"]-before["fetched"], after["followed"]-before["followed"], after["small"]-before["small"])
+	t.Logf("first wave: %v fetched, %v followed, %v small", after[metrics.WaveFetched]-before[metrics.WaveFetched], after[metrics.WaveFollowed]-before[metrics.WaveFollowed], after[metrics.WaveSmall]-before[metrics.WaveSmall])
 	var size int64
 	for _, l := range img.Layers {
 		size += l.Size
@@ -561,7 +562,7 @@ func (e *env) firstWave(t *testing.T) map[string]float64 {
 	out := map[string]float64{}
 	for _, n := range e.c.Nodes {
 		m := e.metrics(t, n)
-		for _, o := range []string{"followed", "follow-failed", "fetched", "small"} {
+		for _, o := range metrics.WaveOutcomes {
 			out[o] += m.Sum("fleetmirror_first_wave_blobs_total", "outcome", o)
 		}
 	}
