@@ -2,11 +2,14 @@ package claim
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/fleetmirror/fleetmirror/agent/routing"
 )
@@ -480,5 +483,50 @@ func TestNoAnswerIsNotAlone(t *testing.T) {
 		if fetches[0] == fetches[1] {
 			t.Errorf("node %d deaf: fetchers %v, want exactly one", deaf, fetches)
 		}
+	}
+}
+
+// The image's fetcher remembers the manifests its containerd missed in the
+// pull, by digest, so that it can tell which blobs it will fetch; the
+// nodes that follow it have none to tell, and the list is bounded.
+func TestImageManifests(t *testing.T) {
+	c := newCluster(3)
+	var wg sync.WaitGroup
+	for _, d := range c.deciders {
+		wg.Go(func() { d.Begin("example.com/app:v1", "example.com/app") })
+	}
+	wg.Wait()
+	index, manifest := digest.FromString("index"), digest.FromString("manifest")
+	for _, d := range c.deciders {
+		d.awaitBegun(context.Background(), "example.com/app")
+		d.Begin(index.String(), "example.com/app")
+		d.Begin(manifest.String(), "example.com/app")
+		d.Begin(index.String(), "example.com/app") // containerd asked again
+	}
+	fetchers := 0
+	for i, d := range c.deciders {
+		got := d.ImageManifests("example.com/app")
+		if !d.fetchesImage("example.com/app") {
+			if got != nil {
+				t.Errorf("node %d follows the image's fetcher but names manifests it fetches: %v", i, got)
+			}
+			continue
+		}
+		fetchers++
+		if !slices.Equal(got, []digest.Digest{index, manifest}) {
+			t.Errorf("the image's fetcher names manifests %v, want the index and the manifest (not the tag) once each", got)
+		}
+		for k := range 2 * maxManifests {
+			d.Begin(digest.FromString(fmt.Sprint(k)).String(), "example.com/app")
+		}
+		if n := len(d.ImageManifests("example.com/app")); n != maxManifests {
+			t.Errorf("after %d more manifests the fetcher names %d, want at most %d", 2*maxManifests, n, maxManifests)
+		}
+	}
+	if fetchers != 1 {
+		t.Fatalf("%d nodes fetch the image, want 1", fetchers)
+	}
+	if got := c.deciders[0].ImageManifests("example.com/other"); got != nil {
+		t.Errorf("a repository without an agreement names manifests %v", got)
 	}
 }

@@ -3,8 +3,11 @@ package claim
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 )
 
 // image is this node's part in the agreement on one image: which node
@@ -17,6 +20,23 @@ type image struct {
 	// Set once done is closed.
 	self    bool
 	fetcher netip.AddrPort // the node to follow, when not self
+	// The manifests this node's containerd missed in the group since,
+	// by digest: the images it pulls, whose blobs it will ask for.
+	manifests []digest.Digest
+}
+
+// maxManifests bounds the manifests an image's agreement remembers: a
+// pull misses an index and its platform's manifest, a node may pull a few
+// tags of one repository at once.
+const maxManifests = 8
+
+// note remembers key if it is a manifest's digest. d.mu is held.
+func (im *image) note(key string) {
+	dg, err := digest.Parse(key)
+	if err != nil || slices.Contains(im.manifests, dg) || len(im.manifests) >= maxManifests {
+		return
+	}
+	im.manifests = append(im.manifests, dg)
 }
 
 // fetcherFor is how long the answer of an image's agreement is used
@@ -47,10 +67,12 @@ func (d *Decider) Begin(key, group string) {
 		select {
 		case <-old.done:
 		default:
+			old.note(key)
 			d.mu.Unlock()
 			return // under way
 		}
 		if (key == old.key || strings.HasPrefix(key, "sha256:")) && time.Since(old.began) < beginOnce {
+			old.note(key)
 			d.mu.Unlock()
 			return // the same pull
 		}
@@ -61,6 +83,7 @@ func (d *Decider) Begin(key, group string) {
 	}
 	now := time.Now()
 	im := &image{key: key, began: now, used: now, done: make(chan struct{})}
+	im.note(key)
 	d.images[group] = im
 	d.mu.Unlock()
 	go func() {
@@ -131,22 +154,45 @@ func (d *Decider) answer(group string) (self bool, fetcher netip.AddrPort, ok bo
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	im := d.images[group]
-	if im == nil || time.Since(im.used) >= fetcherFor {
-		return false, netip.AddrPort{}, false
-	}
-	select {
-	case <-im.done:
-	default:
+	if !decided(im) {
 		return false, netip.AddrPort{}, false
 	}
 	im.used = time.Now()
 	return im.self, im.fetcher, true
 }
 
+// decided says whether the agreement im has an answer, still fresh.
+// d.mu is held.
+func decided(im *image) bool {
+	if im == nil || time.Since(im.used) >= fetcherFor {
+		return false
+	}
+	select {
+	case <-im.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // fetchesImage says whether the agreement on group picked this node.
 func (d *Decider) fetchesImage(group string) bool {
 	self, _, ok := d.answer(group)
 	return ok && self
+}
+
+// ImageManifests are the manifests of the images in group this node's
+// containerd pulls, when the agreement on group picked this node to fetch
+// them: their blobs are ones it will fetch, when its containerd gets to
+// them. Nil otherwise.
+func (d *Decider) ImageManifests(group string) []digest.Digest {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	im := d.images[group]
+	if !decided(im) || !im.self {
+		return nil
+	}
+	return slices.Clone(im.manifests)
 }
 
 // ImageFetcher is the node the agreement on group (see Begin) picked to

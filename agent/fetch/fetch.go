@@ -262,7 +262,7 @@ func (m *Fetcher) manifestFrom(ctx context.Context, p netip.AddrPort, req oci.Re
 	if req.Digest != "" {
 		ref = req.Digest.String()
 	}
-	resp, err := m.do(ctx, http.MethodGet, p, req, peerproto.Manifests, ref, "", 0)
+	resp, err := m.do(ctx, http.MethodGet, p, req, peerproto.Manifests, ref, "", Wait{})
 	if err != nil {
 		return Manifest{}, err
 	}
@@ -302,7 +302,7 @@ func (m *Fetcher) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descri
 	defer src.close()
 	p, ok := m.firstPeer(ctx, src, req.Kind)
 	for ; ok; p, ok = src.next(ctx) {
-		resp, err := m.do(ctx, http.MethodHead, p, req, peerproto.Blobs, req.Digest.String(), "", 0)
+		resp, err := m.do(ctx, http.MethodHead, p, req, peerproto.Blobs, req.Digest.String(), "", Wait{})
 		if err != nil {
 			continue
 		}
@@ -320,7 +320,12 @@ func (m *Fetcher) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descri
 	return ocispec.Descriptor{}, fmt.Errorf("blob %s: %w", req.Digest, ErrNoSource)
 }
 
-func (m *Fetcher) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, segment, ref, rng string, wait time.Duration) (*http.Response, error) {
+// Wait is what a follower asks the node it follows to wait for before it
+// answers: Blob for the blob to appear in flight (peerproto.WaitHeader),
+// Image for one of an image that node fetches (peerproto.ImageWaitHeader).
+type Wait struct{ Blob, Image time.Duration }
+
+func (m *Fetcher) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, segment, ref, rng string, wait Wait) (*http.Response, error) {
 	hr, err := http.NewRequestWithContext(ctx, method, peerproto.PeerURL(p, req, segment, ref), nil)
 	if err != nil {
 		return nil, err
@@ -329,8 +334,12 @@ func (m *Fetcher) do(ctx context.Context, method string, p netip.AddrPort, req o
 		hr.Header.Set("Range", rng)
 	}
 	client := m.client
-	if wait > 0 {
-		hr.Header.Set(peerproto.WaitHeader, wait.String())
+	if wait.Blob > 0 {
+		hr.Header.Set(peerproto.WaitHeader, wait.Blob.String())
+		client = m.followClient
+	}
+	if wait.Image > 0 {
+		hr.Header.Set(peerproto.ImageWaitHeader, wait.Image.String())
 		client = m.followClient
 	}
 	proof := "1"

@@ -60,7 +60,7 @@ func TestFollowerWaitsForItsLeadersFirstBytes(t *testing.T) {
 	time.AfterFunc(500*time.Millisecond, func() { close(release) })
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	s, err := m.OpenBlobFrom(ctx, blobRequest(blob), leader, time.Second)
+	s, err := m.OpenBlobFrom(ctx, blobRequest(blob), leader, Wait{Blob: time.Second})
 	if err != nil {
 		t.Fatalf("follower gave up on its leader: %v", err)
 	}
@@ -100,7 +100,7 @@ func TestFollowerGoesUpstreamWhenItsLeaderFails(t *testing.T) {
 				WithHTTPClient(shortHeaders()), WithFollowWait(300*time.Millisecond))
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			_, err := m.OpenBlobFrom(ctx, blobRequest(blob), tt.leader, time.Second)
+			_, err := m.OpenBlobFrom(ctx, blobRequest(blob), tt.leader, Wait{Blob: time.Second})
 			if !errors.Is(err, ErrNoSource) {
 				t.Fatalf("err %v, want ErrNoSource (upstream)", err)
 			}

@@ -64,7 +64,7 @@ type BlobStream struct {
 	cancel context.CancelCauseFunc
 	stop   func() bool
 	err    error
-	wait   time.Duration // for the first request, see peerproto.WaitHeader
+	wait   Wait // for the first request
 
 	// For watch: how long reads waited on the current peer since it last
 	// sent minProgress bytes, and when the read in progress began.
@@ -77,7 +77,7 @@ type BlobStream struct {
 // answered with its size, or ErrNoSource. Blobs under WholeBelow are
 // received and verified before it returns. The caller must Close the stream.
 func (m *Fetcher) OpenBlob(ctx context.Context, req oci.Request) (*BlobStream, error) {
-	return m.open(ctx, req, netip.AddrPort{}, 0)
+	return m.open(ctx, req, netip.AddrPort{}, Wait{})
 }
 
 // OpenBlobFrom opens the blob from the peer that agreed to fetch it (see
@@ -87,11 +87,12 @@ func (m *Fetcher) OpenBlob(ctx context.Context, req oci.Request) (*BlobStream, e
 // upstream: the other peers in flight are followers of the same node, as
 // empty-handed, and trying each in turn would only add their timeouts.
 // Once bytes flow, a peer that breaks off is resumed from the others.
-func (m *Fetcher) OpenBlobFrom(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
-	return m.open(ctx, req, first, min(wait, peerproto.MaxWait))
+func (m *Fetcher) OpenBlobFrom(ctx context.Context, req oci.Request, first netip.AddrPort, wait Wait) (*BlobStream, error) {
+	wait.Blob, wait.Image = min(wait.Blob, peerproto.MaxWait), min(wait.Image, peerproto.MaxImageWait)
+	return m.open(ctx, req, first, wait)
 }
 
-func (m *Fetcher) open(ctx context.Context, req oci.Request, first netip.AddrPort, wait time.Duration) (*BlobStream, error) {
+func (m *Fetcher) open(ctx context.Context, req oci.Request, first netip.AddrPort, wait Wait) (*BlobStream, error) {
 	src, err := m.lookup(ctx, req.Key(), req.Digest)
 	if err != nil {
 		return nil, err
@@ -161,7 +162,7 @@ func (s *BlobStream) connect(p netip.AddrPort) error {
 		rng = peerproto.ResumeRange(s.off)
 	}
 	resp, err := s.m.do(ctx, http.MethodGet, p, s.req, peerproto.Blobs, s.req.Digest.String(), rng, s.wait)
-	s.wait = 0
+	s.wait = Wait{}
 	if err != nil {
 		cancel(nil)
 		return err

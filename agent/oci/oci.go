@@ -4,6 +4,7 @@
 package oci
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"regexp"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // Kind says whether a request is for a manifest or a blob.
@@ -301,4 +303,23 @@ func RegistryOfKey(key string) string {
 	}
 	registry, _, _ := strings.Cut(key, "/")
 	return registry
+}
+
+// Children lists what a manifest or an index names: an index's manifests,
+// a manifest's config and layers. One struct covers OCI and Docker indexes
+// and manifests alike; the fields a kind lacks stay empty.
+func Children(body []byte) ([]ocispec.Descriptor, error) {
+	var m struct {
+		Manifests []ocispec.Descriptor `json:"manifests"`
+		Config    *ocispec.Descriptor  `json:"config"`
+		Layers    []ocispec.Descriptor `json:"layers"`
+	}
+	if err := json.Unmarshal(body, &m); err != nil {
+		return nil, fmt.Errorf("%w manifest: %w", ErrInvalid, err)
+	}
+	kids := slices.Clone(m.Manifests)
+	if m.Config != nil {
+		kids = append(kids, *m.Config)
+	}
+	return append(kids, m.Layers...), nil
 }

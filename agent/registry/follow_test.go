@@ -250,22 +250,7 @@ func TestImageFetcherAskedFirst(t *testing.T) {
 		t.Cleanup(func() { srv.Close() })
 	}
 
-	// A repository whose agreement picks A.
-	repo := ""
-	for i := 0; repo == "" && i < 50; i++ {
-		r := fmt.Sprintf("team/app%d", i)
-		var wg sync.WaitGroup
-		for _, d := range []*claim.Decider{decA, decB} {
-			wg.Go(func() { d.Begin("example.com/"+r+":v1", "example.com/"+r) })
-		}
-		wg.Wait()
-		if f, ok := decB.ImageFetcher(context.Background(), "example.com/"+r); ok && f == addrs[0] {
-			repo = r
-		}
-	}
-	if repo == "" {
-		t.Fatal("no repository's agreement picked A in 50 tries")
-	}
+	repo := repoFetchedBy(t, decA, decB, addrs[0])
 	url := "http://" + addrs[1].String() + "/v2/" + repo + "/blobs/"
 
 	resp, body := get(t, http.MethodGet, url+held.String()+"?ns=example.com")
@@ -283,6 +268,89 @@ func TestImageFetcherAskedFirst(t *testing.T) {
 		t.Error("B did not agree on a blob the image's fetcher did not start on")
 	}
 	wantWave(t, mB, map[string]float64{metrics.WaveFollowed: 1, metrics.WaveFetched: 1})
+}
+
+// repoFetchedBy runs the agreement on images of repositories of
+// example.com, pulled by a and b at once, until one picks a (at addr) to
+// fetch it, and returns that repository.
+func repoFetchedBy(t *testing.T, a, b *claim.Decider, addr netip.AddrPort) string {
+	t.Helper()
+	for i := range 50 {
+		r := fmt.Sprintf("team/app%d", i)
+		var wg sync.WaitGroup
+		for _, d := range []*claim.Decider{a, b} {
+			wg.Go(func() { d.Begin("example.com/"+r+":v1", "example.com/"+r) })
+		}
+		wg.Wait()
+		if f, ok := b.ImageFetcher(context.Background(), "example.com/"+r); ok && f == addr {
+			return r
+		}
+	}
+	t.Fatal("no repository's agreement picked the node in 50 tries")
+	return ""
+}
+
+// The node an image's agreement picked waits for a blob of that image its
+// containerd has not asked for yet, when the follower asks it to
+// (ImageWaitHeader): containerd fetches 3 blobs at a time, and followers
+// that gave up on it agreed on the blob anew and fetched it a second time
+// (half of the 20-node bursts). For a blob of no image it pulls, or for a
+// follower that does not ask (an agent before this), it answers 404 after
+// the short wait, as before.
+func TestImageFetcherWaitsForItsImagesBlobs(t *testing.T) {
+	later, other, older := randomBytes(t, 3000), randomBytes(t, 3000), randomBytes(t, 3000)
+	dLater, dOther, dOlder := digest.FromBytes(later), digest.FromBytes(other), digest.FromBytes(older)
+	manifest := fmt.Sprintf(`{"schemaVersion":2,"config":{"digest":%q,"size":2},"layers":[{"digest":%q,"size":3000},{"digest":%q,"size":3000}]}`,
+		digest.FromString("{}"), dLater, dOlder)
+	dm := digest.FromString(manifest)
+	dir := t.TempDir()
+	// containerd commits the manifest before it asks for what it names.
+	if err := os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", dm.Encoded()), []byte(manifest), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for i, b := range [][]byte{later, other, older} {
+		writeIngest(t, dir, strconv.Itoa(i), digest.FromBytes(b), len(b), b)
+	}
+	addrs := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1"), netip.MustParseAddrPort("127.0.0.1:2")}
+	rs := routing.NewMemory(addrs...)
+	decA, decB := claim.New(rs[0], 20*time.Millisecond, nil), claim.New(rs[1], 20*time.Millisecond, nil)
+	repo := repoFetchedBy(t, decA, decB, addrs[0])
+	decA.Begin(dm.String(), "example.com/"+repo)                 // the manifest's miss
+	decA.ImageFetcher(context.Background(), "example.com/"+repo) // wait for A's own agreement to end
+	held := &recordingHolds{}
+	reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, time.Second), held), WithClaims(decA))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(reg)
+	defer srv.Close()
+	for _, tt := range []struct {
+		name  string
+		d     digest.Digest
+		body  []byte
+		image bool
+		want  int
+	}{
+		{"a blob of its image", dLater, later, true, http.StatusOK},
+		{"a blob of no image it pulls", dOther, other, true, http.StatusNotFound},
+		{"a follower that does not ask", dOlder, older, false, http.StatusNotFound},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			// Its containerd asks for the blob well after the short wait.
+			time.AfterFunc(600*time.Millisecond, func() { held.Hold(tt.d.String()) })
+			hdr := []string{peerproto.PeerHeader, "1", peerproto.WaitHeader, "100ms"}
+			if tt.image {
+				hdr = append(hdr, peerproto.ImageWaitHeader, "5s")
+			}
+			resp, body := get(t, http.MethodGet, srv.URL+"/v2/"+repo+"/blobs/"+tt.d.String()+"?ns=example.com", hdr...)
+			if resp.StatusCode != tt.want || tt.want == http.StatusOK && !bytes.Equal(body, tt.body) {
+				t.Errorf("status %d, %d bytes; want %d", resp.StatusCode, len(body), tt.want)
+			}
+		})
+	}
 }
 
 // wantWave checks the first wave's counts by outcome; outcomes not named

@@ -44,17 +44,18 @@ type Store interface {
 
 // Registry serves the distribution API.
 type Registry struct {
-	store   Store
-	fetcher *fetch.Fetcher
-	metrics *metrics.Metrics
-	log     *slog.Logger
-	ready   func(context.Context) error
-	flights *store.InFlight
-	held    Holder
-	claims  *claim.Decider
-	policy  *policy.Policy
-	limit   *limiter
-	follows following
+	store     Store
+	fetcher   *fetch.Fetcher
+	metrics   *metrics.Metrics
+	log       *slog.Logger
+	ready     func(context.Context) error
+	flights   *store.InFlight
+	held      Holder
+	claims    *claim.Decider
+	policy    *policy.Policy
+	limit     *limiter
+	follows   following
+	manifests manifestBlobs // of the images this node fetches for a burst
 }
 
 // following counts the blobs this node waits for from the node it agreed
@@ -430,13 +431,13 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 func (r *Registry) agree(ctx context.Context, oreq oci.Request, err error) (*fetch.BlobStream, error) {
 	group := oreq.Registry + "/" + oreq.Repository
 	if leader, ok := r.claims.ImageFetcher(ctx, group); ok {
-		if bs, ferr := r.follow(ctx, oreq, leader, imageFollowWait); ferr == nil {
+		if bs, ferr := r.follow(ctx, oreq, leader, fetch.Wait{Blob: imageFollowWait, Image: peerproto.MaxImageWait}); ferr == nil {
 			r.wave(ctx, metrics.WaveFollowed)
 			return bs, nil
 		}
 	}
 	if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), group); follow {
-		bs, ferr := r.follow(ctx, oreq, leader, followWait)
+		bs, ferr := r.follow(ctx, oreq, leader, fetch.Wait{Blob: followWait})
 		if ferr != nil {
 			r.wave(ctx, metrics.WaveFollowFailed)
 			return nil, ferr
@@ -457,7 +458,7 @@ func (r *Registry) wave(ctx context.Context, outcome string) {
 	r.metrics.FirstWave.WithLabelValues(outcome).Inc()
 }
 
-func (r *Registry) follow(ctx context.Context, oreq oci.Request, leader netip.AddrPort, wait time.Duration) (*fetch.BlobStream, error) {
+func (r *Registry) follow(ctx context.Context, oreq oci.Request, leader netip.AddrPort, wait fetch.Wait) (*fetch.BlobStream, error) {
 	r.follows.add(oreq.Digest, 1)
 	defer r.follows.add(oreq.Digest, -1)
 	return r.fetcher.OpenBlobFrom(ctx, oreq, leader, wait)
@@ -505,12 +506,18 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	if !ok {
 		return false
 	}
-	wait, _ := time.ParseDuration(req.Header.Get(peerproto.WaitHeader))
-	deadline := time.Now().Add(min(max(wait, 0), peerproto.MaxWait))
+	start := time.Now()
+	wait := headerWait(req, peerproto.WaitHeader, peerproto.MaxWait)
+	deadline, longer := start.Add(wait), false
 	// A node that follows this one may ask before this one decided to fetch.
 	for !r.held.Holding(oreq.Digest.String()) && !r.follows.has(oreq.Digest) {
 		if time.Now().After(deadline) {
-			return false
+			if longer || !r.waitsForImage(req, oreq) {
+				return false
+			}
+			longer = true
+			deadline = start.Add(headerWait(req, peerproto.ImageWaitHeader, peerproto.MaxImageWait))
+			continue
 		}
 		select {
 		case <-req.Context().Done():
@@ -524,7 +531,7 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 		return false
 	}
 	defer g.Close()
-	if wait <= 0 {
+	if wait <= 0 && !longer {
 		// Only a node that agreed to follow this one waits for its first
 		// bytes longer than the stall timeout.
 		g.Impatient()

@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -116,23 +115,10 @@ func (x *indexer) childrenOf(ctx context.Context, desc ocispec.Descriptor, cs co
 	if err != nil {
 		return nil, fmt.Errorf("reading %s: %w", desc.Digest, err)
 	}
-	// One struct covers OCI and Docker indexes and manifests alike; the
-	// fields a kind lacks stay empty.
-	var m struct {
-		Manifests []ocispec.Descriptor `json:"manifests"`
-		Config    *ocispec.Descriptor  `json:"config"`
-		Layers    []ocispec.Descriptor `json:"layers"`
-	}
-	var kids []ocispec.Descriptor
-	if err := json.Unmarshal(b, &m); err != nil {
+	kids, err := oci.Children(b)
+	if err != nil {
 		// Still served as a blob; there is just nothing below it to walk.
 		x.log.Warn("unparsable manifest in content store", "digest", desc.Digest, "mediaType", desc.MediaType, "err", err)
-	} else {
-		kids = append(kids, m.Manifests...)
-		if m.Config != nil {
-			kids = append(kids, *m.Config)
-		}
-		kids = append(kids, m.Layers...)
 	}
 	x.children[desc.Digest] = kids
 	return kids, nil

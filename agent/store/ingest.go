@@ -112,7 +112,7 @@ func (s *InFlight) Size(dgst digest.Digest) (int64, bool) {
 func (s *InFlight) open(dgst digest.Digest) (*Growing, error) {
 	g := &Growing{stall: s.stall, first: s.first, poll: s.poll}
 	// A committed blob the index does not list yet: complete, no waiting.
-	if f, err := os.Open(filepath.Join(s.dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())); err == nil {
+	if f, err := os.Open(s.blobPath(dgst)); err == nil {
 		fi, err := f.Stat()
 		if err != nil {
 			f.Close()
@@ -151,6 +151,28 @@ func (s *InFlight) open(dgst digest.Digest) (*Growing, error) {
 		return g, nil
 	}
 	return nil, fmt.Errorf("%s in flight: %w", dgst, ErrNotFound)
+}
+
+func (s *InFlight) blobPath(dgst digest.Digest) string {
+	return filepath.Join(s.dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())
+}
+
+// Committed reads a blob containerd has committed, if it is at most limit
+// bytes: the manifest of a pull in progress, before an image names it.
+func (s *InFlight) Committed(dgst digest.Digest, limit int64) ([]byte, error) {
+	f, err := os.Open(s.blobPath(dgst))
+	if err != nil {
+		return nil, fmt.Errorf("%s committed: %w", dgst, ErrNotFound)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("%s has over %d bytes", dgst, limit)
+	}
+	return b, nil
 }
 
 // Read implements io.Reader.

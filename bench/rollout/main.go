@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/bench/report"
 	"github.com/fleetmirror/fleetmirror/bench/workload"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
@@ -29,7 +30,7 @@ type config struct {
 	keep                           bool
 	nodes                          int
 	rate                           int64
-	latency                        time.Duration
+	latency, stagger               time.Duration
 	batch                          float64
 	seed                           int64
 }
@@ -43,6 +44,7 @@ func main() {
 	flag.IntVar(&c.nodes, "nodes", 6, "nodes in the cluster")
 	flag.Int64Var(&c.rate, "upstream-rate", 100_000_000, "upstream bandwidth in bytes/s, shared by all nodes (0: unshaped)")
 	flag.DurationVar(&c.latency, "upstream-latency", 20*time.Millisecond, "latency added to every upstream request")
+	flag.DurationVar(&c.stagger, "stagger", 0, "create: spread the nodes' pull starts evenly over this long, as a scale-up's nodes become ready over seconds")
 	flag.Float64Var(&c.batch, "update-batch", 0.2, "share of nodes updated at a time")
 	flag.Int64Var(&c.seed, "seed", 1, "seed of the generated images")
 	flag.StringVar(&c.scenarios, "scenarios", "create,update", "which rollouts to measure: create, update or both")
@@ -71,6 +73,9 @@ func run(ctx context.Context, c config) error {
 	}
 	if c.nodes < 2 || c.batch <= 0 || c.batch > 1 {
 		return fmt.Errorf("-nodes %d -update-batch %g: want at least 2 nodes and a batch share in (0, 1]", c.nodes, c.batch)
+	}
+	if c.stagger < 0 || c.stagger > time.Minute {
+		return fmt.Errorf("-stagger %s: want 0 (all at once) to 1m", c.stagger)
 	}
 	cl, err := cluster.Start(ctx, cluster.Options{Nodes: c.nodes, Containerd: c.containerd, AgentBin: c.agent,
 		AgentArgs:    strings.Fields(c.agentArgs),
@@ -109,6 +114,7 @@ func run(ctx context.Context, c config) error {
 		fmt.Sprintf("upstream: %s shared, +%s per request", rateString(c.rate), c.latency),
 		fmt.Sprintf("update batches: %d nodes at a time", batchSize(c.nodes, c.batch)),
 		"baseline: agents stopped, containerd pulls from the upstream directly",
+		fmt.Sprintf("create: the nodes start pulling over %s", c.stagger),
 		"command: go run ./bench/rollout " + fmt.Sprint(os.Args[1:]),
 	}}
 	for _, mode := range []string{"baseline", "fleetmirror"} {
@@ -157,7 +163,7 @@ func rollout(ctx context.Context, cl *cluster.Cluster, c config, mode string, im
 	all := cl.Nodes
 	// create: every node pulls v1 at once.
 	if strings.Contains(c.scenarios, "create") {
-		if err := measure(ctx, cl, mode, "create", img.spec.Name, img.v1, [][]*cluster.Node{all}, res); err != nil {
+		if err := measure(ctx, cl, mode, "create", img.spec.Name, img.v1, [][]*cluster.Node{all}, c.stagger, res); err != nil {
 			return err
 		}
 	}
@@ -170,7 +176,7 @@ func rollout(ctx context.Context, cl *cluster.Cluster, c config, mode string, im
 	for i := 0; i < len(all); i += size {
 		batches = append(batches, all[i:min(i+size, len(all))])
 	}
-	if err := measure(ctx, cl, mode, "update", img.spec.Name, img.v2, batches, res); err != nil {
+	if err := measure(ctx, cl, mode, "update", img.spec.Name, img.v2, batches, 0, res); err != nil {
 		return err
 	}
 	return purge(ctx, all, img)
@@ -192,10 +198,12 @@ func purge(ctx context.Context, all []*cluster.Node, img image) error {
 }
 
 // measure pulls ref on each batch of nodes in turn, the nodes of a batch
-// at once, and records every pull and the bytes that moved.
-func measure(ctx context.Context, cl *cluster.Cluster, mode, scenario, name, ref string, batches [][]*cluster.Node, res *report.Results) error {
+// at once or spread over stagger, and records every pull (timed from its
+// own start) and the bytes that moved.
+func measure(ctx context.Context, cl *cluster.Cluster, mode, scenario, name, ref string, batches [][]*cluster.Node, stagger time.Duration, res *report.Results) error {
 	cl.Upstream.Reset()
 	peerBefore := peerBytes(ctx, cl, mode)
+	waveBefore := waves(ctx, cl, mode)
 	cpuBefore := map[*cluster.Node]float64{}
 	for _, n := range cl.Nodes {
 		cpuBefore[n] = workload.CPUSeconds(n.AgentPID())
@@ -206,6 +214,9 @@ func measure(ctx context.Context, cl *cluster.Cluster, mode, scenario, name, ref
 		pulls := make([]report.Pull, len(batch))
 		for i, n := range batch {
 			wg.Go(func() {
+				if len(batch) > 1 {
+					time.Sleep(stagger * time.Duration(i) / time.Duration(len(batch)-1))
+				}
 				d, err := n.Pull(ctx, ref)
 				if err != nil {
 					errs[i] = fmt.Errorf("%s %s %s on %s: %w\n%s", mode, scenario, ref, n.Name, err, n.LogTail(20))
@@ -245,6 +256,12 @@ func measure(ctx context.Context, cl *cluster.Cluster, mode, scenario, name, ref
 			peak = max(peak, workload.RSSMiB(n.AgentPID(), "VmHWM"))
 		}
 		fmt.Printf("%s %s %s: agent CPU %.2f s per node, peak RSS %.1f MiB (largest)\n", mode, scenario, name, cpu/float64(len(cl.Nodes)), peak)
+		after := waves(ctx, cl, mode)
+		var counts []string
+		for _, o := range metrics.WaveOutcomes {
+			counts = append(counts, fmt.Sprintf("%s %.0f", o, after[o]-waveBefore[o]))
+		}
+		fmt.Printf("%s %s %s: first wave blobs: %s\n", mode, scenario, name, strings.Join(counts, ", "))
 	}
 	fmt.Printf("%s %s %s: done\n", mode, scenario, name)
 	return nil
@@ -262,6 +279,23 @@ func peerBytes(ctx context.Context, cl *cluster.Cluster, mode string) int64 {
 		}
 	}
 	return int64(total)
+}
+
+// waves is what the first wave did with blobs on all agents so far, by
+// outcome (fleetmirror_first_wave_blobs_total).
+func waves(ctx context.Context, cl *cluster.Cluster, mode string) map[string]float64 {
+	out := map[string]float64{}
+	if mode != "fleetmirror" {
+		return out
+	}
+	for _, n := range cl.Nodes {
+		if s, err := n.Metrics(ctx); err == nil {
+			for _, o := range metrics.WaveOutcomes {
+				out[o] += s.Sum("fleetmirror_first_wave_blobs_total", "outcome", o)
+			}
+		}
+	}
+	return out
 }
 
 func batchSize(nodes int, share float64) int {

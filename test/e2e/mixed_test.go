@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetmirror/fleetmirror/agent/metrics"
 	"github.com/fleetmirror/fleetmirror/test/cluster"
 )
 
@@ -31,7 +32,8 @@ func prevAgent(t *testing.T) (string, context.Context) {
 // TestMixedVersions runs agents of two adjacent versions in one cluster, as
 // a rolling update does: the previous release's agent (built by `make
 // agent-prev` from PREV_AGENT_REF) on nodes 1 and 2, this one on nodes 3
-// and 4. Each serves the other, and a burst across both kinds completes.
+// and 4. Each serves the other, and a burst across both kinds completes,
+// the new agents still fetching each layer once between them.
 // Both run an open network here: an agent with the network key serves
 // only members (see TestRollingTrust for the way there).
 func TestMixedVersions(t *testing.T) {
@@ -65,7 +67,24 @@ func TestMixedVersions(t *testing.T) {
 	}
 	t.Run("previous agent serves the new one", func(t *testing.T) { peerPull(t, old1, new3, fromOld) })
 	t.Run("new agent serves the previous one", func(t *testing.T) { peerPull(t, new4, old2, fromNew) })
-	t.Run("a burst across both versions completes", func(t *testing.T) { e.pullAll(t, c.Nodes, burst) })
+	t.Run("a burst across both versions completes", func(t *testing.T) {
+		c.Upstream.Reset()
+		before := e.firstWave(t)
+		e.pullAll(t, c.Nodes, burst)
+		// The new agents still agree among themselves with previous ones in
+		// the DHT: one of them fetches each layer. A previous agent knows
+		// no agreement and may fetch each layer itself.
+		after := e.firstWave(t)
+		if got := after[metrics.WaveFetched] - before[metrics.WaveFetched]; got != float64(len(burst.Layers)) {
+			t.Errorf("first wave: the new agents fetched %v blobs upstream by agreement, want %d (one per layer); before %v, after %v", got, len(burst.Layers), before, after)
+		}
+		st := c.Upstream.Stats()
+		for _, l := range burst.Layers {
+			if got := st.BlobGets[l.Digest.String()]; got < 1 || got > 1+2 {
+				t.Errorf("layer %s was fetched upstream %d times, want once for the new agents and at most once for each of the 2 previous ones", l.Digest, got)
+			}
+		}
+	})
 }
 
 // TestRollingTrust rolls a cluster of open agents of the previous release
