@@ -37,6 +37,10 @@
 //   - The image's fetcher does not fetch a blob (its answer is stale: a
 //     later image of the repository it does not pull): the node that asked
 //     it loses up to registry.imageFollowWait (3 s), then decides the blob.
+//     A blob a manifest it pulls names (ImageManifests) is waited for up to
+//     peerproto.MaxImageWait: its containerd asks for it once one of its 3
+//     downloads is done. A node that follows another for the image is
+//     waited for so too, as it holds the blob once it follows it.
 //     A node that has the blob in flight but no bytes yet is waited for
 //     up to peerproto.FollowWait, as a chosen node is.
 //   - The chosen node dies, stalls or is slow: its followers wait for its

@@ -486,9 +486,9 @@ func TestNoAnswerIsNotAlone(t *testing.T) {
 	}
 }
 
-// The image's fetcher remembers the manifests its containerd missed in the
-// pull, by digest, so that it can tell which blobs it will fetch; the
-// nodes that follow it have none to tell, and the list is bounded.
+// Each node remembers the manifests its containerd missed in the pull,
+// by digest (not the tag), once each, so that it can tell which blobs it
+// will hold; the list is bounded.
 func TestImageManifests(t *testing.T) {
 	c := newCluster(3)
 	var wg sync.WaitGroup
@@ -497,36 +497,22 @@ func TestImageManifests(t *testing.T) {
 	}
 	wg.Wait()
 	index, manifest := digest.FromString("index"), digest.FromString("manifest")
-	for _, d := range c.deciders {
-		d.awaitBegun(context.Background(), "example.com/app")
+	for i, d := range c.deciders {
 		d.Begin(index.String(), "example.com/app")
 		d.Begin(manifest.String(), "example.com/app")
 		d.Begin(index.String(), "example.com/app") // containerd asked again
-	}
-	fetchers := 0
-	for i, d := range c.deciders {
-		got := d.ImageManifests("example.com/app")
-		if !d.fetchesImage("example.com/app") {
-			if got != nil {
-				t.Errorf("node %d follows the image's fetcher but names manifests it fetches: %v", i, got)
-			}
-			continue
-		}
-		fetchers++
-		if !slices.Equal(got, []digest.Digest{index, manifest}) {
-			t.Errorf("the image's fetcher names manifests %v, want the index and the manifest (not the tag) once each", got)
-		}
-		for k := range 2 * maxManifests {
-			d.Begin(digest.FromString(fmt.Sprint(k)).String(), "example.com/app")
-		}
-		if n := len(d.ImageManifests("example.com/app")); n != maxManifests {
-			t.Errorf("after %d more manifests the fetcher names %d, want at most %d", 2*maxManifests, n, maxManifests)
+		if got := d.ImageManifests("example.com/app"); !slices.Equal(got, []digest.Digest{index, manifest}) {
+			t.Errorf("node %d names manifests %v, want the index and the manifest once each", i, got)
 		}
 	}
-	if fetchers != 1 {
-		t.Fatalf("%d nodes fetch the image, want 1", fetchers)
+	d := c.deciders[0]
+	for k := range 2 * maxManifests {
+		d.Begin(digest.FromString(fmt.Sprint(k)).String(), "example.com/app")
 	}
-	if got := c.deciders[0].ImageManifests("example.com/other"); got != nil {
-		t.Errorf("a repository without an agreement names manifests %v", got)
+	if n := len(d.ImageManifests("example.com/app")); n != maxManifests {
+		t.Errorf("after %d more manifests a node names %d, want at most %d", 2*maxManifests, n, maxManifests)
+	}
+	if got := d.ImageManifests("example.com/other"); got != nil {
+		t.Errorf("a repository this node does not pull names manifests %v", got)
 	}
 }

@@ -20,8 +20,9 @@ type image struct {
 	// Set once done is closed.
 	self    bool
 	fetcher netip.AddrPort // the node to follow, when not self
-	// The manifests this node's containerd missed in the group since,
-	// by digest: the images it pulls, whose blobs it will ask for.
+	// The manifests this node's containerd missed in the group since the
+	// agreement began, by digest: of the images it pulls, whose blobs it
+	// will ask for.
 	manifests []digest.Digest
 }
 
@@ -154,25 +155,16 @@ func (d *Decider) answer(group string) (self bool, fetcher netip.AddrPort, ok bo
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	im := d.images[group]
-	if !decided(im) {
+	if im == nil || time.Since(im.used) >= fetcherFor {
+		return false, netip.AddrPort{}, false
+	}
+	select {
+	case <-im.done:
+	default:
 		return false, netip.AddrPort{}, false
 	}
 	im.used = time.Now()
 	return im.self, im.fetcher, true
-}
-
-// decided says whether the agreement im has an answer, still fresh.
-// d.mu is held.
-func decided(im *image) bool {
-	if im == nil || time.Since(im.used) >= fetcherFor {
-		return false
-	}
-	select {
-	case <-im.done:
-		return true
-	default:
-		return false
-	}
 }
 
 // fetchesImage says whether the agreement on group picked this node.
@@ -181,15 +173,16 @@ func (d *Decider) fetchesImage(group string) bool {
 	return ok && self
 }
 
-// ImageManifests are the manifests of the images in group this node's
-// containerd pulls, when the agreement on group picked this node to fetch
-// them: their blobs are ones it will fetch, when its containerd gets to
-// them. Nil otherwise.
+// ImageManifests are the manifests, by digest, of the images in group
+// this node's containerd pulls (those it missed since the agreement on
+// group began): it will ask for each blob they name, and hold that blob in
+// flight as it fetches it or follows the node that does, so a node that
+// follows this one may wait for it.
 func (d *Decider) ImageManifests(group string) []digest.Digest {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	im := d.images[group]
-	if !decided(im) || !im.self {
+	if im == nil || time.Since(im.used) >= fetcherFor {
 		return nil
 	}
 	return slices.Clone(im.manifests)

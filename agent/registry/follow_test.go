@@ -87,6 +87,30 @@ func TestFollowerServesInFlightWhileItWaits(t *testing.T) {
 	}
 }
 
+// A blob containerd committed since the agent last built its index is
+// complete and verified: a peer is served it, neither held nor followed.
+func TestPeerServedACommittedBlobNotIndexedYet(t *testing.T) {
+	blob := randomBytes(t, 3000)
+	d := digest.FromBytes(blob)
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", d.Encoded()), blob, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, time.Second), noHolds{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(reg)
+	defer srv.Close()
+	resp, body := get(t, http.MethodGet, srv.URL+"/v2/team/app/blobs/"+d.String()+"?ns=example.com", peerproto.PeerHeader, "1")
+	if resp.StatusCode != http.StatusOK || !bytes.Equal(body, blob) {
+		t.Fatalf("status %d, %d bytes; want 200 and the blob", resp.StatusCode, len(body))
+	}
+}
+
 // A blob in flight whose ingest is still empty: a node that agreed to
 // follow this one (it sends the wait header) waits for its first bytes
 // beyond the stall timeout; any other peer is cut after the stall timeout,
@@ -290,64 +314,71 @@ func repoFetchedBy(t *testing.T, a, b *claim.Decider, addr netip.AddrPort) strin
 	return ""
 }
 
-// The node an image's agreement picked waits for a blob of that image its
-// containerd has not asked for yet, when the follower asks it to
+// A node whose containerd pulls an image waits for a blob of that image
+// its containerd has not asked for yet, when the follower asks it to
 // (ImageWaitHeader): containerd fetches 3 blobs at a time, and followers
-// that gave up on it agreed on the blob anew and fetched it a second time
-// (half of the 20-node bursts). For a blob of no image it pulls, or for a
-// follower that does not ask (an agent before this), it answers 404 after
-// the short wait, as before.
-func TestImageFetcherWaitsForItsImagesBlobs(t *testing.T) {
+// that gave up on the image's fetcher agreed on the blob anew and fetched
+// it a second time (half of the 20-node bursts). So does a node that
+// follows the image's fetcher (two nodes picked themselves, and one
+// yielded), since it holds the blob as it follows. For a blob of no image
+// it pulls, or for a follower that does not ask (an agent before this), it
+// answers 404 after the short wait, as before.
+func TestImagePullerWaitsForItsImagesBlobs(t *testing.T) {
 	later, other, older := randomBytes(t, 3000), randomBytes(t, 3000), randomBytes(t, 3000)
 	dLater, dOther, dOlder := digest.FromBytes(later), digest.FromBytes(other), digest.FromBytes(older)
 	manifest := fmt.Sprintf(`{"schemaVersion":2,"config":{"digest":%q,"size":2},"layers":[{"digest":%q,"size":3000},{"digest":%q,"size":3000}]}`,
 		digest.FromString("{}"), dLater, dOlder)
 	dm := digest.FromString(manifest)
-	dir := t.TempDir()
-	// containerd commits the manifest before it asks for what it names.
-	if err := os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", dm.Encoded()), []byte(manifest), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	for i, b := range [][]byte{later, other, older} {
-		writeIngest(t, dir, strconv.Itoa(i), digest.FromBytes(b), len(b), b)
-	}
 	addrs := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1"), netip.MustParseAddrPort("127.0.0.1:2")}
 	rs := routing.NewMemory(addrs...)
 	decA, decB := claim.New(rs[0], 20*time.Millisecond, nil), claim.New(rs[1], 20*time.Millisecond, nil)
 	repo := repoFetchedBy(t, decA, decB, addrs[0])
-	decA.Begin(dm.String(), "example.com/"+repo)                 // the manifest's miss
-	decA.ImageFetcher(context.Background(), "example.com/"+repo) // wait for A's own agreement to end
-	held := &recordingHolds{}
-	reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, time.Second), held), WithClaims(decA))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(reg)
-	defer srv.Close()
-	for _, tt := range []struct {
-		name  string
-		d     digest.Digest
-		body  []byte
-		image bool
-		want  int
-	}{
-		{"a blob of its image", dLater, later, true, http.StatusOK},
-		{"a blob of no image it pulls", dOther, other, true, http.StatusNotFound},
-		{"a follower that does not ask", dOlder, older, false, http.StatusNotFound},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			// Its containerd asks for the blob well after the short wait.
-			time.AfterFunc(600*time.Millisecond, func() { held.Hold(tt.d.String()) })
-			hdr := []string{peerproto.PeerHeader, "1", peerproto.WaitHeader, "100ms"}
-			if tt.image {
-				hdr = append(hdr, peerproto.ImageWaitHeader, "5s")
+	for _, node := range []struct {
+		name string
+		dec  *claim.Decider
+	}{{"the image's fetcher", decA}, {"a node that follows it", decB}} {
+		t.Run(node.name, func(t *testing.T) {
+			dir := t.TempDir()
+			// containerd commits the manifest before it asks for what it names.
+			if err := os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755); err != nil {
+				t.Fatal(err)
 			}
-			resp, body := get(t, http.MethodGet, srv.URL+"/v2/"+repo+"/blobs/"+tt.d.String()+"?ns=example.com", hdr...)
-			if resp.StatusCode != tt.want || tt.want == http.StatusOK && !bytes.Equal(body, tt.body) {
-				t.Errorf("status %d, %d bytes; want %d", resp.StatusCode, len(body), tt.want)
+			if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", dm.Encoded()), []byte(manifest), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			for i, b := range [][]byte{later, other, older} {
+				writeIngest(t, dir, strconv.Itoa(i), digest.FromBytes(b), len(b), b)
+			}
+			node.dec.Begin(dm.String(), "example.com/"+repo) // the manifest's miss
+			held := &recordingHolds{}
+			reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, time.Second), held), WithClaims(node.dec))
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := httptest.NewServer(reg)
+			defer srv.Close()
+			for _, tt := range []struct {
+				name  string
+				d     digest.Digest
+				body  []byte
+				image bool
+				want  int
+			}{
+				{"a blob of its image", dLater, later, true, http.StatusOK},
+				{"a blob of no image it pulls", dOther, other, true, http.StatusNotFound},
+				{"a follower that does not ask", dOlder, older, false, http.StatusNotFound},
+			} {
+				// Its containerd asks for the blob well after the short wait.
+				timer := time.AfterFunc(600*time.Millisecond, func() { held.Hold(tt.d.String()) })
+				hdr := []string{peerproto.PeerHeader, "1", peerproto.WaitHeader, "100ms"}
+				if tt.image {
+					hdr = append(hdr, peerproto.ImageWaitHeader, "5s")
+				}
+				resp, body := get(t, http.MethodGet, srv.URL+"/v2/"+repo+"/blobs/"+tt.d.String()+"?ns=example.com", hdr...)
+				timer.Stop()
+				if resp.StatusCode != tt.want || tt.want == http.StatusOK && !bytes.Equal(body, tt.body) {
+					t.Errorf("%s: status %d, %d bytes; want %d", tt.name, resp.StatusCode, len(body), tt.want)
+				}
 			}
 		})
 	}

@@ -14,14 +14,15 @@ import (
 )
 
 // waitsForImage says whether a peer's request that waited what
-// WaitHeader asks for waits on up to what ImageWaitHeader asks for: when
-// its blob is one of an image this node fetches for a burst. Its
-// containerd asks for that blob once one of its 3 downloads is done, which
-// at 20 nodes was later than the short wait; the followers that gave up
-// on it agreed on the blob among themselves, and it went upstream twice
-// (in half of the 20-node bursts).
+// WaitHeader asks for waits on up to what ImageWaitHeader asks for: when a
+// manifest this node's containerd pulls names its blob. That containerd
+// asks for the blob once one of its 3 downloads is done, at 20 nodes
+// later than the short wait, and then holds it in flight, whether this
+// node fetches it for the image or follows the node that does. Followers
+// that gave up on it agreed on the blob among themselves, and it went
+// upstream twice (in half of the 20-node bursts).
 func (r *Registry) waitsForImage(req *http.Request, oreq oci.Request) bool {
-	return headerWait(req, peerproto.ImageWaitHeader, peerproto.MaxImageWait) > 0 && r.fetchesForImage(oreq)
+	return headerWait(req, peerproto.ImageWaitHeader, peerproto.MaxImageWait) > 0 && r.pullsForImage(oreq)
 }
 
 func headerWait(req *http.Request, name string, limit time.Duration) time.Duration {
@@ -29,10 +30,9 @@ func headerWait(req *http.Request, name string, limit time.Duration) time.Durati
 	return min(max(d, 0), limit)
 }
 
-// fetchesForImage says whether the blob is named by a manifest this
-// node's containerd pulls, of an image whose agreement picked this node
-// to fetch it.
-func (r *Registry) fetchesForImage(oreq oci.Request) bool {
+// pullsForImage says whether a manifest of the blob's repository that
+// this node's containerd pulls names the blob.
+func (r *Registry) pullsForImage(oreq oci.Request) bool {
 	if r.claims == nil || r.flights == nil {
 		return false
 	}
@@ -53,10 +53,11 @@ type manifestBlobs struct {
 }
 
 // A manifest read for this is at most maxManifestRead bytes (a manifest
-// of a hundred layers is 20 KB), and at most maxManifestsKept are kept.
+// of a hundred layers is 20 KB), and at most maxManifestsKept are kept:
+// with the most digests such manifests hold, about 15 MB.
 const (
 	maxManifestRead  = 1 << 20
-	maxManifestsKept = 64
+	maxManifestsKept = 16
 )
 
 // names says whether manifest m names dgst. The lock is held while m is

@@ -55,7 +55,7 @@ type Registry struct {
 	policy    *policy.Policy
 	limit     *limiter
 	follows   following
-	manifests manifestBlobs // of the images this node fetches for a burst
+	manifests manifestBlobs // of the images this node's containerd pulls
 }
 
 // following counts the blobs this node waits for from the node it agreed
@@ -510,7 +510,8 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	wait := headerWait(req, peerproto.WaitHeader, peerproto.MaxWait)
 	deadline, longer := start.Add(wait), false
 	// A node that follows this one may ask before this one decided to fetch.
-	for !r.held.Holding(oreq.Digest.String()) && !r.follows.has(oreq.Digest) {
+	// A blob committed since the index was last built needs no wait.
+	for !r.held.Holding(oreq.Digest.String()) && !r.follows.has(oreq.Digest) && !r.flights.HasCommitted(oreq.Digest) {
 		if time.Now().After(deadline) {
 			if longer || !r.waitsForImage(req, oreq) {
 				return false
