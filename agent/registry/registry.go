@@ -430,13 +430,20 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 // the blob itself.
 func (r *Registry) agree(ctx context.Context, oreq oci.Request, err error) (*fetch.BlobStream, error) {
 	group := oreq.Registry + "/" + oreq.Repository
-	if leader, ok := r.claims.ImageFetcher(ctx, group); ok {
-		if bs, ferr := r.follow(ctx, oreq, leader, fetch.Wait{Blob: imageFollowWait, Image: peerproto.MaxImageWait}); ferr == nil {
+	imageFetcher, ok := r.claims.ImageFetcher(ctx, group)
+	if ok {
+		if bs, ferr := r.follow(ctx, oreq, imageFetcher, fetch.Wait{Blob: imageFollowWait, Image: peerproto.MaxImageWait}); ferr == nil {
 			r.wave(ctx, metrics.WaveFollowed)
 			return bs, nil
 		}
 	}
-	if leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), group); follow {
+	leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), group)
+	if ok && !follow {
+		// Worth a line: if the image's fetcher does fetch this blob later,
+		// the upstream serves it twice.
+		r.log.InfoContext(ctx, "fetching a blob upstream that the node fetching its image did not start on", "digest", oreq.Digest, "imageFetcher", imageFetcher.String())
+	}
+	if follow {
 		bs, ferr := r.follow(ctx, oreq, leader, fetch.Wait{Blob: followWait})
 		if ferr != nil {
 			r.wave(ctx, metrics.WaveFollowFailed)
