@@ -366,14 +366,7 @@ func TestBeginAgreesAhead(t *testing.T) {
 // alone and become a second fetcher of the image.
 func TestOneAgreementPerPull(t *testing.T) {
 	c := newCluster(4)
-	var wg sync.WaitGroup
-	for _, d := range c.deciders {
-		wg.Go(func() { d.Begin("example.com/app:v1", "example.com/app") })
-	}
-	wg.Wait()
-	for _, d := range c.deciders {
-		d.awaitBegun(context.Background(), "example.com/app")
-	}
+	beginAll(c.deciders, "example.com/app:v1", "example.com/app")
 	for _, d := range c.deciders[1:] {
 		d.Begin("sha256:manifest", "example.com/app")
 		d.awaitBegun(context.Background(), "example.com/app")
@@ -394,16 +387,6 @@ func TestOneAgreementPerPull(t *testing.T) {
 // while a digest right after the tag is the same pull.
 func TestImageFetcherPerTag(t *testing.T) {
 	c := newCluster(4)
-	begin := func(ds []*Decider, key string) {
-		var wg sync.WaitGroup
-		for _, d := range ds {
-			wg.Go(func() { d.Begin(key, "example.com/app") })
-		}
-		wg.Wait()
-		for _, d := range ds {
-			d.awaitBegun(context.Background(), "example.com/app")
-		}
-	}
 	fetchers := func(ds []*Decider) (self []int, follow []netip.AddrPort) {
 		for i, d := range ds {
 			if d.fetchesImage("example.com/app") {
@@ -414,8 +397,8 @@ func TestImageFetcherPerTag(t *testing.T) {
 		}
 		return self, follow
 	}
-	begin(c.deciders, "example.com/app:v1")
-	begin(c.deciders, "sha256:manifest-v1")
+	beginAll(c.deciders, "example.com/app:v1", "example.com/app")
+	beginAll(c.deciders, "sha256:manifest-v1", "example.com/app")
 	self, follow := fetchers(c.deciders)
 	if len(self) != 1 || len(follow) != 3 {
 		t.Fatalf("v1: %d fetchers and %d followers, want 1 and 3", len(self), len(follow))
@@ -432,7 +415,7 @@ func TestImageFetcherPerTag(t *testing.T) {
 			pair = append(pair, d)
 		}
 	}
-	begin(pair, "example.com/app:v2")
+	beginAll(pair, "example.com/app:v2", "example.com/app")
 	self2, follow2 := fetchers(pair)
 	if len(self2) != 1 || len(follow2) != 1 {
 		t.Fatalf("v2: %d fetchers and %d followers among the two that pull it, want 1 and 1", len(self2), len(follow2))
@@ -491,11 +474,7 @@ func TestNoAnswerIsNotAlone(t *testing.T) {
 // will hold; the list is bounded.
 func TestImageManifests(t *testing.T) {
 	c := newCluster(3)
-	var wg sync.WaitGroup
-	for _, d := range c.deciders {
-		wg.Go(func() { d.Begin("example.com/app:v1", "example.com/app") })
-	}
-	wg.Wait()
+	beginAll(c.deciders, "example.com/app:v1", "example.com/app")
 	index, manifest := digest.FromString("index"), digest.FromString("manifest")
 	for i, d := range c.deciders {
 		d.Begin(index.String(), "example.com/app")
@@ -514,5 +493,18 @@ func TestImageManifests(t *testing.T) {
 	}
 	if got := d.ImageManifests("example.com/other"); got != nil {
 		t.Errorf("a repository this node does not pull names manifests %v", got)
+	}
+}
+
+// beginAll has ds miss key of group at once, as a burst's pulls do, and
+// waits for their agreements to end.
+func beginAll(ds []*Decider, key, group string) {
+	var wg sync.WaitGroup
+	for _, d := range ds {
+		wg.Go(func() { d.Begin(key, group) })
+	}
+	wg.Wait()
+	for _, d := range ds {
+		d.awaitBegun(context.Background(), group)
 	}
 }
