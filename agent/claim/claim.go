@@ -40,7 +40,9 @@
 //     A blob a manifest it pulls names (ImageManifests) is waited for up to
 //     peerproto.MaxImageWait: its containerd asks for it once one of its 3
 //     downloads is done. A node that follows another for the image is
-//     waited for so too, as it holds the blob once it follows it.
+//     waited for so too, as it holds the blob once it follows it; two
+//     nodes whose answers named each other would each hold the other that
+//     long, then go on as above.
 //     A node that has the blob in flight but no bytes yet is waited for
 //     up to peerproto.FollowWait, as a chosen node is.
 //   - The chosen node dies, stalls or is slow: its followers wait for its

@@ -489,7 +489,7 @@ func TestImageManifests(t *testing.T) {
 		d.Begin(digest.FromString(fmt.Sprint(k)).String(), "example.com/app")
 	}
 	if n := len(d.ImageManifests("example.com/app")); n != maxManifests {
-		t.Errorf("after %d more manifests a node names %d, want at most %d", 2*maxManifests, n, maxManifests)
+		t.Errorf("after %d more manifests a node names %d, want %d (the bound)", 2*maxManifests, n, maxManifests)
 	}
 	if got := d.ImageManifests("example.com/other"); got != nil {
 		t.Errorf("a repository this node does not pull names manifests %v", got)

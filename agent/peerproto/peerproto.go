@@ -52,13 +52,14 @@ const FollowWait = time.Minute
 // MaxWait bounds what WaitHeader may ask for.
 const MaxWait = 5 * time.Second
 
-// ImageWaitHeader asks a peer that fetches an image for a burst (see
-// agent/claim) to wait up to the given duration, at most MaxImageWait, for
-// a blob of an image its containerd is pulling to appear in flight. Its
-// containerd fetches 3 blobs at a time, so the last layer starts only once
-// another is done; a peer that pulls no image with that blob waits only
-// WaitHeader's duration, so a stale agreement costs a follower no more
-// than before. Agents that predate it ignore it and wait WaitHeader's.
+// ImageWaitHeader asks a peer to wait up to the given duration, at most
+// MaxImageWait, for a blob that a manifest its containerd pulls names to
+// appear in flight (see agent/claim: the node that fetches an image for a
+// burst, or one that follows it). Its containerd fetches 3 blobs at a
+// time, so the last layer starts only once another is done; a peer that
+// pulls no image with that blob waits only WaitHeader's duration, so a
+// stale agreement costs a follower no more than before. Agents that
+// predate it ignore it and wait WaitHeader's.
 const ImageWaitHeader = "X-Fleetmirror-Wait-Image"
 
 // MaxImageWait bounds what ImageWaitHeader may ask for. The first bytes

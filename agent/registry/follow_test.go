@@ -87,30 +87,6 @@ func TestFollowerServesInFlightWhileItWaits(t *testing.T) {
 	}
 }
 
-// A blob containerd committed since the agent last built its index is
-// complete and verified: a peer is served it, neither held nor followed.
-func TestPeerServedACommittedBlobNotIndexedYet(t *testing.T) {
-	blob := randomBytes(t, 3000)
-	d := digest.FromBytes(blob)
-	dir := t.TempDir()
-	if err := os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "blobs", "sha256", d.Encoded()), blob, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	reg, err := New(storetest.NewMemory(), WithInFlight(store.NewInFlight(dir, time.Second), noHolds{}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(reg)
-	defer srv.Close()
-	resp, body := get(t, http.MethodGet, srv.URL+"/v2/team/app/blobs/"+d.String()+"?ns=example.com", peerproto.PeerHeader, "1")
-	if resp.StatusCode != http.StatusOK || !bytes.Equal(body, blob) {
-		t.Fatalf("status %d, %d bytes; want 200 and the blob", resp.StatusCode, len(body))
-	}
-}
-
 // A blob in flight whose ingest is still empty: a node that agreed to
 // follow this one (it sends the wait header) waits for its first bytes
 // beyond the stall timeout; any other peer is cut after the stall timeout,
@@ -369,7 +345,7 @@ func TestImagePullerWaitsForItsImagesBlobs(t *testing.T) {
 				{"a follower that does not ask", dOlder, older, false, http.StatusNotFound},
 			} {
 				// Its containerd asks for the blob well after the short wait.
-				timer := time.AfterFunc(600*time.Millisecond, func() { held.Hold(tt.d.String()) })
+				timer := time.AfterFunc(time.Second, func() { held.Hold(tt.d.String()) })
 				hdr := []string{peerproto.PeerHeader, "1", peerproto.WaitHeader, "100ms"}
 				if tt.image {
 					hdr = append(hdr, peerproto.ImageWaitHeader, "5s")

@@ -438,10 +438,10 @@ func (r *Registry) agree(ctx context.Context, oreq oci.Request, err error) (*fet
 		}
 	}
 	leader, follow := r.claims.Decide(ctx, oreq.Digest.String(), group)
-	if ok && !follow {
+	if ok && !follow && ctx.Err() == nil {
 		// Worth a line: if the image's fetcher does fetch this blob later,
 		// the upstream serves it twice.
-		r.log.InfoContext(ctx, "fetching a blob upstream that the node fetching its image did not start on", "digest", oreq.Digest, "imageFetcher", imageFetcher.String())
+		r.log.InfoContext(ctx, "fetching a blob upstream that the node fetching its image did not serve", "digest", oreq.Digest, "imageFetcher", imageFetcher.String())
 	}
 	if follow {
 		bs, ferr := r.follow(ctx, oreq, leader, fetch.Wait{Blob: followWait})
@@ -515,22 +515,23 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	}
 	start := time.Now()
 	wait := headerWait(req, peerproto.WaitHeader, peerproto.MaxWait)
-	deadline, longer := start.Add(wait), false
+	deadline, longer, poll := start.Add(wait), false, 10*time.Millisecond
 	// A node that follows this one may ask before this one decided to fetch.
-	// A blob committed since the index was last built needs no wait.
-	for !r.held.Holding(oreq.Digest.String()) && !r.follows.has(oreq.Digest) && !r.flights.HasCommitted(oreq.Digest) {
+	for !r.held.Holding(oreq.Digest.String()) && !r.follows.has(oreq.Digest) {
 		if time.Now().After(deadline) {
 			if longer || !r.waitsForImage(req, oreq) {
 				return false
 			}
-			longer = true
+			// Seconds, for every follower of the image at once: a coarser
+			// poll costs the busiest node less.
+			longer, poll = true, 50*time.Millisecond
 			deadline = start.Add(headerWait(req, peerproto.ImageWaitHeader, peerproto.MaxImageWait))
 			continue
 		}
 		select {
 		case <-req.Context().Done():
 			return false
-		case <-time.After(10 * time.Millisecond):
+		case <-time.After(poll):
 		}
 	}
 	g, err := r.flights.Open(req.Context(), oreq.Digest, off, time.Until(deadline))

@@ -157,13 +157,6 @@ func (s *InFlight) blobPath(dgst digest.Digest) string {
 	return filepath.Join(s.dir, "blobs", dgst.Algorithm().String(), dgst.Encoded())
 }
 
-// HasCommitted says whether containerd has committed dgst, whether or not
-// an image names it yet.
-func (s *InFlight) HasCommitted(dgst digest.Digest) bool {
-	_, err := os.Stat(s.blobPath(dgst))
-	return err == nil
-}
-
 // Committed reads a blob containerd has committed, if it is at most limit
 // bytes: the manifest of a pull in progress, before an image names it.
 func (s *InFlight) Committed(dgst digest.Digest, limit int64) ([]byte, error) {

@@ -215,7 +215,12 @@ func measure(ctx context.Context, cl *cluster.Cluster, mode, scenario, name, ref
 		for i, n := range batch {
 			wg.Go(func() {
 				if len(batch) > 1 {
-					time.Sleep(stagger * time.Duration(i) / time.Duration(len(batch)-1))
+					select {
+					case <-time.After(stagger * time.Duration(i) / time.Duration(len(batch)-1)):
+					case <-ctx.Done():
+						errs[i] = ctx.Err()
+						return
+					}
 				}
 				d, err := n.Pull(ctx, ref)
 				if err != nil {

@@ -71,12 +71,13 @@ func TestMixedVersions(t *testing.T) {
 		c.Upstream.Reset()
 		before := e.firstWave(t)
 		e.pullAll(t, c.Nodes, burst)
-		// The new agents still agree among themselves with previous ones in
-		// the DHT: one of them fetches each layer. A previous agent knows
-		// no agreement and may fetch each layer itself.
+		// The new agents agree among themselves, the previous ones in the
+		// DHT take no part: at most one new agent fetches each layer (none,
+		// if a previous one finished it first), and each previous agent
+		// may fetch each layer itself.
 		after := e.firstWave(t)
-		if got := after[metrics.WaveFetched] - before[metrics.WaveFetched]; got != float64(len(burst.Layers)) {
-			t.Errorf("first wave: the new agents fetched %v blobs upstream by agreement, want %d (one per layer); before %v, after %v", got, len(burst.Layers), before, after)
+		if got := after[metrics.WaveFetched] - before[metrics.WaveFetched]; got > float64(len(burst.Layers)) {
+			t.Errorf("first wave: the new agents fetched %v blobs upstream by agreement, want at most %d (one per layer); before %v, after %v", got, len(burst.Layers), before, after)
 		}
 		st := c.Upstream.Stats()
 		for _, l := range burst.Layers {
