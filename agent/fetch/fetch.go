@@ -322,7 +322,8 @@ func (m *Fetcher) BlobHead(ctx context.Context, req oci.Request) (ocispec.Descri
 
 // Wait is what a follower asks the node it follows to wait for before it
 // answers: Blob for the blob to appear in flight (peerproto.WaitHeader),
-// Image for one of an image that node fetches (peerproto.ImageWaitHeader).
+// Image for one that a manifest that node's containerd pulls names
+// (peerproto.ImageWaitHeader).
 type Wait struct{ Blob, Image time.Duration }
 
 func (m *Fetcher) do(ctx context.Context, method string, p netip.AddrPort, req oci.Request, segment, ref, rng string, wait Wait) (*http.Response, error) {
