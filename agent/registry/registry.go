@@ -542,14 +542,7 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	defer g.Close()
 	if wait <= 0 && !longer {
 		// Only a node that agreed to follow this one waits for its first
-		// bytes longer than the stall timeout. Any other is sent on at once
-		// while containerd has none: its upstream request can wait seconds
-		// for one of its 3 download slots, and a node that found this one
-		// by lookup then waited out its header timeout, three peers in a
-		// row, before it agreed to follow the image's fetcher.
-		if !g.Started() {
-			return false
-		}
+		// bytes longer than the stall timeout.
 		g.Impatient()
 	}
 	r.log.Debug("serving a blob in flight", "digest", oreq.Digest, "offset", off, "file", g.Name())

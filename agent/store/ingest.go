@@ -175,12 +175,6 @@ func (s *InFlight) Committed(dgst digest.Digest, limit int64) ([]byte, error) {
 	return b, nil
 }
 
-// Started says whether the writer has written past the reader's offset.
-func (g *Growing) Started() bool {
-	fi, err := g.f.Stat()
-	return err == nil && fi.Size() > g.off
-}
-
 // Read implements io.Reader.
 func (g *Growing) Read(p []byte) (int, error) {
 	if g.off >= g.total {
