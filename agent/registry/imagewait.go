@@ -9,34 +9,33 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/fleetmirror/fleetmirror/agent/oci"
-	"github.com/fleetmirror/fleetmirror/agent/peerproto"
 	"github.com/fleetmirror/fleetmirror/agent/store"
 )
 
-// waitsForImage says whether a peer's request that waited what
-// WaitHeader asks for waits on up to what ImageWaitHeader asks for: when a
-// manifest this node's containerd pulls names its blob. That containerd
-// asks for the blob once one of its 3 downloads is done, at 20 nodes
-// later than the short wait, and then holds it in flight, whether this
-// node fetches it for the image or follows the node that does. Followers
-// that gave up on it agreed on the blob among themselves, and it went
-// upstream twice (in half of the 20-node bursts).
-func (r *Registry) waitsForImage(req *http.Request, oreq oci.Request) bool {
-	return headerWait(req, peerproto.ImageWaitHeader, peerproto.MaxImageWait) > 0 && r.pullsForImage(oreq)
-}
+// imageGroup is what the nodes of a burst agree on an image under (see
+// agent/claim): its registry and repository, which its tag, manifests and
+// blobs share.
+func imageGroup(oreq oci.Request) string { return oreq.Registry + "/" + oreq.Repository }
 
+// headerWait is the wait a peer's header asks for, within limit.
 func headerWait(req *http.Request, name string, limit time.Duration) time.Duration {
 	d, _ := time.ParseDuration(req.Header.Get(name))
 	return min(max(d, 0), limit)
 }
 
 // pullsForImage says whether a manifest of the blob's repository that
-// this node's containerd pulls names the blob.
+// this node's containerd pulls names the blob: a peer that asks with
+// ImageWaitHeader is then waited for longer than WaitHeader asks. That
+// containerd asks for the blob once one of its 3 downloads is done, at 20
+// nodes later than the short wait, and then holds it in flight, whether
+// this node fetches it for the image or follows the node that does.
+// Followers that gave up on it agreed on the blob among themselves, and it
+// went upstream twice (in half of the 20-node bursts).
 func (r *Registry) pullsForImage(oreq oci.Request) bool {
 	if r.claims == nil || r.flights == nil {
 		return false
 	}
-	for _, m := range r.claims.ImageManifests(oreq.Registry + "/" + oreq.Repository) {
+	for _, m := range r.claims.ImageManifests(imageGroup(oreq)) {
 		if r.manifests.names(r.flights, m, oreq.Digest) {
 			return true
 		}

@@ -347,7 +347,7 @@ func (r *Registry) servePeer(w http.ResponseWriter, req *http.Request, oreq oci.
 		if oreq.Kind == oci.KindManifest && oreq.Registry != "" && r.claims != nil && errors.Is(err, fetch.ErrNoSource) {
 			// containerd goes upstream for the image; the nodes that miss
 			// it too agree meanwhile which one fetches its blobs.
-			r.claims.Begin(oreq.Key(), oreq.Registry+"/"+oreq.Repository)
+			r.claims.Begin(oreq.Key(), imageGroup(oreq))
 		}
 		r.miss(w, oreq, err)
 		return
@@ -429,7 +429,7 @@ func (r *Registry) streamPeer(w http.ResponseWriter, req *http.Request, oreq oci
 // blob's own agreement picks. It returns err when this node should fetch
 // the blob itself.
 func (r *Registry) agree(ctx context.Context, oreq oci.Request, err error) (*fetch.BlobStream, error) {
-	group := oreq.Registry + "/" + oreq.Repository
+	group := imageGroup(oreq)
 	imageFetcher, ok := r.claims.ImageFetcher(ctx, group)
 	if ok {
 		if bs, ferr := r.follow(ctx, oreq, imageFetcher, fetch.Wait{Blob: imageFollowWait, Image: peerproto.MaxImageWait}); ferr == nil {
@@ -515,17 +515,17 @@ func (r *Registry) serveInFlight(w http.ResponseWriter, req *http.Request, oreq 
 	}
 	start := time.Now()
 	wait := headerWait(req, peerproto.WaitHeader, peerproto.MaxWait)
+	imageWait := headerWait(req, peerproto.ImageWaitHeader, peerproto.MaxImageWait)
 	deadline, longer, poll := start.Add(wait), false, 10*time.Millisecond
 	// A node that follows this one may ask before this one decided to fetch.
 	for !r.held.Holding(oreq.Digest.String()) && !r.follows.has(oreq.Digest) {
 		if time.Now().After(deadline) {
-			if longer || !r.waitsForImage(req, oreq) {
+			if longer || imageWait <= wait || !r.pullsForImage(oreq) {
 				return false
 			}
 			// Seconds, for every follower of the image at once: a coarser
 			// poll costs the busiest node less.
-			longer, poll = true, 50*time.Millisecond
-			deadline = start.Add(headerWait(req, peerproto.ImageWaitHeader, peerproto.MaxImageWait))
+			longer, poll, deadline = true, 50*time.Millisecond, start.Add(imageWait)
 			continue
 		}
 		select {

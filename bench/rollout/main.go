@@ -287,18 +287,15 @@ func peerBytes(ctx context.Context, cl *cluster.Cluster, mode string) int64 {
 }
 
 // waves is what the first wave did with blobs on all agents so far, by
-// outcome (fleetmirror_first_wave_blobs_total).
+// outcome; nothing when the agents do not run.
 func waves(ctx context.Context, cl *cluster.Cluster, mode string) map[string]float64 {
-	out := map[string]float64{}
 	if mode != "fleetmirror" {
-		return out
+		return map[string]float64{}
 	}
-	for _, n := range cl.Nodes {
-		if s, err := n.Metrics(ctx); err == nil {
-			for _, o := range metrics.WaveOutcomes {
-				out[o] += s.Sum("fleetmirror_first_wave_blobs_total", "outcome", o)
-			}
-		}
+	out, err := cluster.FirstWave(ctx, cl.Nodes)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "rollout: first wave counts:", err)
+		return map[string]float64{}
 	}
 	return out
 }

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/fleetmirror/fleetmirror/agent/metrics"
 )
 
 // Sample is one line of the Prometheus text format.
@@ -38,6 +40,22 @@ next:
 		s += x.Value
 	}
 	return s
+}
+
+// FirstWave sums what the first wave did with blobs on the nodes' agents
+// so far (fleetmirror_first_wave_blobs_total), by outcome.
+func FirstWave(ctx context.Context, nodes []*Node) (map[string]float64, error) {
+	out := map[string]float64{}
+	for _, n := range nodes {
+		s, err := n.Metrics(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range metrics.WaveOutcomes {
+			out[o] += s.Sum("fleetmirror_first_wave_blobs_total", "outcome", o)
+		}
+	}
+	return out, nil
 }
 
 // Metrics scrapes the node's agent.

@@ -559,12 +559,9 @@ func (e *env) burst(t *testing.T, img image) {
 // outcome.
 func (e *env) firstWave(t *testing.T) map[string]float64 {
 	t.Helper()
-	out := map[string]float64{}
-	for _, n := range e.c.Nodes {
-		m := e.metrics(t, n)
-		for _, o := range metrics.WaveOutcomes {
-			out[o] += m.Sum("fleetmirror_first_wave_blobs_total", "outcome", o)
-		}
+	out, err := cluster.FirstWave(e.ctx, e.c.Nodes)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return out
 }
